@@ -1,0 +1,135 @@
+"""The masked-diffusion objective (LLaDA / MDLM) as pure functions of tensors.
+
+Forward process: draw t ~ U(0, 1) per sequence (antithetic draws spread t over the batch), mask
+each token independently with p = (1 - eps) t + eps. The model predicts every masked token from the
+whole noisy sequence; CE on masked tokens weighted by 1/p upper-bounds the negative log-likelihood.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import StrictModel
+
+
+class ObjectiveConfig(StrictModel):
+    """Knobs of the training objective (defaults: the LLaDA / LLaDA-MoE recipe)."""
+
+    eps: float = 1e-3  # smallest mask probability, keeps 1/p bounded
+    antithetic: bool = True  # t_i = (u + i/B) mod 1: lower-variance loss estimates
+    random_length_prob: float = 0.01  # share of pretraining batches cropped to a random length
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    z_loss_coef: float = 0.001  # router z-loss
+
+
+def sample_mask_prob(batch: int, eps: float = 1e-3, antithetic: bool = True, generator=None, device=None):
+    """Per-sequence mask probability p [B] in [eps, 1]."""
+    if antithetic:
+        u = torch.rand(1, generator=generator, device=device)
+        t = (u + torch.arange(batch, device=device) / batch) % 1.0
+    else:
+        t = torch.rand(batch, generator=generator, device=device)
+    return (1.0 - eps) * t + eps
+
+
+def forward_process(input_ids, mask_id: int, p, maskable=None, generator=None):
+    """Mask each token with its row's probability p. ``maskable`` False positions (e.g. the SFT
+    prompt, padding) are never masked. Returns (noisy_ids, masked bool [B, L])."""
+    if p.shape != input_ids.shape[:1]:
+        raise ValueError(f"p has shape {tuple(p.shape)}, expected ({input_ids.shape[0]},)")
+    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    masked = draw < p[:, None]
+    if maskable is not None:
+        if maskable.shape != input_ids.shape:
+            raise ValueError(f"maskable has shape {tuple(maskable.shape)}, expected {tuple(input_ids.shape)}")
+        masked &= maskable.bool()
+    return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked
+
+
+def random_length(length: int, prob: float, generator=None) -> int:
+    """LLaDA's trick: with probability ``prob`` train on a random prefix length in [1, L]."""
+    if prob > 0 and torch.rand(1, generator=generator).item() < prob:
+        return int(torch.randint(1, length + 1, (1,), generator=generator).item())
+    return length
+
+
+def _masked_ce(logits, input_ids, masked):
+    """CE at masked positions; ``logits`` is [B, L, V] or already gathered [M, V]."""
+    if logits.dim() == 3:
+        logits = logits[masked]
+    if logits.shape[0] != int(masked.sum()):
+        raise ValueError(f"logits cover {logits.shape[0]} positions but {int(masked.sum())} are masked")
+    return F.cross_entropy(logits.float(), input_ids[masked], reduction="none")
+
+
+def pretrain_loss(logits, input_ids, masked, p):
+    """sum over masked tokens of CE / p, divided by B * L: the per-token NLL bound."""
+    ce = _masked_ce(logits, input_ids, masked)
+    weight = (1.0 / p)[:, None].expand_as(masked)[masked]
+    return (ce * weight).sum() / masked.numel(), ce
+
+
+def sft_loss(logits, input_ids, masked, p, response_mask):
+    """Response-only: sum of CE / p over masked response tokens / response length, batch mean."""
+    if bool((masked & ~response_mask.bool()).any()):
+        raise ValueError("SFT masked a prompt token: pass maskable=response_mask to forward_process")
+    ce = _masked_ce(logits, input_ids, masked)
+    answer_len = response_mask.sum(1, keepdim=True).clamp_min(1).float()
+    weight = (1.0 / (p[:, None] * answer_len)).expand_as(masked)[masked]
+    return (ce * weight).sum() / input_ids.shape[0], ce
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor  # what backward() runs on
+    diffusion: torch.Tensor  # the weighted diffusion loss (a bound on NLL per token)
+    masked_ce: torch.Tensor  # plain mean CE over masked tokens (easier to read than the bound)
+    num_masked: int
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+def diffusion_loss(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    mask_id: int,
+    objective: ObjectiveConfig | None = None,
+    response_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> LossTerms:
+    """One noisy forward + loss. Pretraining when ``response_mask`` is None, SFT otherwise.
+
+    When the model exposes ``.model`` and ``.lm_head`` (LLaDAMoEModelLM), logits are computed only
+    at masked positions: with a 157k vocabulary that is most of the head's cost saved.
+    """
+    obj = objective or ObjectiveConfig()
+    b, length = input_ids.shape
+    if response_mask is None:
+        keep = random_length(length, obj.random_length_prob, generator)
+        if keep < length:
+            input_ids = input_ids[:, :keep]
+            attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
+    p = sample_mask_prob(b, obj.eps, obj.antithetic, generator, input_ids.device)
+    maskable = response_mask if response_mask is not None else attention_mask
+    noisy, masked = forward_process(input_ids, mask_id, p, maskable, generator)
+    want_router = obj.aux_loss_coef > 0 or obj.z_loss_coef > 0
+    if hasattr(model, "lm_head") and hasattr(model, "model"):
+        out = model.model(noisy, attention_mask=attention_mask, output_router_logits=want_router)
+        logits = model.lm_head(out.last_hidden_state[masked])
+    else:
+        out = model(noisy, attention_mask=attention_mask, output_router_logits=want_router)
+        logits = out.logits
+    if response_mask is None:
+        loss, ce = pretrain_loss(logits, input_ids, masked, p)
+    else:
+        loss, ce = sft_loss(logits, input_ids, masked, p, response_mask)
+    total = loss
+    if out.aux_loss is not None:
+        total = total + obj.aux_loss_coef * out.aux_loss + obj.z_loss_coef * out.z_loss
+    masked_ce = ce.mean() if ce.numel() else ce.sum()
+    return LossTerms(total, loss, masked_ce, int(masked.sum()), out.aux_loss, out.z_loss)

@@ -1,0 +1,47 @@
+"""The LLaDA-MoE model, registered with transformers' Auto classes on import.
+
+Imports no Ray, DeepSpeed or HTTP code: training, parallelism and serving wrap it from outside.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .configuration import NAMED_CONFIGS, LLaDAConfig, LLaDAMoEConfig, named_config
+from .modeling import LLaDAMoEModel, LLaDAMoEModelLM, LLaDAMoEOutput, router_losses
+from .params import count_parameters
+
+
+class LLaDAModel(LLaDAMoEModel):
+    """What AutoModel builds for a published config.json (``model_type`` "llada")."""
+
+    config_class = LLaDAConfig
+
+
+class LLaDAModelLM(LLaDAMoEModelLM):
+    """What AutoModelForMaskedLM builds for a published config.json (``model_type`` "llada")."""
+
+    config_class = LLaDAConfig
+
+
+def _register() -> None:
+    for config_cls, backbone, lm in (
+        (LLaDAMoEConfig, LLaDAMoEModel, LLaDAMoEModelLM),
+        (LLaDAConfig, LLaDAModel, LLaDAModelLM),
+    ):
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModel.register(config_cls, backbone, exist_ok=True)
+        AutoModelForMaskedLM.register(config_cls, lm, exist_ok=True)
+
+
+_register()
+
+__all__ = [
+    "NAMED_CONFIGS",
+    "LLaDAConfig",
+    "LLaDAMoEConfig",
+    "LLaDAMoEModel",
+    "LLaDAMoEModelLM",
+    "LLaDAMoEOutput",
+    "count_parameters",
+    "named_config",
+    "router_losses",
+]

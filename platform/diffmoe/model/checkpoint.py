@@ -1,0 +1,158 @@
+"""Hugging Face checkpoint I/O in the published LLaDA-MoE layout (safetensors + config.json).
+
+The model's ``state_dict`` already uses the published key names; this file shards it into
+safetensors files (written to temporary names, then renamed, so an interrupted save never leaves a
+directory that looks complete) and loads single or sharded checkpoints onto the meta device and
+assigns the tensors, so a 7B model is never initialised just to be overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .configuration import LLaDAConfig, LLaDAMoEConfig
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Loading options that would change what is loaded; anything else transformers passes is harmless.
+_UNSUPPORTED = ("device_map", "quantization_config", "load_in_8bit", "load_in_4bit", "tp_plan", "gguf_file")
+_HUB_KWARGS = {"cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder"}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} must be an int or like '5GB'")
+    return int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[m.group(2)])
+
+
+def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    state = model.state_dict()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        names = [WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written = []
+    for name, shard in zip(names, shards):
+        tmp = out / f".{name}.tmp"
+        # Clone: expert weights are views into stacked tensors and safetensors refuses shared storage.
+        save_file(
+            {k: v.detach().contiguous().clone() for k, v in shard.items()},
+            str(tmp),
+            metadata={"format": "pt"},
+        )
+        written.append((tmp, out / name))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
+        }
+        tmp = out / f".{INDEX_NAME}.tmp"
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
+        written.append((tmp, out / INDEX_NAME))
+    model.config.save_pretrained(out)
+    for tmp, final in written:
+        os.replace(tmp, final)
+    # Remove weights of an earlier save with a different sharding so the directory stays unambiguous.
+    keep = {final.name for _, final in written}
+    for stale in out.glob("model*.safetensors*"):
+        if stale.name not in keep:
+            stale.unlink()
+
+
+def resolve_directory(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    """A local directory as is; otherwise a Hugging Face Hub repo id downloaded to the cache."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    if local.exists() or str(path).startswith((".", "/")):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS and k != "proxies"}
+    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.txt"], **kwargs))
+
+
+def load_config(directory: Path) -> LLaDAMoEConfig:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json")
+    data = json.loads(config_file.read_text())
+    model_type = data.get("model_type")
+    if model_type not in (LLaDAMoEConfig.model_type, LLaDAConfig.model_type):
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not a LLaDA-MoE model ('lladamoe' or 'llada')"
+        )
+    return LLaDAMoEConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / INDEX_NAME
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(
+            f"{directory} has no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors checkpoints are loaded)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(directory / name), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def from_pretrained(cls, path, config: LLaDAMoEConfig | None = None, dtype=None, device=None, **kwargs):
+    """Load ``cls`` (model or LM) from a directory or Hub id in the published layout."""
+    dtype = kwargs.pop("torch_dtype", dtype)
+    unsupported = sorted(k for k in _UNSUPPORTED if kwargs.get(k) not in (None, False, {}))
+    if unsupported:
+        raise TypeError(f"from_pretrained does not support {unsupported} for LLaDA-MoE models")
+    directory = resolve_directory(path, **kwargs)
+    config = config if config is not None else load_config(directory)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    state = read_weights(directory)
+    with torch.device("meta"):
+        model = cls(config)
+    if cls.base_model_prefix and not hasattr(model, "lm_head"):
+        # A backbone loads from an LM checkpoint by dropping the "model." prefix and the head.
+        prefix = cls.base_model_prefix + "."
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint in {directory} does not match the config: {err}") from None
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    model.name_or_path = str(path)
+    return model

@@ -1,0 +1,444 @@
+"""LLaDA-MoE: a bidirectional Mixture-of-Experts transformer for masked diffusion, in one file.
+
+Semantics follow the published modeling code: pre-norm blocks with RMSNorm, per-head q/k RMSNorm
+before rotate-half RoPE (optionally on a fraction of each head), bidirectional SDPA attention with
+GQA, an fp32 softmax top-k router whose weights are not renormalised, SwiGLU experts, optional
+dense layers and shared expert, untied lm_head. Expert weights are stored stacked
+([E, 2I, H] and [E, H, I]) so routed tokens run as grouped matmuls; the checkpoint boundary
+(``state_dict`` / ``load_state_dict``) speaks the published per-expert key names.
+
+This module knows nothing about training, parallelism or serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from .configuration import LLaDAMoEConfig
+from .grouped_mm import dispatch, grouped_mm, unsort, weighted_swiglu
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LLaDAMoEOutput:
+    """``logits`` [B, L, V]; router terms only when ``output_router_logits``; ``past_key_values``
+    holds each layer's (k, v) for the *input* positions when ``use_cache``."""
+
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(config: LLaDAMoEConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [B, L, rot_dim] for rotate-half RoPE. Computed per call: no buffers to materialise."""
+    rot_dim = int(config.head_dim * config.partial_rotary_factor) // 2 * 2
+    positions = position_ids.float()
+    scaling = config.rope_scaling_dict()
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        positions = positions / float(scaling["factor"])
+    elif kind not in ("default", None):
+        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear)")
+    exponent = torch.arange(0, rot_dim, 2, device=position_ids.device, dtype=torch.float32) / rot_dim
+    inv_freq = 1.0 / (config.rope_theta**exponent)
+    freqs = positions[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, L, hd]; rotates the first cos.shape[-1] dims of each head, passes the rest."""
+    rot_dim = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]
+    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
+    half = rot_dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.config = config
+        h, nh, nkv, hd = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.q_proj = nn.Linear(h, nh * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, nkv * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, nkv * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(nh * hd, h, bias=config.attention_bias)
+        if config.qk_layernorm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        cfg = self.config
+        b, n, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(b, n, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(b, n, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_layernorm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        new_kv = (k, v)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=cfg.attention_dropout if self.training else 0.0,
+            enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), new_kv
+
+
+class SwiGLU(nn.Module):
+    """Dense MLP and shared expert: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """All experts of one layer, stacked. ``state_dict`` shows them as ``{j}.{gate,up,down}_proj.weight``."""
+
+    def __init__(self, num_experts: int, hidden: int, width: int):
+        super().__init__()
+        self.num_experts, self.width = num_experts, width
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
+        self.register_state_dict_post_hook(_split_expert_weights)
+        self.register_load_state_dict_pre_hook(_stack_expert_weights)
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_idx, weights [N, k] -> sum_j weights[:, j] * expert_{idx[:, j]}(x)."""
+        n, k = expert_idx.shape
+        flat = expert_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        h = grouped_mm(dispatch(x, order, inverse, k), self.gate_up_proj, counts)
+        act = weighted_swiglu(h, weights.reshape(-1)[order].to(h.dtype))
+        y_sorted = grouped_mm(act, self.down_proj, counts)
+        return unsort(y_sorted, order, inverse).view(n, k, -1).sum(1)
+
+
+def _split_expert_weights(module: Experts, state_dict, prefix, local_metadata):
+    gate_up = state_dict.pop(prefix + "gate_up_proj")
+    down = state_dict.pop(prefix + "down_proj")
+    for j in range(module.num_experts):
+        state_dict[f"{prefix}{j}.gate_proj.weight"] = gate_up[j, : module.width]
+        state_dict[f"{prefix}{j}.up_proj.weight"] = gate_up[j, module.width :]
+        state_dict[f"{prefix}{j}.down_proj.weight"] = down[j]
+
+
+def _stack_expert_weights(module: Experts, state_dict, prefix, *args):
+    if f"{prefix}0.gate_proj.weight" not in state_dict:
+        return  # already stacked (e.g. a DeepSpeed or plain torch checkpoint of this module)
+    names = [
+        f"{prefix}{j}.{p}.weight"
+        for j in range(module.num_experts)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    ]
+    missing = [n for n in names if n not in state_dict]
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} expert weights, e.g. {missing[:3]}")
+    w = [state_dict.pop(n) for n in names]
+    state_dict[prefix + "gate_up_proj"] = torch.stack(
+        [torch.cat(w[i : i + 2], 0) for i in range(0, len(w), 3)]
+    )
+    state_dict[prefix + "down_proj"] = torch.stack(w[2::3])
+
+
+class MoE(nn.Module):
+    """Router (``gate``, optional ``expert_bias``) plus stacked experts."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.config = config
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        if config.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.experts = Experts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
+
+    def route(self, x: torch.Tensor):
+        """x [N, H] -> (fp32 router logits [N, E], expert ids [N, k], fp32 weights [N, k])."""
+        cfg = self.config
+        logits = F.linear(x.float(), self.gate.weight.float())
+        if cfg.moe_router_score_function == "softmax":
+            scores = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+        choice = scores + self.expert_bias if cfg.moe_router_enable_expert_bias else scores
+        if cfg.router_num_group and cfg.router_topk_group:
+            grouped = choice.view(x.shape[0], cfg.router_num_group, -1)
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            keep = group_score.topk(cfg.router_topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score).scatter_(1, keep, 1.0).bool()
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
+        expert_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, expert_idx)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return logits, expert_idx, weights * cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor):
+        b, n, h = x.shape
+        flat = x.reshape(-1, h)
+        logits, expert_idx, weights = self.route(flat)
+        return self.experts(flat, expert_idx, weights).view(b, n, h), logits
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig, layer_idx: int):
+        super().__init__()
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.is_moe:
+            self.mlp = MoE(config)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.dense_intermediate_size)
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        attn_out, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
+        x = x + attn_out
+        h = self.post_attention_layernorm(x)
+        router_logits = None
+        if self.is_moe:
+            mlp_out, router_logits = self.mlp(h)
+        else:
+            mlp_out = self.mlp(h)
+        if hasattr(self, "shared_expert"):
+            mlp_out = mlp_out + self.shared_expert(h)
+        return x + mlp_out, new_kv, router_logits
+
+
+class LLaDAMoEPreTrainedModel(PreTrainedModel):
+    config_class = LLaDAMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        with torch.no_grad():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, Experts):
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+            elif isinstance(module, MoE) and hasattr(module, "expert_bias"):
+                module.expert_bias.zero_()
+
+    # Checkpoint I/O in the published layout lives beside the model (checkpoint.py).
+    def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB", **kwargs):
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+
+
+class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
+    """The backbone: embeddings, decoder layers, final norm. Returns the last hidden state."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> LLaDAMoEOutput:
+        cfg = self.config
+        if kwargs:
+            raise TypeError(f"unexpected forward arguments: {sorted(kwargs)}")
+        _check_input_ids(input_ids, cfg.vocab_size)
+        b, n = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + n, device=input_ids.device).expand(b, n)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
+        mask = build_attention_mask(attention_mask, b, n, past_len, cfg.causal, x.device)
+        want_router = cfg.output_router_logits if output_router_logits is None else output_router_logits
+
+        new_cache: KVCache = []
+        router_logits = []
+        for i, layer in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values else None
+            if self.gradient_checkpointing and self.training:
+                x, kv, logits = checkpoint(layer, x, cos, sin, mask, past, use_reentrant=False)
+            else:
+                x, kv, logits = layer(x, cos, sin, mask, past)
+            if use_cache:
+                new_cache.append(kv)
+            if logits is not None:
+                router_logits.append(logits)
+
+        out = LLaDAMoEOutput(last_hidden_state=self.norm(x), past_key_values=new_cache if use_cache else None)
+        if want_router and router_logits:
+            token_mask = _token_mask(attention_mask, b, n, past_len)
+            out.router_logits = tuple(router_logits)
+            out.aux_loss, out.z_loss = router_losses(out.router_logits, cfg.num_experts_per_tok, token_mask)
+        return out
+
+
+class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
+    """Backbone + untied ``lm_head``; ``model(input_ids).logits`` is [B, L, V]."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__(config)
+        self.model = LLaDAMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> LLaDAMoEOutput:
+        out = self.model(input_ids, attention_mask=attention_mask, **kwargs)
+        out.logits = self.lm_head(out.last_hidden_state)
+        return out
+
+
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(
+            f"input_ids out of range: min {int(input_ids.min())}, max {int(input_ids.max())}, "
+            f"vocab_size {vocab_size}"
+        )
+
+
+def build_attention_mask(attention_mask, b, n, past_len, causal, device):
+    """Return a bool SDPA mask [B, 1, n, past_len + n] (True = attend), or None when nothing is masked.
+
+    ``attention_mask`` may be a 2-D key mask [B, past_len + n] (1 = real token) or a 4-D bool mask
+    [B, 1 or heads, n, past_len + n]. Every query may always see itself, so a fully padded row
+    never yields NaNs that could leak into other rows.
+    """
+    total = past_len + n
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            if tuple(attention_mask.shape) != (b, total):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, {total}) "
+                    "(batch, cached + input length)"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None
+            else:
+                mask = attention_mask.bool()[:, None, None, :].expand(b, 1, n, total)
+        elif attention_mask.dim() == 4:
+            if attention_mask.shape[0] != b or tuple(attention_mask.shape[2:]) != (n, total):
+                raise ValueError(
+                    f"4-D attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, 1|heads, {n}, {total})"
+                )
+            mask = attention_mask.bool()
+        else:
+            raise ValueError(f"attention_mask must be 2-D or 4-D, got {attention_mask.dim()}-D")
+    if causal:
+        q = torch.arange(n, device=device)[:, None] + past_len
+        tri = torch.arange(total, device=device)[None, :] <= q
+        mask = tri[None, None] if mask is None else mask & tri
+    if mask is None:
+        return None
+    self_pos = torch.zeros(n, total, dtype=torch.bool, device=device)
+    self_pos[torch.arange(n), torch.arange(n) + past_len] = True
+    return mask | self_pos
+
+
+def _token_mask(attention_mask, b, n, past_len):
+    """[B*n] float weights of the input tokens that count for router losses (padding excluded)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, past_len:].reshape(-1).float()
+
+
+def router_losses(router_logits, top_k: int, token_mask: torch.Tensor | None = None):
+    """Switch load-balancing loss (1.0 at perfectly uniform load) and router z-loss, averaged over layers."""
+    aux, z = [], []
+    for logits in router_logits:
+        w = torch.ones(logits.shape[0], device=logits.device) if token_mask is None else token_mask
+        denom = w.sum().clamp_min(1.0)
+        probs = logits.softmax(dim=-1)
+        chosen = torch.zeros_like(probs).scatter_(1, logits.topk(top_k, dim=-1).indices, 1.0)
+        load = (chosen * w[:, None]).sum(0) / (denom * top_k)
+        importance = (probs * w[:, None]).sum(0) / denom
+        aux.append(logits.shape[-1] * (load * importance).sum())
+        z.append((torch.logsumexp(logits, dim=-1).pow(2) * w).sum() / denom)
+    return torch.stack(aux).mean(), torch.stack(z).mean()
