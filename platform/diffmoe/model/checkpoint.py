@@ -37,10 +37,16 @@ def _parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    save_state(model.state_dict(), model.config, save_directory, max_shard_size)
+
+
+def save_state(
+    state: dict[str, torch.Tensor], config, save_directory, max_shard_size: int | str = "5GB"
+) -> None:
+    """Write a published-layout state dict + config.json as a Hugging Face directory."""
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    state = model.state_dict()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():
@@ -72,7 +78,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
         tmp = out / f".{INDEX_NAME}.tmp"
         tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
         written.append((tmp, out / INDEX_NAME))
-    model.config.save_pretrained(out)
+    config.save_pretrained(out)
     for tmp, final in written:
         os.replace(tmp, final)
     # Remove weights of an earlier save with a different sharding so the directory stays unambiguous.

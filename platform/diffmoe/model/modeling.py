@@ -189,6 +189,28 @@ def _stack_expert_weights(module: Experts, state_dict, prefix, *args):
     state_dict[prefix + "down_proj"] = torch.stack(w[2::3])
 
 
+def route_tokens(cfg: LLaDAMoEConfig, logits: torch.Tensor, expert_bias: torch.Tensor | None = None):
+    """LLaDA-MoE gate semantics on fp32 router logits [N, E] -> (expert ids [N, k], weights [N, k]).
+
+    Softmax (or sigmoid) scores; ``expert_bias`` shifts only which experts are chosen; optional
+    group-limited choice; weights are the chosen scores, renormalised only if ``norm_topk_prob``.
+    Shared by the model and by every parallel adapter so trained weights mean the same everywhere.
+    """
+    scores = logits.softmax(dim=-1) if cfg.moe_router_score_function == "softmax" else logits.sigmoid()
+    choice = scores + expert_bias if expert_bias is not None else scores
+    if cfg.router_num_group and cfg.router_topk_group:
+        grouped = choice.view(logits.shape[0], cfg.router_num_group, -1)
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        keep = group_score.topk(cfg.router_topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_score).scatter_(1, keep, 1.0).bool()
+        choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
+    expert_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, expert_idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return expert_idx, weights * cfg.routed_scaling_factor
+
+
 class MoE(nn.Module):
     """Router (``gate``, optional ``expert_bias``) plus stacked experts."""
 
@@ -202,24 +224,9 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor):
         """x [N, H] -> (fp32 router logits [N, E], expert ids [N, k], fp32 weights [N, k])."""
-        cfg = self.config
         logits = F.linear(x.float(), self.gate.weight.float())
-        if cfg.moe_router_score_function == "softmax":
-            scores = logits.softmax(dim=-1)
-        else:
-            scores = logits.sigmoid()
-        choice = scores + self.expert_bias if cfg.moe_router_enable_expert_bias else scores
-        if cfg.router_num_group and cfg.router_topk_group:
-            grouped = choice.view(x.shape[0], cfg.router_num_group, -1)
-            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-            keep = group_score.topk(cfg.router_topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_score).scatter_(1, keep, 1.0).bool()
-            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
-        expert_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, expert_idx)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return logits, expert_idx, weights * cfg.routed_scaling_factor
+        expert_bias = self.expert_bias if self.config.moe_router_enable_expert_bias else None
+        return (logits, *route_tokens(self.config, logits, expert_bias))
 
     def forward(self, x: torch.Tensor):
         b, n, h = x.shape

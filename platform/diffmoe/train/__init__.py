@@ -1,0 +1,1 @@
+"""Ray Train + DeepSpeed masked-diffusion training."""

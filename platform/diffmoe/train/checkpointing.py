@@ -1,0 +1,77 @@
+"""Training checkpoints: DeepSpeed's native state plus a world-size-independent copy of the weights.
+
+A checkpoint directory holds
+- ``deepspeed/``: ``engine.save_checkpoint`` output (model, ZeRO optimizer shards, scheduler and
+  one file per expert). Exact resume, but only for the same data- and expert-parallel sizes.
+- ``model/``: the consolidated weights in the published Hugging Face layout (all experts).
+- ``trainer_state.json``: step, epoch, batches consumed in the epoch, world and EP size.
+
+Resuming with the same sizes loads ``deepspeed/``; with different sizes it loads ``model/`` and
+fast-forwards the lr schedule, and the AdamW moments restart from zero (logged as
+``restored: weights``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffmoe.model.checkpoint import read_weights, save_state
+
+from .expert_parallel import load_published_state, published_state
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "ckpt"
+
+
+def save_checkpoint(engine, model, state: dict[str, Any], rank: int, directory: Path) -> None:
+    """Collective: every rank calls it with its own local ``directory``."""
+    engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG)
+    full = published_state(model)
+    if rank == 0:
+        state = {**state, "weights_fingerprint": fingerprint(full)}
+        save_state(full, model.config, directory / "model")
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> float:
+    """A cheap world-size-independent summary of the weights (sum over tensors of sum |w|)."""
+    return float(sum(t.double().abs().sum() for t in state.values()))
+
+
+def check_fingerprint(model, state: dict[str, Any]) -> None:
+    """After a restore, the weights must be exactly what was saved, whatever the new world size."""
+    got = fingerprint(published_state(model))
+    want = state["weights_fingerprint"]
+    if abs(got - want) > 1e-6 * max(abs(want), 1.0):
+        raise RuntimeError(f"restored weights differ from the checkpoint (fingerprint {got} != {want})")
+
+
+def read_state(directory: Path, world_size: int, ep_size: int) -> dict[str, Any]:
+    """The saved trainer state, with ``restored`` set to how this run can resume from it."""
+    state = json.loads((directory / STATE_FILE).read_text())
+    same_shape = state.get("world_size") == world_size and state.get("ep_size") == ep_size
+    state["restored"] = (
+        "deepspeed" if same_shape and (directory / "deepspeed" / DS_TAG).is_dir() else "weights"
+    )
+    return state
+
+
+def load_weights_before_engine(model, directory: Path, state: dict[str, Any]) -> None:
+    """Weights must be in place before ``deepspeed.initialize``: ZeRO copies them into its fp32
+    partitions there, and later writes to the module would be overwritten by the next step."""
+    if state["restored"] == "weights":
+        load_published_state(model, read_weights(directory / "model"))
+
+
+def restore_engine(engine, directory: Path, state: dict[str, Any]) -> None:
+    if state["restored"] == "deepspeed":
+        path, _ = engine.load_checkpoint(str(directory / "deepspeed"), tag=DS_TAG)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory / 'deepspeed'}")
+    else:
+        for _ in range(state["step"]):
+            engine.lr_scheduler.step()

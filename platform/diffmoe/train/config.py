@@ -1,0 +1,122 @@
+"""Typed configuration of a training run (pretraining or SFT), loaded from YAML + ``--set`` overrides.
+
+``check()`` runs on the driver before any cluster resources are claimed, so a bad ``ep_size``,
+missing data or a tokenizer that does not fit the model fails in seconds with a message naming
+the key.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from diffmoe.config import StrictModel
+from diffmoe.diffusion import ObjectiveConfig
+
+
+class ModelSection(StrictModel):
+    name: str = "tiny"  # a named size (diffmoe.model.NAMED_CONFIGS), e.g. tiny, llada-moe-7b-a1b
+    overrides: dict[str, Any] = Field(default_factory=dict)  # LLaDAMoEConfig fields to change
+    init_from: str | None = None  # HF directory (ours or a real LLaDA-MoE download) to start from
+    gradient_checkpointing: bool = False
+
+
+class DataSection(StrictModel):
+    path: str = "data/corpus"  # output of jobs/prepare_corpus.py (manifest.json + shards)
+    train_split: str = "train"
+    validation_split: str = "validation"
+
+
+class OptimSection(StrictModel):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # final lr = lr * min_lr_ratio
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+
+
+class TrainSection(StrictModel):
+    kind: Literal["pretrain", "sft"] = "pretrain"
+    max_steps: int = Field(100, ge=1)  # optimizer steps
+    micro_batch_size: int = Field(8, ge=1)  # sequences per worker per forward
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+    val_every: int = Field(25, ge=1)
+    val_batches: int = Field(4, ge=1)  # validation batches per worker
+    checkpoint_every: int = Field(25, ge=1)  # a checkpoint is also written at max_steps
+    document_mask: bool = False  # pretraining: attend only within each packed document
+    objective: ObjectiveConfig = ObjectiveConfig()
+
+
+class DeepSpeedSection(StrictModel):
+    zero_stage: Literal[1, 2] = 2  # ZeRO-3 does not support DeepSpeed-MoE
+    ep_size: int = Field(1, ge=1)  # expert-parallel group size; must divide experts and workers
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+class ScalingSection(StrictModel):
+    # An int, or [min, max] for elastic training (Ray Train V2 resizes between them).
+    num_workers: int | tuple[int, int] = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+
+class MLflowSection(StrictModel):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    experiment: str = "diffmoe"
+    run_name: str | None = None
+    log_system_metrics: bool = True
+
+    def resolved_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+class RunSection(StrictModel):
+    name: str = "pretrain-tiny"
+    storage_path: str = "runs"  # Ray Train checkpoints and results (shared storage on a cluster)
+    output_dir: str = "artifacts/pretrain-tiny"  # the exported Hugging Face model
+
+
+class TrainJobConfig(StrictModel):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    scaling: ScalingSection = ScalingSection()
+    mlflow: MLflowSection = MLflowSection()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> TrainJobConfig:
+        s = self.scaling
+        if s.min_workers < 1 or s.min_workers > s.max_workers:
+            raise ValueError(f"scaling.num_workers={s.num_workers}: need 1 <= min <= max")
+        ep = self.deepspeed.ep_size
+        for n in range(s.min_workers, s.max_workers + 1):
+            if n % ep and n >= ep:
+                raise ValueError(
+                    f"deepspeed.ep_size={ep} does not divide a worker count {n} in scaling.num_workers"
+                )
+        if s.min_workers < ep:
+            raise ValueError(
+                f"deepspeed.ep_size={ep} needs at least {ep} workers, scaling allows {s.min_workers}"
+            )
+        return self

@@ -1,0 +1,162 @@
+"""DeepSpeed-MoE expert parallelism for LLaDA-MoE, beside the model rather than inside it.
+
+``build_training_model`` takes a plain ``LLaDAMoEModelLM`` and swaps each MoE layer for a
+``deepspeed.moe.layer.MoE`` whose gate is ours (``LLaDAGate``): the model's own ``route_tokens``,
+so top-k weights are not renormalised and no token is dropped (capacity = the largest expert load
+in the expert-parallel group). DeepSpeed then provides what it is for: expert-parallel process
+groups, all-to-all token exchange, MoE optimizer parameter groups and per-expert checkpoint files.
+Weights convert both ways with the published key layout, so training-time and serving-time
+forwards compute the same function (``tests/test_train_parity.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from torch import nn
+
+from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
+from diffmoe.model.modeling import SwiGLU, route_tokens
+
+_EXPERTS = "mlp.moe.deepspeed_moe.experts.deepspeed_experts"
+_GATE = "mlp.moe.deepspeed_moe.gate"
+
+
+class LLaDAGate(nn.Module):
+    """A DeepSpeed MOELayer gate with LLaDA-MoE semantics (sparse-route return format)."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.config = config
+        self.wg = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        if config.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.ep_group = None
+        self.router_logits: torch.Tensor | None = None  # last forward's logits, for z-loss and metrics
+
+    def _set_ep_group(self, group) -> None:
+        self.ep_group = group
+
+    def forward(self, x, used_token=None, sparse_routes=True, use_tutel=False):
+        cfg = self.config
+        logits = F.linear(x.float(), self.wg.weight.float())
+        expert_bias = self.expert_bias if cfg.moe_router_enable_expert_bias else None
+        expert_idx, weights = route_tokens(cfg, logits, expert_bias)
+        self.router_logits = logits
+        chosen = torch.zeros_like(logits, dtype=torch.long).scatter_(1, expert_idx, 1)
+        counts = chosen.sum(0)
+        capacity = counts.max().clone()
+        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
+        locations = (chosen.cumsum(0) - 1).gather(1, expert_idx)
+        l_aux = torch.zeros((), device=x.device)  # load balancing is computed from router_logits
+        return (
+            l_aux,
+            max(int(capacity), 1),
+            cfg.num_experts,
+            expert_idx.t().int().contiguous(),
+            locations.t().int().contiguous(),
+            weights.t().contiguous(),
+            counts.detach(),
+        )
+
+
+class ExpertParallelMoE(nn.Module):
+    """Drop-in for ``modeling.MoE``: forward(x [B, L, H]) -> (y, router_logits [B*L, E])."""
+
+    def __init__(self, config: LLaDAMoEConfig, ep_size: int):
+        super().__init__()
+        expert = SwiGLU(config.hidden_size, config.expert_intermediate_size)
+        self.moe = DeepSpeedMoE(
+            config.hidden_size,
+            expert,
+            num_experts=config.num_experts,
+            ep_size=ep_size,
+            k=1,
+            drop_tokens=False,
+        )
+        self.moe.deepspeed_moe.gate = LLaDAGate(config)
+
+    def forward(self, x):
+        y, _, _ = self.moe(x)
+        return y, self.moe.deepspeed_moe.gate.router_logits
+
+
+def build_training_model(config: LLaDAMoEConfig, ep_size: int) -> LLaDAMoEModelLM:
+    """An LLaDAMoEModelLM whose MoE layers are DeepSpeed expert-parallel (torch.distributed must be up)."""
+    if config.num_experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} does not divide num_experts={config.num_experts}")
+    model = LLaDAMoEModelLM(config)
+    for layer in model.model.layers:
+        if layer.is_moe:
+            layer.mlp = ExpertParallelMoE(config, ep_size)
+            layer.mlp.moe.set_deepspeed_parallelism()
+    return model
+
+
+def _ep_rank_and_size(model: nn.Module) -> tuple[int, int, object]:
+    for module in model.modules():
+        if isinstance(module, DeepSpeedMoE):
+            group = module.deepspeed_moe.ep_group
+            return dist.get_rank(group), module.ep_size, group
+    return 0, 1, None
+
+
+def load_published_state(model: LLaDAMoEModelLM, state: dict[str, torch.Tensor]) -> None:
+    """Copy a published-layout state dict (all experts) into a training model (local experts only)."""
+    ep_rank, ep_size, _ = _ep_rank_and_size(model)
+    cfg = model.config
+    local = cfg.num_experts // ep_size
+    own = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) > 5 and parts[3:5] == ["mlp", "experts"]:
+            j = int(parts[5])
+            if ep_rank * local <= j < (ep_rank + 1) * local:
+                own[".".join(parts[:3] + [_EXPERTS, str(j - ep_rank * local)] + parts[6:])] = value
+        elif key.endswith("mlp.gate.weight") and "layers" in key:
+            own[key.replace("mlp.gate.weight", _GATE + ".wg.weight")] = value
+        elif key.endswith("mlp.expert_bias"):
+            own[key.replace("mlp.expert_bias", _GATE + ".expert_bias")] = value
+        else:
+            own[key] = value
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not fit the training model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def published_state(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor] | None:
+    """Gather the full published-layout state dict (all experts). Collective over the EP group;
+    returns the dict on every rank (tiny and small models) — callers write it from rank 0 only."""
+    ep_rank, ep_size, group = _ep_rank_and_size(model)
+    cfg = model.config
+    local = cfg.num_experts // ep_size
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if _EXPERTS in key:
+            prefix, rest = key.split(_EXPERTS + ".")
+            j, tail = rest.split(".", 1)
+            pieces = [value]
+            if ep_size > 1:
+                pieces = [torch.empty_like(value) for _ in range(ep_size)]
+                dist.all_gather(pieces, value.contiguous(), group=group)
+            for r, piece in enumerate(pieces):
+                out[f"{prefix}mlp.experts.{r * local + int(j)}.{tail}"] = piece
+        elif _GATE in key:
+            out[key.replace(_GATE + ".wg.weight", "mlp.gate.weight").replace(_GATE + ".", "mlp.")] = value
+        else:
+            out[key] = value
+    return out
+
+
+def export_model(model: LLaDAMoEModelLM) -> LLaDAMoEModelLM:
+    """A plain ``LLaDAMoEModelLM`` (serving-time model) holding the training model's weights."""
+    state = published_state(model)
+    plain = LLaDAMoEModelLM(model.config)
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()

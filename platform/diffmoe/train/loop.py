@@ -1,0 +1,264 @@
+"""The per-worker training loop that Ray Train runs: DeepSpeed engine, diffusion loss, checkpoints.
+
+Every rank builds the same seeded model, keeps its share of the experts (expert parallelism),
+streams its split of the Parquet shards, and calls the collectives (all-to-all, gradient
+reduction, checkpoint, ``ray.train.report``) in lockstep with the others.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from diffmoe.diffusion import diffusion_loss
+from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
+from diffmoe.model.checkpoint import read_weights
+
+from .checkpointing import (
+    check_fingerprint,
+    load_weights_before_engine,
+    read_state,
+    restore_engine,
+    save_checkpoint,
+)
+from .config import TrainJobConfig
+from .expert_parallel import build_training_model, load_published_state
+from .metrics import MetricsLogger, expert_load_metrics
+from .schedule import lr_multiplier
+
+PROBE_SEED = 1234  # fixed batch whose logits the run saves, for parity checks after export
+
+
+class ObjectiveModule(nn.Module):
+    """Wraps the LM so the DeepSpeed engine's forward is the whole diffusion objective."""
+
+    def __init__(self, lm: LLaDAMoEModelLM, cfg: TrainJobConfig):
+        super().__init__()
+        self.lm = lm
+        self.cfg = cfg
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        ids = batch["input_ids"].long()
+        response = batch["response_mask"].bool() if "response_mask" in batch else None
+        mask = None
+        if response is None and self.cfg.train.document_mask and "segment_ids" in batch:
+            seg = batch["segment_ids"]
+            mask = (seg[:, None, :, None] == seg[:, None, None, :]).contiguous()
+        return diffusion_loss(
+            self.lm,
+            ids,
+            mask_id=self.lm.config.mask_token_id,
+            objective=self.cfg.train.objective,
+            response_mask=response,
+            attention_mask=mask,
+            generator=generator,
+        )
+
+
+def _ds_config(cfg: TrainJobConfig, bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+    }
+
+
+def _mean_across_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _batches(shard, cfg: TrainJobConfig, device):
+    return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, device=device)
+
+
+def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
+    """Mean diffusion bound per token over the first ``val_batches`` batches, fixed masks."""
+    if shard is None:
+        return None
+    engine.eval()
+    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 99)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(_batches(shard, cfg, device)):
+            if i >= cfg.train.val_batches:
+                break
+            total += float(engine(batch, gen).diffusion)
+            n += 1
+    engine.train()
+    counts = torch.tensor([total, n], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return float(counts[0] / counts[1]) if counts[1] > 0 else None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = TrainJobConfig.model_validate(loop_config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_cuda)
+    ep_size = cfg.deepspeed.ep_size
+
+    model_config = LLaDAMoEConfig.from_dict(loop_config["model_config"])
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    init = LLaDAMoEModelLM(model_config).state_dict()
+    if cfg.model.init_from:
+        init = read_weights(Path(cfg.model.init_from))
+    model = build_training_model(model_config, ep_size)
+    load_published_state(model, init)
+    del init
+    if cfg.model.gradient_checkpointing:
+        model.model.gradient_checkpointing = True
+
+    checkpoint = ray.train.get_checkpoint()
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = read_state(Path(d), world, ep_size)
+            load_weights_before_engine(model, Path(d), state)
+
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"}
+    )
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, cfg.optim, cfg.train.max_steps)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=ObjectiveModule(model, cfg),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=_ds_config(cfg, bf16),
+    )
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            restore_engine(engine, Path(d), state)
+    resumed_from = state["step"]
+
+    logger = MetricsLogger(loop_config, rank, world, enabled=rank == 0)
+    logger.event("restored", {"from_step": resumed_from, "how": state.get("restored", "fresh")})
+    train_shard = ray.train.get_dataset_shard(cfg.data.train_split)
+    val_shard = (
+        ray.train.get_dataset_shard(cfg.data.validation_split) if loop_config.get("has_validation") else None
+    )
+
+    step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+    if "weights_fingerprint" in state:
+        check_fingerprint(model, state)
+        logger.event("weights_fingerprint", {"step": step, "value": state["weights_fingerprint"]})
+    if step == 0 or resumed_from:
+        val = validate(engine, val_shard, cfg, device)
+        if val is not None:
+            logger.log({"val/loss": val}, step)
+    tokens, busy = 0, 0.0
+    while step < cfg.train.max_steps:
+        consumed = 0
+        t0 = time.perf_counter()
+        for batch in _batches(train_shard, cfg, device):
+            consumed += 1
+            if consumed <= skip:
+                continue  # resume: this worker already trained on these batches this epoch
+            gen = torch.Generator(device="cpu").manual_seed(
+                cfg.train.seed * 1_000_003 + rank * 7919 + consumed + epoch * 10**6
+            )
+            terms = engine(batch, gen)
+            engine.backward(terms.total)
+            engine.step()
+            tokens += batch["input_ids"].numel() * world
+            busy += time.perf_counter() - t0
+            if not engine.is_gradient_accumulation_boundary():
+                t0 = time.perf_counter()
+                continue
+            step += 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                metrics = {
+                    "train/loss": _mean_across_ranks(float(terms.diffusion), device),
+                    "train/masked_ce": _mean_across_ranks(float(terms.masked_ce), device),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_s": tokens / max(busy, 1e-9),  # data wait + compute, no eval/ckpt
+                }
+                tokens, busy = 0, 0.0
+                if terms.aux_loss is not None:
+                    metrics["train/aux_loss"] = float(terms.aux_loss)
+                    metrics["train/z_loss"] = float(terms.z_loss)
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                metrics.update(expert_load_metrics(model))
+                logger.log(metrics, step)
+            if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
+                val = validate(engine, val_shard, cfg, device)
+                if val is not None:
+                    logger.log({"val/loss": val}, step)
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                state = {
+                    "step": step,
+                    "epoch": epoch,
+                    "batches_in_epoch": consumed,
+                    "world_size": world,
+                    "ep_size": ep_size,
+                }
+                report(
+                    engine,
+                    model,
+                    state,
+                    rank,
+                    {"step": step, "resumed_from_step": resumed_from, "epoch": epoch},
+                    step == cfg.train.max_steps,
+                )
+            if step >= cfg.train.max_steps:
+                break
+            t0 = time.perf_counter()
+        if consumed == 0:
+            raise RuntimeError(
+                f"worker {rank} got no training batch: the {cfg.data.train_split} split has fewer rows than "
+                f"micro_batch_size={cfg.train.micro_batch_size} x {world} workers"
+            )
+        if step < cfg.train.max_steps:
+            epoch, skip = epoch + 1, 0
+    logger.close()
+
+
+def report(engine, model, state, rank, metrics, final: bool) -> None:
+    """Checkpoint on every rank into a local directory and hand it to Ray Train (collective)."""
+    local = Path(tempfile.mkdtemp(prefix="diffmoe-ckpt-"))
+    try:
+        save_checkpoint(engine, model, state, rank, local)
+        if final:
+            save_probe_logits(model, rank, local)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def save_probe_logits(model, rank: int, directory: Path) -> None:
+    """Logits of the training-time (expert-parallel) forward on a fixed batch, for parity tests."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids.to(next(model.parameters()).device)).logits.float().cpu()
+    model.train(was_training)
+    if rank == 0:
+        save_file({"input_ids": ids, "logits": logits}, str(directory / "probe_logits.safetensors"))

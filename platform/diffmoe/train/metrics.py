@@ -1,0 +1,74 @@
+"""Training metrics: expert-load statistics and rank-0 MLflow logging (plain ``mlflow`` calls)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .expert_parallel import LLaDAGate
+
+
+def expert_load_metrics(model) -> dict[str, float]:
+    """Per MoE layer: max/mean expert load (1.0 = perfectly balanced) and mean router entropy
+    (nats; log(E) = uniform), from the last forward's router logits on this rank."""
+    out: dict[str, float] = {}
+    layer = 0
+    for module in model.modules():
+        if isinstance(module, LLaDAGate) and module.router_logits is not None:
+            logits = module.router_logits.detach()
+            k = module.config.num_experts_per_tok
+            counts = torch.bincount(
+                logits.topk(k, dim=-1).indices.flatten(), minlength=logits.shape[-1]
+            ).float()
+            probs = logits.softmax(-1)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            out[f"moe/layer{layer}/max_mean_load"] = float(counts.max() / counts.mean().clamp_min(1e-9))
+            out[f"moe/layer{layer}/router_entropy"] = float(entropy)
+            layer += 1
+    if layer:
+        loads = [v for k, v in out.items() if k.endswith("max_mean_load")]
+        out["moe/max_mean_load"] = max(loads)
+    return out
+
+
+class MetricsLogger:
+    """Logs to the MLflow run the driver created (rank 0 only); prints a compact line per log."""
+
+    def __init__(self, loop_config: dict[str, Any], rank: int, world: int, enabled: bool):
+        self.enabled = enabled and bool(loop_config.get("mlflow_run_id"))
+        self.rank = rank
+        if not self.enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(loop_config["tracking_uri"])
+        self.run = mlflow.start_run(
+            run_id=loop_config["mlflow_run_id"],
+            log_system_metrics=loop_config.get("log_system_metrics", False),
+        )
+        mlflow.set_tag("workers", str(world))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        if self.rank == 0:
+            shown = {
+                k: round(v, 4)
+                for k, v in clean.items()
+                if k.startswith(("train/loss", "val/", "train/tokens"))
+            }
+            print(f"step {step}: {shown}", flush=True)
+        if self.enabled:
+            self.mlflow.log_metrics(clean, step=step)
+
+    def event(self, name: str, info: dict[str, Any]) -> None:
+        if self.rank == 0:
+            print(f"{name}: {info}", flush=True)
+        if self.enabled:
+            self.mlflow.set_tag(f"{name}.last", str(info))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.mlflow.end_run()

@@ -1,0 +1,253 @@
+"""Driver side of a training run: preflight checks, MLflow run, Ray Train TorchTrainer, export.
+
+``run_training(cfg)`` is what ``jobs/pretrain.py`` and ``jobs/finetune.py`` call. Everything that
+can be checked without a cluster (config shape, data manifest and checksums, tokenizer vs model)
+is checked before the trainer claims any worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from diffmoe.config import flatten
+from diffmoe.data.manifest import Manifest, verify_dataset
+from diffmoe.model import LLaDAMoEConfig, named_config
+from diffmoe.model.checkpoint import load_config
+
+from .config import TrainJobConfig
+
+
+class TrainConfigError(ValueError):
+    """The run cannot start: the message names the config key or file at fault."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    final_step: int
+    checkpoint_path: str
+    model_dir: str
+    metrics: dict
+
+
+def resolve_model_config(cfg: TrainJobConfig, manifest: Manifest) -> LLaDAMoEConfig:
+    """The model's config: from ``init_from`` (fine-tuning) or a named size, with ids and vocabulary
+    taken from the dataset's tokenizer so the two can never disagree silently."""
+    tok = manifest.tokenizer
+    if cfg.model.init_from:
+        try:
+            config = load_config(Path(cfg.model.init_from))
+        except (FileNotFoundError, ValueError) as err:
+            raise TrainConfigError(f"model.init_from: {err}") from None
+        if config.vocab_size < tok.vocab_size:
+            raise TrainConfigError(
+                f"model.init_from has vocab_size {config.vocab_size} but the dataset's tokenizer has "
+                f"{tok.vocab_size} tokens: data.path was prepared with a different tokenizer"
+            )
+        for name, ours in (("mask_token_id", tok.mask_id), ("eos_token_id", tok.eos_id)):
+            if getattr(config, name) != ours:
+                raise TrainConfigError(
+                    f"tokenizer mismatch: model.init_from has {name}={getattr(config, name)}, "
+                    f"the dataset's tokenizer uses {ours}"
+                )
+        for key, value in cfg.model.overrides.items():
+            setattr(config, key, value)
+        return config
+    overrides = {
+        "vocab_size": tok.vocab_size,
+        "mask_token_id": tok.mask_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+        "max_position_embeddings": max(manifest.seq_len, 64),
+        **cfg.model.overrides,
+    }
+    try:
+        return named_config(cfg.model.name, **overrides)
+    except (KeyError, ValueError) as err:
+        raise TrainConfigError(f"model: {err}") from None
+
+
+def preflight(cfg: TrainJobConfig) -> tuple[LLaDAMoEConfig, Manifest]:
+    try:
+        manifest = verify_dataset(cfg.data.path)
+    except ValueError as err:
+        raise TrainConfigError(f"data.path: {err}") from None
+    if manifest.kind != cfg.train.kind:
+        raise TrainConfigError(
+            f"train.kind={cfg.train.kind!r} but data.path holds a {manifest.kind!r} dataset"
+        )
+    if not manifest.splits.get(cfg.data.train_split) or not manifest.splits[cfg.data.train_split].shards:
+        raise TrainConfigError(f"data.path has no rows in split {cfg.data.train_split!r}")
+    model_config = resolve_model_config(cfg, manifest)
+    ep = cfg.deepspeed.ep_size
+    if model_config.num_experts % ep:
+        raise TrainConfigError(
+            f"deepspeed.ep_size={ep} does not divide num_experts={model_config.num_experts}"
+        )
+    if manifest.seq_len > model_config.max_position_embeddings:
+        raise TrainConfigError(
+            f"data seq_len {manifest.seq_len} exceeds the model's max_position_embeddings "
+            f"{model_config.max_position_embeddings}"
+        )
+    return model_config, manifest
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DIFFMOE_GIT_COMMIT", "unknown")
+
+
+def start_mlflow_run(
+    cfg: TrainJobConfig, manifest: Manifest, model_config: LLaDAMoEConfig
+) -> tuple[str, str]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = cfg.mlflow.resolved_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    client = MlflowClient(uri)
+    tags = {
+        "git_commit": _git_commit(),
+        "kind": cfg.train.kind,
+        "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID", "local"),
+        "workers": str(cfg.scaling.num_workers),
+        "model": cfg.model.init_from or cfg.model.name,
+    }
+    run = client.create_run(experiment.experiment_id, run_name=cfg.mlflow.run_name or cfg.run.name, tags=tags)
+    params = {**flatten(cfg), **{f"model_config.{k}": v for k, v in model_config.to_diff_dict().items()}}
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (Path(tmp) / "data_manifest.json").write_text(manifest.dump())
+        client.log_artifacts(run.info.run_id, tmp, "config")
+    return run.info.run_id, uri
+
+
+def loss_curve_png(client, run_id: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("train/loss", "train (diffusion bound)"), ("val/loss", "validation")):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if history:
+            ax.plot(
+                [m.step for m in history],
+                [m.value for m in history],
+                label=label,
+                marker="." if "val" in key else None,
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def export_hf_model(checkpoint_dir: Path, dataset_dir: Path, output_dir: Path) -> Path:
+    """Final checkpoint's consolidated weights + the dataset's tokenizer -> a Hugging Face directory."""
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir / "model", tmp)
+    for f in (dataset_dir / "tokenizer").iterdir():
+        shutil.copy2(f, tmp / f.name)
+    if (checkpoint_dir / "probe_logits.safetensors").is_file():
+        shutil.copy2(checkpoint_dir / "probe_logits.safetensors", tmp / "training_probe_logits.safetensors")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)
+    return output_dir
+
+
+def run_training(cfg: TrainJobConfig) -> TrainResult:
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    model_config, manifest = preflight(cfg)
+    run_id, uri = start_mlflow_run(cfg, manifest, model_config)
+    client = MlflowClient(uri)
+    status = "FAILED"
+    try:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto" if _cluster_running() else None))
+        from diffmoe.data.manifest import read_split
+
+        datasets = {"train": read_split(cfg.data.path, cfg.data.train_split)}
+        has_val = bool(
+            manifest.splits.get(cfg.data.validation_split)
+            and manifest.splits[cfg.data.validation_split].shards
+        )
+        if has_val:
+            datasets["validation"] = read_split(cfg.data.path, cfg.data.validation_split)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "job": cfg.model_dump(mode="json"),
+                "model_config": model_config.to_dict(),
+                "mlflow_run_id": run_id,
+                "tracking_uri": uri,
+                "log_system_metrics": cfg.mlflow.log_system_metrics,
+                "has_validation": has_val,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=os.path.abspath(cfg.run.storage_path)
+                if "://" not in cfg.run.storage_path
+                else cfg.run.storage_path,
+                failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split="all"),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        with result.checkpoint.as_directory() as ckpt:
+            state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+            model_dir = export_hf_model(Path(ckpt), Path(cfg.data.path), Path(cfg.run.output_dir))
+        client.log_artifacts(run_id, str(model_dir), "model")
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / "loss_curve.png"
+            loss_curve_png(client, run_id, png)
+            client.log_artifact(run_id, str(png))
+        status = "FINISHED"
+        return TrainResult(
+            run_id, state["step"], result.checkpoint.path, str(model_dir), dict(result.metrics or {})
+        )
+    finally:
+        client.set_terminated(run_id, status)
+
+
+def _cluster_running() -> bool:
+    """True when ``ray start`` left a cluster address on this machine (so jobs join it)."""
+    return Path(tempfile.gettempdir(), "ray", "ray_current_cluster").exists()
