@@ -25,3 +25,42 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+def _prepare(ray_cluster, tmp_path_factory, name: str, **settings):
+    from diffmoe.data.config import CorpusConfig
+    from diffmoe.data.pipeline import prepare_corpus
+
+    out = tmp_path_factory.mktemp(name) / "data"
+    cfg = CorpusConfig.model_validate({**settings, "output_dir": str(out)})
+    prepare_corpus(cfg, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(ray_cluster, tmp_path_factory):
+    """A small real pretraining dataset: 60 standard-library modules, 512-token BPE, seq_len 64."""
+    return _prepare(
+        ray_cluster,
+        tmp_path_factory,
+        "corpus",
+        max_documents=60,
+        seq_len=64,
+        validation_fraction=0.1,
+        tokenizer={"train": {"vocab_size": 512, "sample_docs": 60}},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(ray_cluster, tmp_path_factory, tiny_corpus):
+    """The built-in SFT set (signature + docstring -> body) with the corpus's tokenizer."""
+    return _prepare(
+        ray_cluster,
+        tmp_path_factory,
+        "sft",
+        kind="sft",
+        max_documents=40,
+        seq_len=128,
+        validation_fraction=0.1,
+        tokenizer={"path": str(tiny_corpus / "tokenizer")},
+    )

@@ -190,15 +190,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += 1
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 metrics = {
-                    "train/loss": _mean_across_ranks(float(terms.diffusion), device),
-                    "train/masked_ce": _mean_across_ranks(float(terms.masked_ce), device),
+                    "train/loss": _mean_across_ranks(terms.diffusion.item(), device),
+                    "train/masked_ce": _mean_across_ranks(terms.masked_ce.item(), device),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/tokens_per_s": tokens / max(busy, 1e-9),  # data wait + compute, no eval/ckpt
                 }
                 tokens, busy = 0, 0.0
                 if terms.aux_loss is not None:
-                    metrics["train/aux_loss"] = float(terms.aux_loss)
-                    metrics["train/z_loss"] = float(terms.z_loss)
+                    metrics["train/aux_loss"] = terms.aux_loss.item()
+                    metrics["train/z_loss"] = terms.z_loss.item()
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
@@ -214,6 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "epoch": epoch,
                     "batches_in_epoch": consumed,
                     "world_size": world,
+                    "resumed_from_step": resumed_from,
                     "ep_size": ep_size,
                 }
                 report(

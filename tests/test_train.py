@@ -1,0 +1,196 @@
+"""Ray Train + DeepSpeed training on a real local Ray cluster: EP=2, MLflow, faults, resume, SFT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from diffmoe.config import ConfigError, build
+from diffmoe.model import LLaDAMoEModelLM
+from diffmoe.train.config import TrainJobConfig
+from diffmoe.train.trainer import TrainConfigError, run_training
+
+
+def _config(tmp: Path, data: Path, name: str, **sections) -> TrainJobConfig:
+    base = {
+        "data": {"path": str(data)},
+        "optim": {"lr": 3e-3, "warmup_steps": 3},
+        "train": {
+            "max_steps": 30,
+            "micro_batch_size": 8,
+            "log_every": 5,
+            "val_every": 10,
+            "checkpoint_every": 10,
+        },
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "tests"},
+        "run": {"name": name, "storage_path": str(tmp / "runs"), "output_dir": str(tmp / name / "hf")},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return build(TrainJobConfig, base)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def ep2_run(ray_cluster, tiny_corpus, workdir):
+    cfg = _config(workdir, tiny_corpus, "ep2", scaling={"num_workers": 2}, deepspeed={"ep_size": 2})
+    return cfg, run_training(cfg)
+
+
+def test_two_workers_expert_parallel_learn_and_track_in_mlflow(ep2_run, workdir):
+    cfg, result = ep2_run
+    assert result.final_step == 30
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["deepspeed.ep_size"] == "2" and run.data.params["optim.lr"] == "0.003"
+    assert run.data.params["model_config.num_experts"] == "8"
+    assert {"git_commit", "ray_job_id", "workers"} <= set(run.data.tags)
+    for key in (
+        "train/loss",
+        "train/masked_ce",
+        "train/aux_loss",
+        "train/z_loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "moe/layer0/max_mean_load",
+        "moe/layer1/router_entropy",
+        "val/loss",
+    ):
+        assert key in run.data.metrics, key
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    val = sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)
+    assert val[0].step == 0 and val[-1].step == 30
+    assert val[-1].value < val[0].value - 0.5, [(m.step, m.value) for m in val]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config", "model", "loss_curve.png"} <= artifacts
+    assert {a.path for a in client.list_artifacts(result.run_id, "config")} == {
+        "config/config.yaml",
+        "config/data_manifest.json",
+    }
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(result.run_id, "model")}
+    # DeepSpeed-MoE wrote one file per expert (8 experts x 2 layers) in the checkpoint.
+    expert_files = list(Path(result.checkpoint_path).glob("deepspeed/ckpt/layer_*_expert_*_model_states.pt"))
+    assert len(expert_files) == 16
+
+
+def test_training_time_forward_equals_exported_model(ep2_run):
+    _, result = ep2_run
+    model = LLaDAMoEModelLM.from_pretrained(result.model_dir)
+    probe = load_file(os.path.join(result.model_dir, "training_probe_logits.safetensors"))
+    with torch.no_grad():
+        logits = model(probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-5)
+    assert (Path(result.model_dir) / "tokenizer.json").is_file()
+
+
+def test_resume_with_a_different_worker_count(ep2_run, tiny_corpus, workdir):
+    """Same run name, 2 workers/EP 2 -> 1 worker/EP 1: continues at step 30 from the same weights
+    (the loop checks the restored weights' fingerprint against the checkpoint's)."""
+    cfg, first = ep2_run
+    resumed = run_training(_config(workdir, tiny_corpus, "ep2", train={"max_steps": 34}))
+    assert resumed.metrics["resumed_from_step"] == 30
+    assert resumed.final_step == 34
+    run = MlflowClient(cfg.mlflow.tracking_uri).get_run(resumed.run_id)
+    assert "'how': 'weights'" in run.data.tags["restored.last"]
+    saved = json.loads((Path(first.checkpoint_path) / "trainer_state.json").read_text())
+    assert str(saved["weights_fingerprint"]) in run.data.tags["weights_fingerprint.last"]
+
+
+def test_killed_worker_process_restarts_from_checkpoint(ray_cluster, tiny_corpus, workdir):
+    import psutil
+
+    cfg = _config(
+        workdir,
+        tiny_corpus,
+        "faulty",
+        train={"max_steps": 120, "checkpoint_every": 10, "val_every": 1000},
+        scaling={"num_workers": 2, "max_failures": 2},
+    )
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training(cfg)), daemon=True)
+    thread.start()
+    run_dir = workdir / "runs" / "faulty"
+    deadline = time.time() + 240
+    # Two checkpoint folders: the first is surely committed (the newest may still be uploading).
+    while len(list(run_dir.glob("checkpoint_*"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(list(run_dir.glob("checkpoint_*"))) >= 2, "no checkpoint appeared"
+    workers = [
+        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert len(workers) == 2, [w.info for w in workers]
+    os.kill(workers[-1].pid, signal.SIGKILL)  # a real signal to the real worker process
+    thread.join(timeout=300)
+    result = outcome["result"]
+    assert result.final_step == 120
+    assert result.metrics["resumed_from_step"] >= 10
+
+
+def test_finetune_from_pretrained_directory_scores_only_responses(ep2_run, tiny_sft, workdir):
+    import pyarrow.parquet as pq
+
+    from diffmoe.train.loop import ObjectiveModule
+
+    _, pre = ep2_run
+    cfg = _config(
+        workdir,
+        tiny_sft,
+        "sft",
+        model={"init_from": pre.model_dir},
+        train={"kind": "sft", "max_steps": 6, "checkpoint_every": 6, "val_every": 6},
+    )
+    result = run_training(cfg)
+    assert result.final_step == 6
+    run = MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["kind"] == "sft" and "val/loss" in run.data.metrics
+
+    rows = pq.read_table(next((tiny_sft / "train").glob("*.parquet"))).slice(0, 4).to_pydict()
+    batch = {k: torch.tensor(rows[k]) for k in ("input_ids", "response_mask")}
+    objective = ObjectiveModule(LLaDAMoEModelLM.from_pretrained(result.model_dir), cfg)
+    for seed in range(5):
+        terms = objective(batch, torch.Generator().manual_seed(seed))
+        assert 0 < terms.num_masked <= int(batch["response_mask"].sum())
+
+
+def test_bad_configs_fail_before_claiming_resources(tiny_corpus, tmp_path):
+    with pytest.raises(ConfigError, match="ep_size=2 does not divide a worker count 3"):
+        _config(tmp_path, tiny_corpus, "x", scaling={"num_workers": 3}, deepspeed={"ep_size": 2})
+    with pytest.raises(ConfigError, match="zero_stage"):
+        _config(tmp_path, tiny_corpus, "x", deepspeed={"zero_stage": 3})
+    with pytest.raises(TrainConfigError, match="ep_size=3 does not divide num_experts=8"):
+        run_training(
+            _config(tmp_path, tiny_corpus, "x", scaling={"num_workers": 3}, deepspeed={"ep_size": 3})
+        )
+    with pytest.raises(TrainConfigError, match="data.path"):
+        run_training(_config(tmp_path, tmp_path / "missing", "x"))
+    with pytest.raises(TrainConfigError, match="train.kind='sft'"):
+        run_training(_config(tmp_path, tiny_corpus, "x", train={"kind": "sft"}))
+    other = LLaDAMoEModelLM.from_pretrained  # a model whose tokenizer ids differ from the data's
+    from diffmoe.model import named_config
+
+    LLaDAMoEModelLM(named_config("tiny", vocab_size=512, mask_token_id=7)).save_pretrained(tmp_path / "other")
+    with pytest.raises(TrainConfigError, match="tokenizer mismatch"):
+        run_training(_config(tmp_path, tiny_corpus, "x", model={"init_from": str(tmp_path / "other")}))
+    assert other is not None
+    runs = (
+        MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+        if (tmp_path / "mlflow.db").exists()
+        else []
+    )
+    assert all(e.name != "tests" for e in runs), "no MLflow run may be created for a config that cannot start"
