@@ -169,7 +169,7 @@ def test_finetune_from_pretrained_directory_scores_only_responses(ep2_run, tiny_
 
 
 def test_bad_configs_fail_before_claiming_resources(tiny_corpus, tmp_path):
-    with pytest.raises(ConfigError, match="ep_size=2 does not divide a worker count 3"):
+    with pytest.raises(ConfigError, match="ep_size=2 does not divide scaling.num_workers=3"):
         _config(tmp_path, tiny_corpus, "x", scaling={"num_workers": 3}, deepspeed={"ep_size": 2})
     with pytest.raises(ConfigError, match="zero_stage"):
         _config(tmp_path, tiny_corpus, "x", deepspeed={"zero_stage": 3})

@@ -56,8 +56,15 @@ class TrainSection(StrictModel):
 
 class DeepSpeedSection(StrictModel):
     zero_stage: Literal[1, 2] = 2  # ZeRO-3 does not support DeepSpeed-MoE
-    ep_size: int = Field(1, ge=1)  # expert-parallel group size; must divide experts and workers
+    # Expert-parallel group size; must divide num_experts and a fixed worker count. With elastic
+    # num_workers the run uses the largest divisor of both the current world size and ep_size.
+    ep_size: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+def effective_ep_size(ep_size: int, world_size: int, num_experts: int) -> int:
+    """Largest EP group <= ep_size that divides the world size and the expert count."""
+    return max(d for d in range(1, ep_size + 1) if world_size % d == 0 and num_experts % d == 0)
 
 
 class ScalingSection(StrictModel):
@@ -110,13 +117,6 @@ class TrainJobConfig(StrictModel):
         if s.min_workers < 1 or s.min_workers > s.max_workers:
             raise ValueError(f"scaling.num_workers={s.num_workers}: need 1 <= min <= max")
         ep = self.deepspeed.ep_size
-        for n in range(s.min_workers, s.max_workers + 1):
-            if n % ep and n >= ep:
-                raise ValueError(
-                    f"deepspeed.ep_size={ep} does not divide a worker count {n} in scaling.num_workers"
-                )
-        if s.min_workers < ep:
-            raise ValueError(
-                f"deepspeed.ep_size={ep} needs at least {ep} workers, scaling allows {s.min_workers}"
-            )
+        if isinstance(s.num_workers, int) and s.num_workers % ep:
+            raise ValueError(f"deepspeed.ep_size={ep} does not divide scaling.num_workers={s.num_workers}")
         return self

@@ -31,7 +31,7 @@ from .checkpointing import (
     restore_engine,
     save_checkpoint,
 )
-from .config import TrainJobConfig
+from .config import TrainJobConfig, effective_ep_size
 from .expert_parallel import build_training_model, load_published_state
 from .metrics import MetricsLogger, expert_load_metrics
 from .schedule import lr_multiplier
@@ -113,9 +113,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_cuda)
-    ep_size = cfg.deepspeed.ep_size
-
     model_config = LLaDAMoEConfig.from_dict(loop_config["model_config"])
+    ep_size = effective_ep_size(cfg.deepspeed.ep_size, world, model_config.num_experts)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     init = LLaDAMoEModelLM(model_config).state_dict()
     if cfg.model.init_from:

@@ -1,0 +1,44 @@
+"""Every shipped YAML recipe validates against its typed config; overrides and errors behave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffmoe.config import ConfigError, apply_overrides, load
+from diffmoe.data.config import CorpusConfig
+from diffmoe.train.config import TrainJobConfig, effective_ep_size
+
+CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+KINDS = {"corpus": CorpusConfig, "sft": CorpusConfig, "pretrain": TrainJobConfig, "finetune": TrainJobConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_config_validates(path):
+    kind = next((cls for prefix, cls in KINDS.items() if path.name.startswith(prefix)), None)
+    assert kind is not None, f"{path.name}: no config model for this file name"
+    load(kind, path)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load(TrainJobConfig, CONFIGS / "pretrain_tiny.yaml", ["optim.lr=1e-4", "scaling.num_workers=[1, 4]"])
+    assert cfg.optim.lr == 1e-4 and cfg.scaling.num_workers == (1, 4)
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load(TrainJobConfig, None, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="train.bogus"):
+        load(TrainJobConfig, None, ["train.bogus=1"])
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load(TrainJobConfig, None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(TrainJobConfig, "no/such.yaml")
+
+
+def test_elastic_ep_size_picks_a_divisor_of_world_and_experts():
+    assert effective_ep_size(8, 16, 64) == 8
+    assert effective_ep_size(8, 12, 64) == 4
+    assert effective_ep_size(2, 3, 8) == 1
