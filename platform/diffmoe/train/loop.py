@@ -111,6 +111,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if not use_cuda:  # use exactly the cores this worker reserved (Ray may leave OMP at 1)
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_cuda)
     model_config = LLaDAMoEConfig.from_dict(loop_config["model_config"])

@@ -61,7 +61,7 @@ class MetricsLogger:
             }
             print(f"step {step}: {shown}", flush=True)
         if self.enabled:
-            self.mlflow.log_metrics(clean, step=step)
+            self.mlflow.log_metrics(clean, step=step, synchronous=False)  # never stall a training step
 
     def event(self, name: str, info: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -71,4 +71,5 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.enabled:
+            self.mlflow.flush_async_logging()
             self.mlflow.end_run()
