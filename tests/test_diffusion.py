@@ -120,3 +120,18 @@ def test_tiny_model_overfits_one_fixed_batch():
     end = evaluate()
     assert terms.aux_loss is not None and terms.z_loss is not None
     assert end < 0.6 * start, (start, end)
+
+
+def test_causal_twin_uses_next_token_loss_on_responses_only():
+    from diffmoe.diffusion import training_loss
+
+    torch.manual_seed(0)
+    model = LLaDAMoEModelLM(named_config("tiny", causal=True))
+    ids = torch.randint(3, 1024, (2, 12))
+    response = torch.zeros(2, 12, dtype=torch.bool)
+    response[:, 8:] = True
+    terms = training_loss(model, ids, mask_id=MASK, response_mask=response)
+    logits = model(ids).logits
+    expected = F.cross_entropy(logits[:, 7:11].reshape(-1, 1024), ids[:, 8:12].reshape(-1))
+    torch.testing.assert_close(terms.diffusion, expected, atol=1e-5, rtol=1e-5)
+    assert terms.num_masked == 8

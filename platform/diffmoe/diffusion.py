@@ -133,3 +133,38 @@ def diffusion_loss(
         total = total + obj.aux_loss_coef * out.aux_loss + obj.z_loss_coef * out.z_loss
     masked_ce = ce.mean() if ce.numel() else ce.sum()
     return LossTerms(total, loss, masked_ce, int(masked.sum()), out.aux_loss, out.z_loss)
+
+
+def next_token_loss(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    objective: ObjectiveConfig | None = None,
+    response_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> LossTerms:
+    """The autoregressive twin's objective (``config.causal``): mean next-token NLL, on response
+    tokens only for SFT. Exact NLL per token, comparable to the diffusion bound above."""
+    obj = objective or ObjectiveConfig()
+    want_router = obj.aux_loss_coef > 0 or obj.z_loss_coef > 0
+    out = model.model(input_ids, attention_mask=attention_mask, output_router_logits=want_router)
+    scored = torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+    if response_mask is not None:
+        scored = response_mask[:, 1:].bool()
+    elif attention_mask is not None and attention_mask.dim() == 2:
+        scored = attention_mask[:, 1:].bool()
+    logits = model.lm_head(out.last_hidden_state[:, :-1][scored])
+    ce = F.cross_entropy(logits.float(), input_ids[:, 1:][scored], reduction="none")
+    loss = ce.mean() if ce.numel() else ce.sum()
+    total = loss
+    if out.aux_loss is not None:
+        total = total + obj.aux_loss_coef * out.aux_loss + obj.z_loss_coef * out.z_loss
+    return LossTerms(total, loss, loss.detach(), int(scored.sum()), out.aux_loss, out.z_loss)
+
+
+def training_loss(model, input_ids, *, mask_id: int, **kwargs) -> LossTerms:
+    """Diffusion loss for the LLaDA-MoE model, next-token loss for its causal (AR) twin."""
+    if getattr(model.config, "causal", False):
+        kwargs.pop("generator", None)
+        return next_token_loss(model, input_ids, **kwargs)
+    return diffusion_loss(model, input_ids, mask_id=mask_id, **kwargs)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from diffmoe.diffusion import diffusion_loss
+from diffmoe.diffusion import training_loss
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
 from diffmoe.model.checkpoint import read_weights
 
@@ -40,7 +40,8 @@ PROBE_SEED = 1234  # fixed batch whose logits the run saves, for parity checks a
 
 
 class ObjectiveModule(nn.Module):
-    """Wraps the LM so the DeepSpeed engine's forward is the whole diffusion objective."""
+    """Wraps the LM so the DeepSpeed engine's forward is the whole objective (diffusion, or
+    next-token for the causal AR twin)."""
 
     def __init__(self, lm: LLaDAMoEModelLM, cfg: TrainJobConfig):
         super().__init__()
@@ -54,7 +55,7 @@ class ObjectiveModule(nn.Module):
         if response is None and self.cfg.train.document_mask and "segment_ids" in batch:
             seg = batch["segment_ids"]
             mask = (seg[:, None, :, None] == seg[:, None, None, :]).contiguous()
-        return diffusion_loss(
+        return training_loss(
             self.lm,
             ids,
             mask_id=self.lm.config.mask_token_id,
