@@ -1,0 +1,185 @@
+"""One in-flight request: its canvas, where it is in its block schedule, its cache, and its answer.
+
+The ``Engine`` batches many of these. Each step a sequence says what it needs (``wants_full_pass``
+and ``window``), receives the logits of its current block, commits tokens (``commit``), and reports
+what became final (``collect``): the answer's final prefix, cut at EOS / stop ids, ``max_tokens``
+and stop strings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import DecodingConfig
+from .sampler import transfer_schedule
+from .streaming import TextStream
+
+
+@dataclass
+class StreamEvent:
+    """What became final for one request in one engine step. ``token_ids`` / ``text`` are deltas;
+    the last event of a request has ``finished`` set and carries the whole ``output``."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS, stop id or stop string), "length", "cancelled"
+    output: RequestOutput | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # the answer, without EOS
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    steps: int  # forward passes this request took part in
+    tokens_fed: int = 0  # positions it fed to the model over all its steps
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: queued, first_token, total
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: list[int],
+        cfg: DecodingConfig,
+        *,
+        mask_id: int,
+        end_ids: set[int],
+        tokenizer=None,
+    ):
+        self.id, self.cfg, self.mask_id = request_id, cfg, mask_id
+        self.end_ids = set() if cfg.ignore_eos else set(end_ids) | set(cfg.stop_token_ids)
+        self.plen = len(prompt)
+        self.x = torch.tensor(prompt + [mask_id] * cfg.gen_length, dtype=torch.long)
+        self.generator = torch.Generator()
+        if cfg.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(cfg.seed)
+        self.block = 0
+        self.step_in_block = 0
+        self.schedule = (
+            None
+            if cfg.parallel
+            else transfer_schedule(torch.tensor([cfg.block_length]), cfg.steps_per_block)[0]
+        )
+        self.past = None  # per layer (k, v) [1, kv_heads, P, head_dim]: cached positions outside the window
+        self.final_len = 0  # answer positions decoded without a gap from the start
+        self.stream = TextStream(tokenizer, cfg.stop)
+        self.steps = 0
+        self.tokens_fed = 0
+        self.finish_reason: str | None = None
+        self.created = time.perf_counter()
+        self.admitted: float | None = None
+        self.first_token: float | None = None
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def block_span(self) -> tuple[int, int]:
+        start = self.plen + self.block * self.cfg.block_length
+        return start, start + self.cfg.block_length
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """Positions fed on a cached step: the block, plus the suffix (prefix cache) or ``vicinity``."""
+        bs, be = self.block_span
+        if self.cfg.cache == "prefix":
+            return bs, self.length
+        return bs, min(be + self.cfg.vicinity, self.length)
+
+    def wants_full_pass(self) -> bool:
+        cfg = self.cfg
+        if cfg.cache == "none" or self.past is None or self.step_in_block == 0:
+            return True
+        return cfg.refresh_every is not None and self.step_in_block % cfg.refresh_every == 0
+
+    def keep_cache(self, kv) -> None:
+        """After a full pass: keep this row's keys/values outside the window (``kv``: per layer
+        (k, v) [1, heads, length, head_dim])."""
+        if self.cfg.cache == "none":
+            return
+        ws, we = self.window
+        self.past = [
+            (torch.cat([k[:, :, :ws], k[:, :, we:]], 2), torch.cat([v[:, :, :ws], v[:, :, we:]], 2))
+            for k, v in kv
+        ]
+
+    def count_now(self) -> int:
+        """Tokens the fixed schedule commits this step, -1 for threshold / factor decoding."""
+        return -1 if self.schedule is None else int(self.schedule[self.step_in_block])
+
+    def commit(self, x0: torch.Tensor, transfer: torch.Tensor) -> None:
+        """Write the committed predictions into the current block and advance the schedule."""
+        bs, be = self.block_span
+        block = self.x[bs:be]
+        self.x[bs:be] = torch.where(transfer, x0, block)
+        self.step_in_block += 1
+        if not bool((self.x[bs:be] == self.mask_id).any()):
+            self.block += 1
+            self.step_in_block = 0
+            self.past = None  # the next block starts with a full refresh
+
+    def collect(self) -> StreamEvent | None:
+        """Advance the final prefix, decide whether the request is done, return what is new."""
+        cfg = self.cfg
+        answer = self.x[self.plen :]
+        if self.block < cfg.num_blocks:  # the final prefix can only end inside the current block
+            tail = answer[self.final_len : self.block_span[1] - self.plen].tolist()
+            gap = tail.index(self.mask_id) if self.mask_id in tail else len(tail)
+            if gap == 0:
+                return None
+            self.final_len += gap
+        else:
+            self.final_len = cfg.gen_length
+        final = answer[: self.final_len].tolist()
+        reason = None
+        end = next((i for i, t in enumerate(final) if t in self.end_ids), None)
+        if end is not None:
+            final, reason = final[:end], "stop"
+        if cfg.max_tokens is not None and len(final) >= cfg.max_tokens:
+            if reason is None or end > cfg.max_tokens:
+                reason = "length"
+            final = final[: cfg.max_tokens]
+        if reason is None and self.final_len == cfg.gen_length:
+            reason = "length"
+        new_ids, new_text, stopped = self.stream.update(final, final=reason is not None)
+        if stopped:
+            reason = "stop"
+        if reason is not None:
+            return self.finish(reason, new_ids, new_text)
+        if not new_ids and not new_text:
+            return None
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+        return StreamEvent(self.id, new_ids, new_text)
+
+    def finish(self, reason: str, new_ids=(), new_text: str = "") -> StreamEvent:
+        self.finish_reason = reason
+        self.past = None
+        now = time.perf_counter()
+        timings = {"total": now - self.created}
+        if self.admitted is not None:
+            timings["queued"] = self.admitted - self.created
+        if self.first_token is not None or new_ids:
+            timings["first_token"] = (self.first_token or now) - self.created
+        out = RequestOutput(
+            request_id=self.id,
+            token_ids=list(self.stream.token_ids),
+            text=self.stream.text,
+            finish_reason=reason,
+            prompt_tokens=self.plen,
+            steps=self.steps,
+            tokens_fed=self.tokens_fed,
+            timings=timings,
+        )
+        return StreamEvent(self.id, list(new_ids), new_text, True, reason, out)
