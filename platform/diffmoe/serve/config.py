@@ -1,0 +1,88 @@
+"""``ServeConfig``: every argument of the serving application, validated before Serve starts.
+
+The same model is the ``args`` block of ``deployments/diffmoe.yaml`` and what ``build_app`` receives,
+so a typo in a deployment file fails at ``serve run`` / ``serve deploy`` time with the key named.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from diffmoe.config import StrictModel
+from diffmoe.generation import DecodingConfig
+
+
+class AutoscalingSettings(StrictModel):
+    """The subset of Ray Serve's ``autoscaling_config`` the platform exposes (same field names)."""
+
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: int | None = Field(None, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        return self
+
+
+def _default_decoding() -> DecodingConfig:
+    # Fast-dLLM settings: threshold decoding with a prefix cache is the fast path on CPU and GPU.
+    return DecodingConfig(gen_length=64, block_length=32, threshold=0.9, cache="prefix")
+
+
+class ServeConfig(StrictModel):
+    """Arguments of ``diffmoe.serve.app:build_app``."""
+
+    # Model source: a local Hugging Face directory, ``runs:/<run_id>/model`` or ``models:/<name>/<version>``.
+    model: str = "artifacts/finetune-tiny"
+    model_name: str | None = None  # the id clients send as ``model``; default: the source's last part
+    tokenizer: str | None = None  # tokenizer directory or URI; default: the model directory
+    mlflow_tracking_uri: str | None = None  # for runs:/ and models:/ sources; default: MLFLOW_TRACKING_URI
+    decoding: DecodingConfig = Field(default_factory=_default_decoding)  # per-request defaults
+    max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens / gen_length a request may ask for
+    max_steps_limit: int = Field(1024, ge=1)  # largest steps a request may ask for
+    ep_size: int = Field(1, ge=1)  # expert-parallel workers per replica
+    max_batch_size: int = Field(32, ge=1)  # requests the engine decodes together
+    max_ongoing_requests: int = Field(64, ge=1)  # Serve's per-replica admission limit
+    max_queued_requests: int = Field(-1, ge=-1)  # Serve's queue limit per handle (-1 = unbounded)
+    num_replicas: int | None = Field(None, ge=1)  # fixed replica count; None = use autoscaling_config
+    autoscaling_config: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    replica_cpus: float = Field(1.0, gt=0)  # CPUs of the replica actor (ingress + engine loop)
+    worker_cpus: float = Field(1.0, gt=0)  # CPUs of each expert-parallel worker
+    replica_gpus: float = Field(0.0, ge=0)  # GPUs per replica (ep_size=1) or per worker (ep_size>1)
+    torch_threads: int | None = Field(None, ge=1)  # intra-op threads for the model; None = CPUs reserved
+    http_host: str = "127.0.0.1"  # loopback by default; used by ``run_app`` (YAML: top-level http_options)
+    http_port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = "/"
+    api_key: str | None = None  # when set (or api_key_env names a set variable) /v1/* needs Bearer auth
+    api_key_env: str | None = None  # environment variable holding the key, so YAML files hold no secret
+    # Streamed deltas are coalesced: at most one chunk per stream_interval_s, and at most
+    # stream_chunks_per_s chunks per replica in total (the HTTP proxy, not the engine, is the limit).
+    stream_interval_s: float = Field(0.05, ge=0)
+    stream_chunks_per_s: float = Field(100.0, gt=0)
+    log_requests: bool = True  # one structured JSON log line per finished request
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        d = self.decoding
+        if d.gen_length > self.max_tokens_limit:
+            raise ValueError(
+                f"decoding.gen_length={d.gen_length} exceeds max_tokens_limit={self.max_tokens_limit}"
+            )
+        if d.cfg_scale > 0:
+            raise ValueError("decoding.cfg_scale > 0 is not supported by the batching engine")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix={self.route_prefix!r} must start with '/'")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return self.model.rstrip("/").split("/")[-1] or "diffmoe"

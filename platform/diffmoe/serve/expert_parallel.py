@@ -1,0 +1,179 @@
+"""Expert-parallel model replicas: K Ray actors hold 1/K of every MoE layer's experts each.
+
+The replica keeps the engine (scheduling, canvases, KV caches) and hands each forward pass to
+``ExpertParallelModel``, a stand-in for the model that splits the batch's rows across the K workers.
+Every worker runs the DeepSpeed-MoE model of ``diffmoe.train.expert_parallel`` (attention and dense
+parts replicated, local experts only); inside each MoE layer tokens travel to their experts' rank
+and back with ``all_to_all`` over ``torch.distributed`` (gloo on CPU, NCCL on GPU). All ranks must
+run every forward in lockstep, so a rank without rows gets a dummy row whose output is dropped.
+Workers are placed in the replica's placement group (``placement_group_bundles``), bundle i for rank i.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from types import SimpleNamespace
+
+import ray
+import torch
+from torch import nn
+
+
+@ray.remote
+class ExpertParallelWorker:
+    """One rank of an expert-parallel replica."""
+
+    def __init__(self, rank: int, world: int, threads: int | None = None):
+        self.rank, self.world = rank, world
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = None
+
+    def address(self) -> tuple[str, int]:
+        """Rendezvous address for the process group (rank 0's node, a free port)."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def setup(self, master: tuple[str, int], source: str, tracking_uri: str | None) -> int:
+        """Join the process group and load this rank's share of the weights; returns local experts."""
+        import deepspeed
+
+        from diffmoe.train.expert_parallel import build_training_model, load_published_state
+
+        from .model_source import load_state, resolve
+
+        os.environ.update(
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world),
+            LOCAL_RANK="0",
+        )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        state, config = load_state(resolve(source, tracking_uri))
+        self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        model = build_training_model(config, self.world)
+        load_published_state(model, state)
+        self.model = model.to(self.device).eval()
+        return config.num_experts // self.world
+
+    @torch.inference_mode()
+    def forward(self, ids, attention_mask, position_ids, past, use_cache):
+        dev = self.device
+        past = None if past is None else [(k.to(dev), v.to(dev)) for k, v in past]
+        out = self.model(
+            ids.to(dev),
+            attention_mask=None if attention_mask is None else attention_mask.to(dev),
+            position_ids=None if position_ids is None else position_ids.to(dev),
+            past_key_values=past,
+            use_cache=use_cache,
+        )
+        kv = out.past_key_values if use_cache else None
+        kv = None if kv is None else [(k.cpu(), v.cpu()) for k, v in kv]
+        return out.logits.cpu(), kv
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _split(t, parts: int):
+    return None if t is None else list(torch.tensor_split(t, parts, dim=0))
+
+
+class ExpertParallelModel(nn.Module):
+    """What the engine sees as ``model``: ``forward`` fans the rows out to the workers and gathers
+    logits and caches back in row order."""
+
+    def __init__(self, workers: list, config):
+        super().__init__()
+        self.workers, self.config = workers, config
+        self._device_marker = nn.Parameter(torch.zeros(1), requires_grad=False)  # engine reads .device
+
+    @classmethod
+    def start(
+        cls,
+        config,
+        ep_size: int,
+        source: str,
+        tracking_uri: str | None,
+        worker_cpus: float,
+        worker_gpus: float = 0.0,
+    ):
+        """Start K workers in the current placement group (bundle i for rank i) and load them."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.get_current_placement_group()
+        workers = []
+        for rank in range(ep_size):
+            opts: dict = {"num_cpus": worker_cpus, "num_gpus": worker_gpus}
+            if pg is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank
+                )
+            threads = max(1, int(worker_cpus))
+            workers.append(ExpertParallelWorker.options(**opts).remote(rank, ep_size, threads))
+        master = ray.get(workers[0].address.remote())
+        local = ray.get([w.setup.remote(master, source, tracking_uri) for w in workers])
+        model = cls(workers, config)
+        model.experts_per_worker = local
+        return model
+
+    def forward(self, ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        k = len(self.workers)
+        rows = ids.shape[0]
+        shards = {
+            "ids": _split(ids, k),
+            "mask": _split(attention_mask, k),
+            "pos": _split(position_ids, k),
+        }
+        pasts = None
+        if past_key_values is not None:
+            per_layer = [(_split(kk, k), _split(vv, k)) for kk, vv in past_key_values]
+            pasts = [[(kk[r], vv[r]) for kk, vv in per_layer] for r in range(k)]
+        refs, real = [], []
+        for r, worker in enumerate(self.workers):
+            idle = shards["ids"][r].shape[0] == 0  # fewer rows than ranks: a dummy row (row 0)
+
+            def pick(part, whole, idle=idle, r=r):
+                if part is None:
+                    return None
+                return whole[:1] if idle else part[r]
+
+            past = None
+            if pasts is not None:
+                past = [(kk[:1], vv[:1]) for kk, vv in past_key_values] if idle else pasts[r]
+            real.append(not idle)
+            refs.append(
+                worker.forward.remote(
+                    pick(shards["ids"], ids),
+                    pick(shards["mask"], attention_mask),
+                    pick(shards["pos"], position_ids),
+                    past,
+                    use_cache,
+                )
+            )
+        outs = [o for o, keep in zip(ray.get(refs), real) if keep]
+        logits = torch.cat([o[0] for o in outs])
+        assert logits.shape[0] == rows
+        kv = None
+        if use_cache:
+            kv = [
+                (torch.cat([o[1][i][0] for o in outs]), torch.cat([o[1][i][1] for o in outs]))
+                for i in range(len(outs[0][1]))
+            ]
+        return SimpleNamespace(logits=logits, past_key_values=kv)
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.get(w.shutdown.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+            ray.kill(w)

@@ -1,0 +1,121 @@
+"""Closed-loop async HTTP load generator for OpenAI-compatible servers (bounded in count and time).
+
+``c`` clients each send streamed completions back to back until ``requests`` have been sent or
+``duration_s`` has passed. Per request: latency, time to first streamed token, output tokens (from
+the usage chunk). Used by ``benchmarks/bench_serve.py`` and reusable for other servers (vLLM, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class Result:
+    ok: bool
+    latency: float
+    ttft: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class LevelStats:
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    latency_s: dict = field(default_factory=dict)
+    ttft_s: dict = field(default_factory=dict)
+    error_rate: float = 0.0
+    sample_errors: list = field(default_factory=list)
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+
+    def q(p):  # nearest-rank
+        return v[min(len(v) - 1, max(0, int(round(p / 100 * len(v) + 0.5)) - 1))]
+
+    return {"p50": q(50), "p95": q(95), "p99": q(99), "mean": statistics.fmean(v), "max": v[-1]}
+
+
+async def one_request(client: httpx.AsyncClient, path: str, body: dict) -> Result:
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        async with client.stream(
+            "POST", path, json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        ) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")[:200]
+                return Result(False, time.perf_counter() - t0, error=f"{r.status_code}: {text}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    return Result(False, time.perf_counter() - t0, error=str(data["error"])[:200])
+                for ch in data.get("choices", []):
+                    piece = ch.get("text") or (ch.get("delta") or {}).get("content")
+                    if piece and ttft is None:
+                        ttft = time.perf_counter() - t0
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
+    except (httpx.HTTPError, json.JSONDecodeError) as err:
+        return Result(False, time.perf_counter() - t0, error=f"{type(err).__name__}: {err}"[:200])
+    return Result(True, time.perf_counter() - t0, ttft, tokens)
+
+
+async def run_level(
+    base_url: str,
+    body: dict,
+    concurrency: int,
+    requests: int,
+    duration_s: float,
+    path: str = "/v1/completions",
+    headers: dict | None = None,
+    timeout_s: float = 120.0,
+) -> LevelStats:
+    """Run one concurrency level; never more than ``requests`` requests or ``duration_s`` of sending."""
+    results: list[Result] = []
+    sent = 0
+    deadline = time.perf_counter() + duration_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=timeout_s, limits=limits
+    ) as client:
+
+        async def worker():
+            nonlocal sent
+            while sent < requests and time.perf_counter() < deadline:
+                sent += 1
+                results.append(await one_request(client, path, body))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - t0
+    good = [r for r in results if r.ok]
+    return LevelStats(
+        concurrency=concurrency,
+        requests=len(results),
+        errors=len(results) - len(good),
+        wall_s=wall,
+        requests_per_s=len(good) / wall,
+        output_tokens_per_s=sum(r.tokens for r in good) / wall,
+        latency_s=percentiles([r.latency for r in good]),
+        ttft_s=percentiles([r.ttft for r in good if r.ttft is not None]),
+        error_rate=(len(results) - len(good)) / max(1, len(results)),
+        sample_errors=[r.error for r in results if not r.ok][:3],
+    )

@@ -1,0 +1,57 @@
+"""Resolve a model source to a local Hugging Face directory, and load the model and tokenizer.
+
+Sources: a local directory, or an MLflow URI (``runs:/<run_id>/model``, ``models:/<name>/<version>``,
+any other ``scheme:/`` MLflow understands) downloaded with ``mlflow.artifacts.download_artifacts``.
+Each replica (and each expert-parallel worker) resolves the source itself, so no shared filesystem
+is needed when the tracking server holds the artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be resolved to a directory with a model."""
+
+
+def is_mlflow_uri(source: str) -> bool:
+    """``runs:/..``, ``models:/..``, ``s3://..``: a scheme of two or more letters (not a local path)."""
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", source) is not None and not Path(source).exists()
+
+
+def resolve(source: str, tracking_uri: str | None = None) -> Path:
+    """Local path of ``source`` (downloaded when it is an MLflow URI)."""
+    if is_mlflow_uri(source):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source)
+        except Exception as err:  # MLflow raises many types; name the source
+            raise ModelSourceError(f"cannot download model {source!r} from MLflow: {err}") from err
+        return Path(local)
+    path = Path(os.path.expanduser(source))
+    if not path.is_dir():
+        raise ModelSourceError(f"model directory not found: {path}")
+    return path
+
+
+def load_model(path: Path, device: str = "cpu"):
+    """Default loader: the serving-time ``LLaDAMoEModelLM`` in eval mode."""
+    import diffmoe.model  # noqa: F401  (registers the config classes)
+    from diffmoe.model import LLaDAMoEModelLM
+
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{path} has no config.json (not a Hugging Face model directory)")
+    return LLaDAMoEModelLM.from_pretrained(str(path)).to(device).eval()
+
+
+def load_state(path: Path) -> dict:
+    """Published-layout weights of a model directory (all shards) and its config."""
+    from diffmoe.model.checkpoint import load_config, read_weights
+
+    return read_weights(path), load_config(path)

@@ -1,0 +1,208 @@
+"""Request and response bodies in OpenAI's shapes, the diffusion extras, and OpenAI-style errors.
+
+Requests are strict: unknown fields, wrong JSON types (``"5"`` for an integer) and out-of-range
+values are client errors (400) with a message naming the field. OpenAI parameters this server does
+not implement are accepted by name only so that the 400 can say exactly which one is unsupported.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# OpenAI parameters accepted by name only; a value other than the neutral one is rejected.
+UNSUPPORTED_NEUTRAL: dict[str, Any] = {
+    "n": 1,
+    "best_of": 1,
+    "echo": False,
+    "suffix": None,
+    "logprobs": None,
+    "top_logprobs": None,
+    "logit_bias": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "top_p": 1,
+    "tools": None,
+    "tool_choice": None,
+    "functions": None,
+    "function_call": None,
+    "response_format": None,
+    "parallel_tool_calls": None,
+}
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def type(self) -> str:
+        return {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class DiffusionParams(_Strict):
+    """Diffusion settings every request may set (documented extras; defaults from the server config)."""
+
+    steps: int | None = Field(None, ge=1, description="denoising steps of the fixed schedule (no threshold)")
+    block_length: int | None = Field(None, ge=1, description="tokens decoded per semi-autoregressive block")
+    gen_length: int | None = Field(
+        None, ge=1, description="answer canvas length; default: max_tokens rounded up to a whole block"
+    )
+    threshold: float | None = Field(
+        None, gt=0, le=1, description="confidence threshold for parallel decoding; 0 < t <= 1"
+    )
+    parallel: bool | None = Field(None, description="false: fixed schedule (ignore the default threshold)")
+    remasking: Literal["low_confidence", "random"] | None = None
+    cache: Literal["none", "prefix", "dual"] | None = Field(None, description="KV cache mode")
+    ignore_eos: bool = False
+
+
+class _Common(DiffusionParams):
+    model: str
+    max_tokens: int | None = Field(None, description="maximum answer tokens (1..server limit)")
+    temperature: float | None = Field(None, ge=0, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    n: int | None = None
+    logprobs: Any = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_p: float | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str]
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+def unsupported_param(req: BaseModel) -> str | None:
+    """Name of the first unsupported OpenAI parameter set to a non-neutral value, if any."""
+    for name, neutral in UNSUPPORTED_NEUTRAL.items():
+        if name not in type(req).model_fields:
+            continue
+        value = getattr(req, name)
+        if value is None or value == neutral or value in ({}, []):
+            continue
+        if name == "logprobs" and value is False:
+            continue
+        if name == "response_format" and value == {"type": "text"}:
+            continue
+        return name
+    return None
+
+
+# ---- responses --------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(rid: str, model: str, text: str, finish: str, usage_: dict, created: int) -> dict:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "usage": usage_,
+    }
+
+
+def chat_body(rid: str, model: str, text: str, finish: str, usage_: dict, created: int) -> dict:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage_,
+    }
+
+
+def chunk(chat: bool, rid: str, model: str, created: int, text: str | None, finish: str | None, first=False):
+    """One streamed chunk in OpenAI's format (``text_completion`` or ``chat.completion.chunk``)."""
+    if chat:
+        delta: dict = {"role": "assistant", "content": text or ""} if first else {}
+        if text and not first:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(chat: bool, rid: str, model: str, created: int, usage_: dict) -> dict:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
+
+
+def models_body(name: str, created: int | None = None) -> dict:
+    created = created or int(time.time())
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": created, "owned_by": "diffmoe"}],
+    }

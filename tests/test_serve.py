@@ -1,0 +1,361 @@
+"""Ray Serve app on a real local Ray cluster: OpenAI client happy paths, concurrency with exact
+answers, the bad-request table, auth, streaming disconnects, and the deployment YAML."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from diffmoe.serve.config import ServeConfig
+from diffmoe.serve.host import ModelHost
+from diffmoe.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+KEY = "test-key-123"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from diffmoe.serve.testing import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny-served")
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model_dir):
+    from ray import serve
+
+    from diffmoe.serve.app import run_app
+
+    args = {
+        "model": str(tiny_model_dir),
+        "http_port": free_port(),
+        "api_key": KEY,
+        "replica_cpus": 1,
+        "max_tokens_limit": 128,
+        "log_requests": True,
+        "stream_interval_s": 0.0,  # one chunk per engine step: streaming is observable on a tiny model
+    }
+    url = run_app(args, name="diffmoe-test")
+    yield url, ServeConfig.model_validate(args)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(server, tiny_model_dir):
+    """The same model and settings in this process: the answers the server must give."""
+    _, cfg = server
+    return ModelHost(cfg)
+
+
+def expect(host: ModelHost, req) -> str:
+    ids, dec = host.request_settings(req)
+    return host.engine.run([ids], dec)[0].text
+
+
+def client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_client_completes_chats_and_streams(server, offline):
+    url, _ = server
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == ["tiny-served"]
+
+    out = c.completions.create(model="tiny-served", prompt="def add(a, b):", max_tokens=12, temperature=0)
+    want = expect(
+        offline, CompletionRequest(model="tiny-served", prompt="def add(a, b):", max_tokens=12, temperature=0)
+    )
+    assert out.choices[0].text == want and want
+    assert (
+        out.usage.prompt_tokens > 0
+        and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    )
+    assert 0 < out.usage.completion_tokens <= 12
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is a list?"}]
+    chat = c.chat.completions.create(model="tiny-served", messages=msgs, max_tokens=20, temperature=0)
+    want = expect(
+        offline, ChatCompletionRequest(model="tiny-served", messages=msgs, max_tokens=20, temperature=0)
+    )
+    assert chat.choices[0].message.content == want and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+    # Streaming: the deltas add up to the non-streamed answer; usage arrives in the last chunk.
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny-served",
+            messages=msgs,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == chat.choices[0].finish_reason
+
+    parts = list(
+        c.completions.create(
+            model="tiny-served",
+            prompt="import os\n",
+            max_tokens=40,
+            stream=True,
+            extra_body={"steps": 40, "block_length": 8},
+        )
+    )
+    want = expect(
+        offline,
+        CompletionRequest(model="tiny-served", prompt="import os\n", max_tokens=40, steps=40, block_length=8),
+    )
+    assert "".join(p.choices[0].text for p in parts) == want
+    assert sum(1 for p in parts if p.choices[0].text) > 1  # really streamed, block by block
+
+
+def test_sixteen_concurrent_requests_get_their_own_answers(server, offline):
+    url, _ = server
+    import openai
+
+    prompts = [f"def f{i}(x):\n    return x * {i}" for i in range(16)]
+    extras = [{"steps": 16, "block_length": 8} if i % 2 else {"cache": "none"} for i in range(16)]
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        return await asyncio.gather(
+            *[
+                c.completions.create(
+                    model="tiny-served", prompt=p, max_tokens=16, temperature=0, extra_body=e
+                )
+                for p, e in zip(prompts, extras)
+            ]
+        )
+
+    outs = asyncio.run(main())
+    for p, e, out in zip(prompts, extras, outs):
+        want = expect(
+            offline, CompletionRequest(model="tiny-served", prompt=p, max_tokens=16, temperature=0, **e)
+        )
+        assert out.choices[0].text == want
+    assert len({o.choices[0].text for o in outs}) > 8  # distinct prompts, distinct answers
+
+
+GOOD = {"model": "tiny-served", "prompt": "hello", "max_tokens": 4}
+CHAT = {"model": "tiny-served", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+BAD = [
+    # (name, path, body (dict or raw str), status, param, message fragment)
+    ("malformed json", "/v1/completions", '{"model": "tiny-served", "prompt": ', 400, None, "invalid JSON"),
+    ("not an object", "/v1/completions", "[1, 2]", 400, None, "valid dictionary"),
+    ("missing prompt", "/v1/completions", {"model": "tiny-served"}, 400, "prompt", "prompt: required"),
+    ("missing model", "/v1/completions", {"prompt": "x"}, 400, "model", "model: required"),
+    ("max_tokens string", "/v1/completions", {**GOOD, "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ("max_tokens zero", "/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens", "out of range"),
+    ("max_tokens huge", "/v1/completions", {**GOOD, "max_tokens": 100000}, 400, "max_tokens", "out of range"),
+    (
+        "temperature type",
+        "/v1/completions",
+        {**GOOD, "temperature": "hot"},
+        400,
+        "temperature",
+        "valid number",
+    ),
+    (
+        "temperature negative",
+        "/v1/completions",
+        {**GOOD, "temperature": -1},
+        400,
+        "temperature",
+        "greater than",
+    ),
+    ("empty prompt", "/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt", "prompt is empty"),
+    (
+        "over-long prompt",
+        "/v1/completions",
+        {**GOOD, "prompt": "word " * 400},
+        400,
+        "prompt",
+        "exceeds the model's context",
+    ),
+    (
+        "token out of vocab",
+        "/v1/completions",
+        {**GOOD, "prompt": [1, 99999]},
+        400,
+        "prompt",
+        "outside the vocabulary",
+    ),
+    ("two prompts", "/v1/completions", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    ("unknown model", "/v1/completions", {**GOOD, "model": "gpt-4"}, 404, "model", "not found"),
+    ("n > 1", "/v1/completions", {**GOOD, "n": 2}, 400, "n", "unsupported parameter"),
+    ("logprobs", "/v1/completions", {**GOOD, "logprobs": 3}, 400, "logprobs", "unsupported parameter"),
+    ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
+    ("unknown field", "/v1/completions", {**GOOD, "frobnicate": 1}, 400, "frobnicate", "unrecognized"),
+    ("empty messages", "/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages", "at least 1"),
+    (
+        "bad role",
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "messages",
+        "role",
+    ),
+    (
+        "empty content",
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": ""}]},
+        400,
+        "messages",
+        "empty",
+    ),
+    ("bad remasking", "/v1/completions", {**GOOD, "remasking": "best"}, 400, "remasking", "low_confidence"),
+    ("bad cache", "/v1/completions", {**GOOD, "cache": "all"}, 400, "cache", "prefix"),
+    ("threshold > 1", "/v1/completions", {**GOOD, "threshold": 1.5}, 400, "threshold", "less than or equal"),
+    ("steps not a multiple", "/v1/completions", {**GOOD, "max_tokens": 64, "steps": 3}, 400, None, "steps=3"),
+    ("gen_length < max_tokens", "/v1/completions", {**GOOD, "gen_length": 2}, 400, "gen_length", "shorter"),
+    ("unknown route", "/v1/embeddings", GOOD, 404, None, "no route"),
+    ("wrong method", "/v1/completions", None, 405, None, "not allowed"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_requests_get_openai_errors(server, case):
+    url, _ = server
+    name, path, body, status, param, fragment = case
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as h:
+        if body is None:
+            r = h.get(path)
+        else:
+            r = h.post(path, content=body if isinstance(body, str) else json.dumps(body))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment.lower() in err["message"].lower(), err
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param, err
+    if status == 404 and param == "model":
+        assert err["code"] == "model_not_found"
+
+
+def test_server_keeps_serving_after_bad_requests(server):
+    url, _ = server
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as h:
+        for _ in range(3):
+            assert h.post("/v1/completions", content='{"model": ').status_code == 400
+            r = h.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_api_key_enforced(server):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as h:
+        r = h.post("/v1/completions", json=GOOD)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert "missing" in r.json()["error"]["message"]
+        r = h.post("/v1/completions", json=GOOD, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and "invalid API key" in r.json()["error"]["message"]
+        assert h.get("/v1/models").status_code == 401
+        r = h.post("/v1/completions", json=GOOD, headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200
+        assert h.get("/health").status_code == 200  # liveness stays open for load balancers
+
+
+def test_openapi_schema_and_health(server):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as h:
+        spec = h.get("/openapi.json").json()
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(spec["paths"])
+        props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
+        assert {"steps", "block_length", "threshold", "remasking", "cache"} <= set(props)
+        health = h.get("/health").json()
+        assert health["status"] == "ok" and {"active", "pending", "tokens_per_s"} <= set(health["engine"])
+
+
+def test_client_disconnect_cancels_the_request(server):
+    url, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    slow = {**GOOD, "max_tokens": 128, "steps": 128, "block_length": 4, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as h:
+        before = h.get("/health").json()["engine"]["cancelled"]
+        with h.stream("POST", "/v1/completions", json=slow) as r:
+            assert r.status_code == 200
+            first = next(r.iter_lines())
+            assert first.startswith("data: ")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            engine = h.get("/health").json()["engine"]
+            if engine["cancelled"] > before and engine["active"] == 0 and engine["pending"] == 0:
+                break
+            time.sleep(0.2)
+        assert engine["cancelled"] > before, engine
+        assert engine["active"] == 0 and engine["pending"] == 0  # the slot is free again
+
+
+def test_deployment_yaml_args_validate():
+    data = yaml.safe_load((ROOT / "deployments" / "diffmoe.yaml").read_text())
+    app = data["applications"][0]
+    assert app["import_path"] == "diffmoe.serve.app:build_app"
+    cfg = ServeConfig.model_validate(app["args"])
+    assert cfg.http_host == "127.0.0.1" == data["http_options"]["host"]
+    assert cfg.http_port == data["http_options"]["port"]
+    from diffmoe.serve.app import deployment_options
+
+    opts = deployment_options(cfg.model_copy(update={"ep_size": 2}))
+    assert len(opts["placement_group_bundles"]) == 2
+
+
+def test_model_source_resolves_mlflow_run_and_registry_uris(tiny_model_dir, tmp_path):
+    import mlflow
+
+    from diffmoe.serve.model_source import ModelSourceError, is_mlflow_uri, resolve
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("serve-test")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tiny_model_dir), artifact_path="model")
+    assert is_mlflow_uri(f"runs:/{run.info.run_id}/model") and not is_mlflow_uri(str(tiny_model_dir))
+    local = resolve(f"runs:/{run.info.run_id}/model", uri)
+    assert (local / "config.json").is_file() and (local / "tokenizer.json").is_file()
+    # Register the plain directory (what diffmoe.train logs is an artifact dir, not an MLflow flavour).
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("tiny-served")
+    version = client.create_model_version(
+        "tiny-served", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    local = resolve(f"models:/tiny-served/{version.version}", uri)
+    assert (local / "model.safetensors").is_file()
+    with pytest.raises(ModelSourceError, match="not found"):
+        resolve(str(tmp_path / "missing"))
+    with pytest.raises(ModelSourceError, match="cannot download"):
+        resolve("runs:/0123456789abcdef/model", uri)
+
+
+def test_serve_config_rejects_bad_args():
+    from diffmoe.config import ConfigError, build
+    from diffmoe.serve.app import build_app
+
+    with pytest.raises(ConfigError, match="ep_sise"):
+        build_app({"ep_sise": 2})
+    with pytest.raises(ConfigError, match="min_replicas=3 exceeds max_replicas=2"):
+        build(ServeConfig, {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ConfigError, match="decoding.block_length"):
+        build(ServeConfig, {"decoding": {"block_length": "x"}})
+    assert ServeConfig().http_host == "127.0.0.1"
