@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from common import write_result
 
 STEPS, LOG_EVERY, MICRO_BATCH, SEQ_LEN = 150, 10, 16, 128

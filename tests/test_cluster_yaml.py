@@ -18,7 +18,9 @@ def test_cluster_yaml_matches_ray_schema():
     validate_config(config)
     types = config["available_node_types"]
     assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
-    assert any(t["resources"].get("GPU", 0) > 0 and t["max_workers"] > t["min_workers"] for t in types.values())
+    assert any(
+        t["resources"].get("GPU", 0) > 0 and t["max_workers"] > t["min_workers"] for t in types.values()
+    )
     assert any("mlflow server" in c for c in config["head_setup_commands"])
 
 

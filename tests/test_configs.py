@@ -22,7 +22,9 @@ def test_every_job_config_validates(path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load(TrainJobConfig, CONFIGS / "pretrain_tiny.yaml", ["optim.lr=1e-4", "scaling.num_workers=[1, 4]"])
+    cfg = load(
+        TrainJobConfig, CONFIGS / "pretrain_tiny.yaml", ["optim.lr=1e-4", "scaling.num_workers=[1, 4]"]
+    )
     assert cfg.optim.lr == 1e-4 and cfg.scaling.num_workers == (1, 4)
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
