@@ -6,7 +6,7 @@ so top-k weights are not renormalised and no token is dropped (capacity = the la
 in the expert-parallel group). DeepSpeed then provides what it is for: expert-parallel process
 groups, all-to-all token exchange, MoE optimizer parameter groups and per-expert checkpoint files.
 Weights convert both ways with the published key layout, so training-time and serving-time
-forwards compute the same function (``tests/test_train_parity.py``).
+forwards compute the same function (``tests/test_train.py::test_training_time_forward_equals_exported_model``).
 """
 
 from __future__ import annotations

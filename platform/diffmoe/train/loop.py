@@ -83,8 +83,8 @@ def _mean_across_ranks(value: float, device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _batches(shard, cfg: TrainJobConfig, device):
-    return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, device=device)
+def _batches(shard, cfg: TrainJobConfig, device, drop_last: bool = True):
+    return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=drop_last, device=device)
 
 
 def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
@@ -95,7 +95,8 @@ def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
     gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 99)
     total, n = 0.0, 0
     with torch.no_grad():
-        for i, batch in enumerate(_batches(shard, cfg, device)):
+        # keep the last partial batch: a small validation split still yields a loss
+        for i, batch in enumerate(_batches(shard, cfg, device, drop_last=False)):
             if i >= cfg.train.val_batches:
                 break
             total += float(engine(batch, gen).diffusion)

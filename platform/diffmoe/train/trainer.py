@@ -66,13 +66,17 @@ def resolve_model_config(cfg: TrainJobConfig, manifest: Manifest) -> LLaDAMoECon
         "mask_token_id": tok.mask_id,
         "eos_token_id": tok.eos_id,
         "pad_token_id": tok.pad_id,
-        "max_position_embeddings": max(manifest.seq_len, 64),
         **cfg.model.overrides,
     }
     try:
-        return named_config(cfg.model.name, **overrides)
+        config = named_config(cfg.model.name, **overrides)
     except (KeyError, ValueError) as err:
         raise TrainConfigError(f"model: {err}") from None
+    # Keep the named context (fine-tuning may use longer rows than pretraining); grow it when the
+    # data's rows are longer, unless the user pinned it.
+    if "max_position_embeddings" not in cfg.model.overrides:
+        config.max_position_embeddings = max(config.max_position_embeddings, manifest.seq_len)
+    return config
 
 
 def preflight(cfg: TrainJobConfig) -> tuple[LLaDAMoEConfig, Manifest]:
