@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import write_result
+from common import ROOT, write_result
 from diffmoe.model import LLaDAMoEConfig
 from diffmoe.model.modeling import MoE, SwiGLU
 
@@ -124,7 +124,7 @@ def main() -> None:
         **head,
         "default_allocator": runs["default_allocator"],
         "allocator_note": (
-            f"headline figures run with GLIBC_TUNABLES={TUNABLES} (the setting diffmoe's jobs use on CPU): "
+            f"headline figures run with GLIBC_TUNABLES={TUNABLES} (an opt-in setting for CPU runs: set it before `ray start` or in a job's runtime_env env_vars; docs/troubleshooting.md): "
             "glibc otherwise returns every >32 MB activation to the OS and page-faults it back in on the "
             "next step, which costs the grouped path (few large buffers) far more than the loop (many small ones)."
         ),
@@ -134,6 +134,11 @@ def main() -> None:
             "that floor here; the loop's per-expert torch.where host syncs and 64x kernel launches are GPU costs."
         ),
     }
+    previous = ROOT / "docs" / "benchmarks" / "moe_layer.json"
+    if previous.is_file():  # GPU figures come from benchmarks/gpu_check.py on a GPU machine: keep them
+        gpu = json.loads(previous.read_text()).get("details", {}).get("gpu")
+        if gpu:
+            details["gpu"] = gpu
     write_result(
         "moe_layer",
         command="make bench  # or: .venv/bin/python benchmarks/bench_moe_layer.py",

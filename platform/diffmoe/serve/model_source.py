@@ -40,14 +40,19 @@ def resolve(source: str, tracking_uri: str | None = None) -> Path:
     return path
 
 
-def load_model(path: Path, device: str = "cpu"):
-    """Default loader: the serving-time ``LLaDAMoEModelLM`` in eval mode."""
+def load_model(path: Path, device: str | None = None):
+    """Default loader: the serving-time ``LLaDAMoEModelLM`` in eval mode; on the GPU (bf16) when
+    this process was given one, else on the CPU in fp32."""
+    import torch
+
     import diffmoe.model  # noqa: F401  (registers the config classes)
     from diffmoe.model import LLaDAMoEModelLM
 
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path} has no config.json (not a Hugging Face model directory)")
-    return LLaDAMoEModelLM.from_pretrained(str(path)).to(device).eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return LLaDAMoEModelLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
 def load_state(path: Path) -> dict:
