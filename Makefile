@@ -26,6 +26,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python docs/gen_benchmarks_page.py
+
+# Fresh clone -> served model: local Ray head, prepare -> pretrain -> finetune via `ray job submit`,
+# `serve deploy`, one chat request. Reruns reuse finished stages. `make down` stops it all.
+demo: $(STAMP)
+	$(BIN)/python -m diffmoe.demo
+
+down:
+	$(BIN)/python -m diffmoe.demo --down
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -64,3 +64,8 @@ def tiny_sft(ray_cluster, tmp_path_factory, tiny_corpus):
         validation_fraction=0.1,
         tokenizer={"path": str(tiny_corpus / "tokenizer")},
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``run_last`` (the end-to-end demo, which stops the session's Ray) run last."""
+    items.sort(key=lambda item: item.get_closest_marker("run_last") is not None)

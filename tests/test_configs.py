@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from diffmoe.bench import CompareConfig
 from diffmoe.config import ConfigError, apply_overrides, load
 from diffmoe.data.config import CorpusConfig
+from diffmoe.evaluate import EvalConfig
 from diffmoe.train.config import TrainJobConfig, effective_ep_size
 
-CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
-KINDS = {"corpus": CorpusConfig, "sft": CorpusConfig, "pretrain": TrainJobConfig, "finetune": TrainJobConfig}
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+CONFIGS = JOBS / "configs"
+KINDS = {
+    "corpus": CorpusConfig,
+    "sft": CorpusConfig,
+    "pretrain": TrainJobConfig,
+    "finetune": TrainJobConfig,
+    "evaluate": EvalConfig,
+    "benchmark": CompareConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -19,6 +31,13 @@ def test_every_job_config_validates(path):
     kind = next((cls for prefix, cls in KINDS.items() if path.name.startswith(prefix)), None)
     assert kind is not None, f"{path.name}: no config model for this file name"
     load(kind, path)
+
+
+@pytest.mark.parametrize("job", sorted(JOBS.glob("*.py")), ids=lambda p: p.name)
+def test_every_job_has_help(job):
+    out = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--config" in out.stdout and "--set" in out.stdout
 
 
 def test_overrides_are_typed_and_nested():

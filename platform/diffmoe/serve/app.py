@@ -92,11 +92,18 @@ def deployment_options(cfg: ServeConfig) -> dict:
     return opts
 
 
-def build_app(args: dict, model_loader: ModelLoader | str | None = None) -> Application:
-    """Serve application builder (``import_path: diffmoe.serve.app:build_app``)."""
+def build_app(args: dict) -> Application:
+    """Serve application builder (``import_path: diffmoe.serve.app:build_app``): Serve passes the
+    YAML's ``args`` as its one parameter; ``args.model_loader`` names a custom loader."""
+    return make_app(args)
+
+
+def make_app(args: dict, model_loader: ModelLoader | str | None = None) -> Application:
+    """The application for ``args``, with an optional loader (a callable or "module:function") that
+    overrides ``args.model_loader``: how tests and embedding code inject a model."""
     cfg = build(ServeConfig, dict(args or {}), source="serve args")
     dep = serve.deployment(DiffMoEServer).options(**deployment_options(cfg))
-    return dep.bind(cfg.model_dump(mode="json"), model_loader)
+    return dep.bind(cfg.model_dump(mode="json"), model_loader or cfg.model_loader)
 
 
 def run_app(
@@ -106,7 +113,7 @@ def run_app(
     cfg = args if isinstance(args, ServeConfig) else build(ServeConfig, dict(args), source="serve args")
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     serve.run(
-        build_app(cfg.model_dump(mode="json"), model_loader),
+        make_app(cfg.model_dump(mode="json"), model_loader),
         name=name,
         route_prefix=cfg.route_prefix,
         blocking=blocking,

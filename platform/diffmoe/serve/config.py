@@ -44,6 +44,8 @@ class ServeConfig(StrictModel):
     model_name: str | None = None  # the id clients send as ``model``; default: the source's last part
     tokenizer: str | None = None  # tokenizer directory or URI; default: the model directory
     mlflow_tracking_uri: str | None = None  # for runs:/ and models:/ sources; default: MLFLOW_TRACKING_URI
+    # "module:function" taking the model directory and returning the model; None = diffmoe's loader
+    model_loader: str | None = None
     decoding: DecodingConfig = Field(default_factory=_default_decoding)  # per-request defaults
     max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens / gen_length a request may ask for
     max_steps_limit: int = Field(1024, ge=1)  # largest steps a request may ask for
