@@ -8,6 +8,10 @@ Between steps queued requests are admitted and finished ones retired, freeing th
 Each request's positions start at 0 at its first prompt token and every row masks the others'
 padding, so at temperature 0 a request decodes the same tokens alone or in any batch.
 
+A causal model (``config.causal``: the autoregressive twin) is decoded autoregressively with a
+per-request KV cache by the same engine (``autoregressive.py``): same requests, batching, streaming
+and end handling, so the same server serves both.
+
 Drive it synchronously (``add_request`` + ``step()``, or ``run()``), or from asyncio
 (``async for event in engine.stream(prompt, config)``; ``await engine.generate(...)``): a background
 task runs ``step()`` in a worker thread so the event loop stays responsive.
@@ -24,6 +28,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from .autoregressive import ar_step, stack_past
 from .config import DecodingConfig, check_prompt
 from .sampler import block_logits, predict, select_transfer
 from .sequence import RequestOutput, Sequence, StreamEvent
@@ -54,6 +59,7 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.max_batch_size = max_batch_size
+        self.causal = bool(getattr(config, "causal", False))  # the AR twin: next-token decoding
         self.default_config = default_config or DecodingConfig()
         self.device = next(model.parameters()).device
         self.active: dict[str, Sequence] = {}
@@ -77,6 +83,8 @@ class Engine:
             raise ValueError(f"the prompt contains mask_id={self.mask_id}; only the answer canvas is decoded")
         if cfg.cfg_scale > 0:
             raise ValueError("cfg_scale > 0 is supported by generate() only, not by the batching Engine")
+        if self.causal and not ids:
+            raise ValueError("an autoregressive (causal) model needs a non-empty prompt")
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(rid, ids, cfg, mask_id=self.mask_id, end_ids=self.end_ids, tokenizer=self.tokenizer)
         with self._lock:
@@ -112,12 +120,20 @@ class Engine:
             batch = list(self.active.values())
         if not batch:
             return events
+        if self.causal:
+            self.forwards += ar_step(self.model, batch, self.mask_id, self.device)
+            return events + self._collect(batch)
         full = [s for s in batch if s.wants_full_pass()]
         cached = [s for s in batch if not s.wants_full_pass()]
         for group, is_full in ((full, True), (cached, False)):
             if group:
                 logits = self._forward_full(group) if is_full else self._forward_window(group)
                 self._commit(group, logits)
+        return events + self._collect(batch)
+
+    def _collect(self, batch) -> list[StreamEvent]:
+        """Each request's new final tokens; finished requests leave the batch (slot and cache freed)."""
+        events = []
         for seq in batch:
             event = seq.collect()
             if event is not None:
@@ -171,8 +187,8 @@ class Engine:
         """Each row feeds only its window at its true positions and attends to its cached rest."""
         windows = [s.window for s in group]
         fed = [we - ws for ws, we in windows]
-        pasts = [s.past[0][0].shape[2] for s in group]
-        rows, width, past_width = len(group), max(fed), max(pasts)
+        past, pasts, past_width = stack_past(group)
+        rows, width = len(group), max(fed)
         ids = torch.full((rows, width), self.mask_id, dtype=torch.long)
         position_ids = torch.zeros(rows, width, dtype=torch.long)
         for r, (s, (ws, we)) in enumerate(zip(group, windows)):
@@ -185,15 +201,6 @@ class Engine:
             ],
             1,
         )
-        past = []
-        for layer in range(len(group[0].past)):
-            kv = []
-            for i in (0, 1):
-                parts = [s.past[layer][i] for s in group]
-                if any(p.shape[2] != past_width for p in parts):
-                    parts = [torch.nn.functional.pad(p, (0, 0, 0, past_width - p.shape[2])) for p in parts]
-                kv.append(torch.cat(parts) if rows > 1 else parts[0])
-            past.append(tuple(kv))
         pos = self._block_index(group, [s.block_span[0] - ws for s, (ws, _) in zip(group, windows)])
         logits, _ = block_logits(
             self.model,

@@ -72,6 +72,7 @@ class Sequence:
         )
         self.past = None  # per layer (k, v) [1, kv_heads, P, head_dim]: cached positions outside the window
         self.final_len = 0  # answer positions decoded without a gap from the start
+        self.next_pos = self.plen  # autoregressive decoding: the next canvas position to fill
         self.stream = TextStream(tokenizer, cfg.stop)
         self.steps = 0
         self.tokens_fed = 0
@@ -128,6 +129,18 @@ class Sequence:
             self.block += 1
             self.step_in_block = 0
             self.past = None  # the next block starts with a full refresh
+
+    def append(self, token: int) -> None:
+        """Autoregressive decoding: write the next answer token (strictly left to right). The block
+        bookkeeping advances as blocks fill so ``collect`` works unchanged; the KV cache is kept."""
+        pos = self.next_pos
+        self.x[pos] = token
+        self.next_pos = pos + 1
+        if self.next_pos >= self.block_span[1]:
+            self.block += 1
+            self.step_in_block = 0
+        else:
+            self.step_in_block += 1
 
     def collect(self) -> StreamEvent | None:
         """Advance the final prefix, decide whether the request is done, return what is new."""

@@ -79,7 +79,7 @@ async def one_request(client: httpx.AsyncClient, path: str, body: dict) -> Resul
 
 async def run_level(
     base_url: str,
-    body: dict,
+    body: dict | list[dict],
     concurrency: int,
     requests: int,
     duration_s: float,
@@ -87,7 +87,9 @@ async def run_level(
     headers: dict | None = None,
     timeout_s: float = 120.0,
 ) -> LevelStats:
-    """Run one concurrency level; never more than ``requests`` requests or ``duration_s`` of sending."""
+    """Run one concurrency level; never more than ``requests`` requests or ``duration_s`` of sending.
+    ``body`` may be a list: request k sends ``body[k % len(body)]`` (the same order on every run)."""
+    bodies = body if isinstance(body, list) else [body]
     results: list[Result] = []
     sent = 0
     deadline = time.perf_counter() + duration_s
@@ -100,8 +102,8 @@ async def run_level(
         async def worker():
             nonlocal sent
             while sent < requests and time.perf_counter() < deadline:
-                sent += 1
-                results.append(await one_request(client, path, body))
+                k, sent = sent, sent + 1
+                results.append(await one_request(client, path, bodies[k % len(bodies)]))
 
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])

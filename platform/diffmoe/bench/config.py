@@ -1,0 +1,96 @@
+"""``CompareConfig``: every setting of the diffusion-vs-AR comparison, from YAML + ``--set``.
+
+The two sides differ only in ``model.overrides.causal`` (added for the AR side) and in how the
+answer is decoded; data, steps, batch, optimiser, server, prompts and answer lengths are shared.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from diffmoe.config import StrictModel
+
+
+class TaskSection(StrictModel):
+    name: Literal["reverse", "addition"] = "reverse"  # diffmoe.generation.tasks
+    min_digits: int = Field(4, ge=1)  # reverse only
+    max_digits: int = Field(12, ge=1)
+    train_examples: int = Field(40000, ge=16)  # written as JSONL, then the SFT data pipeline
+    validation_fraction: float = Field(0.05, gt=0, lt=1)  # held out by the pipeline (example hash)
+    seq_len: int = Field(48, ge=8)  # rows: prompt + answer + EOS padding
+    eval_examples: int = Field(256, ge=1)  # held-out prompts (another seed) for exact-match accuracy
+    eval_seed: int = 12345
+
+
+class ModelSection(StrictModel):
+    name: str = "tiny"  # diffmoe.model.NAMED_CONFIGS
+    overrides: dict[str, Any] = Field(
+        default_factory=lambda: {"num_key_value_heads": 4, "expert_intermediate_size": 64}
+    )
+
+
+class TrainSection(StrictModel):
+    steps: int = Field(1500, ge=1)  # same for both sides: same token budget
+    micro_batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    val_batches: int = Field(4, ge=1)  # the training loop's own val/loss (logged to MLflow)
+
+
+class DecodingSection(StrictModel):
+    threshold: float = Field(0.9, gt=0, le=1)  # diffusion: Fast-dLLM confidence threshold
+    cache: Literal["none", "prefix", "dual"] = "prefix"  # diffusion KV cache
+    temperature: float = Field(0.0, ge=0)  # 0: greedy for both sides
+    val_draws: int = Field(4, ge=1)  # mask draws per validation row for the diffusion bound
+
+
+class LoadSection(StrictModel):
+    concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    requests_per_client: int = Field(4, ge=1)  # per level: max(min_requests, this x concurrency)
+    min_requests: int = Field(16, ge=1)
+    duration_s: float = Field(60.0, gt=0)  # cap on sending time per level
+    prompts: int = Field(64, ge=1)  # held-out prompts cycled by the clients (same order, both sides)
+    warmup_requests: int = Field(8, ge=0)
+    # True: every answer is decoded to its full canvas on both sides (same answer lengths; the EOS
+    # padding the models learned counts as output). False: each side stops at its own end marker.
+    ignore_eos: bool = True
+    replica_cpus: float = Field(2.0, gt=0)
+    replica_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(32, ge=1)
+    http_port: int = Field(0, ge=0, le=65535)  # 0: a free loopback port
+
+
+class MLflowSection(StrictModel):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    experiment: str = "dllm_vs_ar"
+
+
+class OutputSection(StrictModel):
+    work_dir: str = "artifacts/dllm_vs_ar"  # data, Ray Train storage, exported models
+    report_dir: str | None = "docs/benchmarks"  # <name>.json/.md/*.png; null = no report files
+    name: str = "dllm_vs_ar"
+
+
+class CompareConfig(StrictModel):
+    task: TaskSection = TaskSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    decoding: DecodingSection = DecodingSection()
+    load: LoadSection = LoadSection()
+    mlflow: MLflowSection = MLflowSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        if "causal" in self.model.overrides:
+            raise ValueError("model.overrides.causal is set per side by the comparison; remove it")
+        if not self.load.concurrency or min(self.load.concurrency) < 1:
+            raise ValueError(f"load.concurrency={self.load.concurrency}: need levels >= 1")
+        if self.task.min_digits > self.task.max_digits:
+            raise ValueError("task.min_digits exceeds task.max_digits")
+        return self

@@ -1,0 +1,154 @@
+"""The whole comparison: data -> train both twins -> quality -> load -> MLflow -> report.
+
+``run_comparison(cfg)`` is what ``jobs/benchmark.py`` (``ray job submit``), the test and
+``benchmarks/bench_dllm_vs_ar.py`` call. It joins a running Ray cluster (``RAY_ADDRESS`` or a local
+``ray start``) or starts a local one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .config import CompareConfig
+from .quality import SIDES, accuracy, load_model, prepare_data, train_side, validation_loss, validation_rows
+
+LEVEL_METRICS = {
+    "requests_per_s": ("requests_per_s", None),
+    "output_tokens_per_s": ("output_tokens_per_s", None),
+    "latency_p50_s": ("latency_s", "p50"),
+    "latency_p99_s": ("latency_s", "p99"),
+    "ttft_p50_s": ("ttft_s", "p50"),
+    "ttft_p99_s": ("ttft_s", "p99"),
+    "replica_cpu_s_per_1k_tokens": ("replica_cpu_s_per_1k_tokens", None),
+    "machine_cpu_s_per_1k_tokens": ("machine_cpu_s_per_1k_tokens", None),
+    "gpu_s_per_1k_tokens": ("gpu_s_per_1k_tokens", None),
+    "error_rate": ("error_rate", None),
+}
+
+
+def level_value(stats: dict, name: str):
+    key, sub = LEVEL_METRICS[name]
+    value = stats.get(key)
+    return value.get(sub) if sub and isinstance(value, dict) else value
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        from diffmoe.train.trainer import _cluster_running
+
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto" if _cluster_running() else None))
+
+
+def quality(cfg: CompareConfig, trained: dict[str, dict], data_dir: Path, log=print) -> dict[str, dict]:
+    from diffmoe.data import load_tokenizer
+
+    ids, response = validation_rows(data_dir)
+    out = {}
+    for side in SIDES:
+        model = load_model(trained[side]["model_dir"])
+        tok, special = load_tokenizer(trained[side]["model_dir"])
+        q = validation_loss(model, ids, response, cfg.decoding.val_draws, seed=cfg.train.seed)
+        q.update(accuracy(cfg, model, tok, special))
+        q["parameters"] = sum(p.numel() for p in model.parameters())
+        q["causal"] = bool(model.config.causal)
+        out[side] = q
+        log(
+            f"{side}: val loss {q['val_loss_per_token']:.4f} nats/token ({q['val_loss_kind']}), "
+            f"accuracy {q['accuracy']:.3f}, offline {q['offline_tokens_per_s']:.0f} tokens/s"
+        )
+    return out
+
+
+def log_mlflow(cfg: CompareConfig, result: dict, files: list[Path]) -> dict[str, str]:
+    """One run per side in ``mlflow.experiment`` (the training runs are there too); level metrics
+    use the concurrency as the step, so the two runs overlay in MLflow's compare view."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from diffmoe.config import flatten
+    from diffmoe.train.config import MLflowSection
+
+    uri = MLflowSection(tracking_uri=cfg.mlflow.tracking_uri).resolved_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    client = MlflowClient(uri)
+    run_ids = {}
+    now = int(time.time() * 1000)
+    for side in SIDES:
+        s = result["sides"][side]
+        run = client.create_run(
+            experiment.experiment_id,
+            run_name=f"benchmark-{side}",
+            tags={"side": side, "train_run_id": str(s["train"]["run_id"]), "benchmark": cfg.output.name},
+        )
+        rid = run_ids[side] = run.info.run_id
+        params = {"side": side, "objective": s["objective"], "val_loss_kind": s["quality"]["val_loss_kind"]}
+        params.update({f"cfg.{k}": v for k, v in flatten(cfg).items()})
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(rid, params=items[i : i + 100])
+        q = s["quality"]
+        metrics = [
+            Metric(f"quality/{k}", float(q[k]), now, 0)
+            for k in ("val_loss_per_token", "accuracy", "offline_tokens_per_s", "forwards_per_token")
+        ]
+        metrics.append(Metric("train/seconds", float(s["train"]["train_seconds"]), now, 0))
+        for stats in s["load"]:
+            for name in LEVEL_METRICS:
+                value = level_value(stats, name)
+                if isinstance(value, (int, float)) and value == value:
+                    metrics.append(Metric(f"load/{name}", float(value), now, int(stats["concurrency"])))
+        for i in range(0, len(metrics), 500):
+            client.log_batch(rid, metrics=metrics[i : i + 500])
+        for f in files:
+            client.log_artifact(rid, str(f), "report")
+        client.set_terminated(rid, "FINISHED")
+    return run_ids
+
+
+def run_comparison(cfg: CompareConfig, command: str | None = None, log=print) -> dict:
+    from . import report
+    from .load import run_load
+
+    start = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    _ensure_ray()
+    prepared = prepare_data(cfg, log=lambda *a: None)
+    log(
+        f"data: {prepared.train_rows} train / {prepared.validation_rows} validation rows in {prepared.data_dir}"
+    )
+    trained = {}
+    for side in SIDES:
+        trained[side] = train_side(cfg, side, prepared.data_dir)
+        log(f"{side}: trained {trained[side]['steps']} steps in {trained[side]['train_seconds']}s")
+    qual = quality(cfg, trained, prepared.data_dir, log)
+    load = run_load(cfg, {side: trained[side]["model_dir"] for side in SIDES}, log)
+    result = {
+        "config": cfg.model_dump(mode="json"),
+        "data": {"train_rows": prepared.train_rows, "validation_rows": prepared.validation_rows},
+        "sides": {
+            side: {
+                "objective": "next-token (causal mask)"
+                if side == "ar"
+                else "masked diffusion (bidirectional)",
+                "train": trained[side],
+                "quality": qual[side],
+                "load": load[side],
+            }
+            for side in SIDES
+        },
+    }
+    result["load_average_at_start"] = load_start
+    result["headline"] = report.headline(result)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    out_dir = Path(cfg.output.report_dir) if cfg.output.report_dir else Path(tempfile.mkdtemp())
+    files = report.write(result, out_dir, cfg.output.name, command or "python jobs/benchmark.py")
+    result["mlflow_run_ids"] = log_mlflow(cfg, result, files)
+    result["files"] = [str(f) for f in files]
+    return result

@@ -1,0 +1,160 @@
+"""Load: both twins deployed side by side by the same Serve app (``run_app``, loopback), the same
+load generator, the same prompts in the same order and the same answer caps at every concurrency.
+
+Levels alternate sides (dLLM then AR at each level) so a busy machine hurts both alike. Cost per
+1k output tokens is measured, not assumed: the CPU time (user + system, all threads) that the
+replica process used over the level, from ``psutil``; the whole machine's busy CPU time (proxy,
+controller and load generator included) is reported beside it. GPU-seconds = replica GPUs x wall
+time, reported only when the replicas hold a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import asdict
+
+from .config import CompareConfig
+from .quality import SIDES, decoding_for, eval_prompts, stop_ids
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_args(cfg: CompareConfig, side: str, model_dir: str, port: int, stops: list[int]) -> dict:
+    d, ld = cfg.decoding, cfg.load
+    return {
+        "model": model_dir,
+        "model_name": side,
+        "http_port": port,
+        "route_prefix": f"/{side}",
+        "num_replicas": 1,
+        "max_batch_size": ld.max_batch_size,
+        "max_ongoing_requests": max(64, 2 * max(ld.concurrency)),
+        "replica_cpus": ld.replica_cpus,
+        "replica_gpus": ld.replica_gpus,
+        "max_tokens_limit": cfg.task.seq_len,
+        "log_requests": False,
+        "decoding": {
+            "gen_length": 8,
+            "block_length": 8,
+            "threshold": d.threshold,
+            "cache": d.cache,
+            "temperature": d.temperature,
+            "stop_token_ids": stops,
+        },
+    }
+
+
+def request_bodies(cfg: CompareConfig, side: str, prompts: list[list[int]]) -> list[dict]:
+    """One completion per prompt (token ids): answer cap = canvas = the rest of a training row."""
+    bodies = []
+    for p in prompts:
+        dec = decoding_for(cfg, len(p), [])
+        bodies.append(
+            {
+                "model": side,
+                "prompt": p,
+                "max_tokens": dec.gen_length,
+                "gen_length": dec.gen_length,
+                "block_length": dec.block_length,
+                "temperature": cfg.decoding.temperature,
+                "ignore_eos": cfg.load.ignore_eos,
+            }
+        )
+    return bodies
+
+
+def replica_process(app: str):
+    """The Serve replica's process (its title names the app), for CPU accounting."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if f"ServeReplica:{app}:" in cmd:
+            return proc
+    return None
+
+
+def _cpu_s(proc) -> float | None:
+    if proc is None:
+        return None
+    try:
+        t = proc.cpu_times()
+        return t.user + t.system
+    except Exception:  # noqa: BLE001 - the replica may have been replaced
+        return None
+
+
+def _machine_busy_s() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def measure_level(url: str, bodies: list[dict], c: int, n: int, duration: float, proc, gpus: float) -> dict:
+    from diffmoe.serve.loadgen import run_level
+
+    cpu0, busy0, t0 = _cpu_s(proc), _machine_busy_s(), time.perf_counter()
+    stats = asdict(asyncio.run(run_level(url, bodies, c, n, duration)))
+    wall = time.perf_counter() - t0
+    cpu1, busy1 = _cpu_s(proc), _machine_busy_s()
+    tokens = stats["output_tokens_per_s"] * stats["wall_s"]
+    stats["output_tokens"] = round(tokens)
+    per_1k = 1000.0 / tokens if tokens else float("nan")
+    if cpu0 is not None and cpu1 is not None:
+        stats["replica_cpu_s"] = cpu1 - cpu0
+        stats["replica_cpu_s_per_1k_tokens"] = (cpu1 - cpu0) * per_1k
+    stats["machine_cpu_s"] = busy1 - busy0
+    stats["machine_cpu_s_per_1k_tokens"] = (busy1 - busy0) * per_1k
+    if gpus:
+        stats["gpu_s_per_1k_tokens"] = gpus * wall * per_1k
+    return stats
+
+
+def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[str, list[dict]]:
+    """Deploy both sides, sweep the concurrency levels, tear Serve down; per side the level stats."""
+    from ray import serve
+
+    from diffmoe.serve.app import run_app
+    from diffmoe.serve.host import load_tokenizer_dir
+
+    ld = cfg.load
+    tok, _ = load_tokenizer_dir(model_dirs["dllm"])
+    stops = stop_ids(tok)
+    _, prompts = eval_prompts(cfg, tok, ld.prompts)
+    port = ld.http_port or free_port()
+    urls, procs, bodies = {}, {}, {}
+    results: dict[str, list[dict]] = {side: [] for side in SIDES}
+    try:
+        for side in SIDES:
+            urls[side] = run_app(serve_args(cfg, side, model_dirs[side], port, stops), name=side)
+            procs[side] = replica_process(side)
+            bodies[side] = request_bodies(cfg, side, prompts)
+            if ld.warmup_requests:
+                measure_level(urls[side], bodies[side], 4, ld.warmup_requests, ld.duration_s, None, 0)
+        for c in ld.concurrency:
+            n = max(ld.min_requests, ld.requests_per_client * c)
+            for side in SIDES:
+                stats = measure_level(
+                    urls[side], bodies[side], c, n, ld.duration_s, procs[side], ld.replica_gpus
+                )
+                results[side].append(stats)
+                log(
+                    f"{side:4s} c={c:2d} n={stats['requests']:3d} rps={stats['requests_per_s']:.2f} "
+                    f"tok/s={stats['output_tokens_per_s']:.1f} p50={stats['latency_s'].get('p50', 0):.3f} "
+                    f"p99={stats['latency_s'].get('p99', 0):.3f} ttft50={stats['ttft_s'].get('p50', 0):.3f} "
+                    f"cpu_s/1k={stats.get('replica_cpu_s_per_1k_tokens', float('nan')):.2f} "
+                    f"errors={stats['errors']}"
+                )
+    finally:
+        serve.shutdown()
+    for side in SIDES:
+        for stats in results[side]:
+            stats["replica_found"] = procs.get(side) is not None
+    return results

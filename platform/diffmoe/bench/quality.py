@@ -1,0 +1,233 @@
+"""Data, training and quality for the comparison: one SFT dataset through the data pipeline, both
+twins trained by the platform's training job (``run_training``: Ray Train + DeepSpeed + MLflow) with
+the same steps and batch, then validation loss per response token and exact-match accuracy.
+
+Validation loss, on the same held-out rows and the same scored tokens (response + EOS padding, as
+the SFT objective scores them), in nats per token:
+- diffusion: the masked-diffusion bound, sum over masked response tokens of CE / p, averaged over
+  ``val_draws`` mask draws per row and divided by the number of response tokens. It is an
+  **upper bound** on the NLL (the ELBO), not the NLL itself;
+- AR: the **exact** next-token NLL of the same tokens.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffmoe.generation import DecodingConfig, Engine
+from diffmoe.generation.tasks import TASKS, make_examples, score, write_char_tokenizer, write_jsonl
+
+from .config import CompareConfig
+
+SIDES = ("dllm", "ar")
+
+
+@dataclass
+class Prepared:
+    data_dir: Path
+    train_rows: int
+    validation_rows: int
+
+
+def make_task(cfg: CompareConfig):
+    t = cfg.task
+    if t.name == "reverse":
+        return TASKS["reverse"](min_digits=t.min_digits, max_digits=t.max_digits)
+    return TASKS["addition"](max_digits=t.max_digits)
+
+
+def prepare_data(cfg: CompareConfig, log=print) -> Prepared:
+    """Task JSONL -> chat-templated SFT Parquet shards (train + validation) with a char tokenizer."""
+    from diffmoe.data import CorpusConfig, prepare_corpus
+
+    root = Path(cfg.output.work_dir) / "data"
+    write_char_tokenizer(root / "tokenizer")
+    write_jsonl(make_examples(make_task(cfg), cfg.task.train_examples, seed=1), root / "task.jsonl")
+    corpus = CorpusConfig(
+        kind="sft",
+        inputs=[str(root / "task.jsonl")],
+        tokenizer={"path": str(root / "tokenizer")},
+        seq_len=cfg.task.seq_len,
+        validation_fraction=cfg.task.validation_fraction,
+        output_dir=str(root / "sft"),
+    )
+    manifest = prepare_corpus(corpus, log=log)
+    rows = {name: entry.sequences for name, entry in manifest.splits.items()}
+    return Prepared(root / "sft", rows.get("train", 0), rows.get("validation", 0))
+
+
+def train_config(cfg: CompareConfig, side: str, data_dir: Path):
+    """The training job's config for one side: identical except ``causal`` for the AR twin."""
+    from diffmoe.train.config import TrainJobConfig
+
+    work = Path(cfg.output.work_dir).resolve()
+    t = cfg.train
+    overrides = {**cfg.model.overrides, **({"causal": True} if side == "ar" else {})}
+    return TrainJobConfig.model_validate(
+        {
+            "model": {"name": cfg.model.name, "overrides": overrides},
+            "data": {"path": str(data_dir)},
+            "optim": {"lr": t.lr, "warmup_steps": t.warmup_steps, "schedule": "cosine", "weight_decay": 0.01},
+            "train": {
+                "kind": "sft",
+                "max_steps": t.steps,
+                "micro_batch_size": t.micro_batch_size,
+                "seed": t.seed,
+                "log_every": max(1, t.steps // 20),
+                "val_every": t.steps,
+                "val_batches": t.val_batches,
+                "checkpoint_every": t.steps,
+            },
+            "scaling": {
+                "num_workers": t.num_workers,
+                "cpus_per_worker": t.cpus_per_worker,
+                "max_failures": 0,
+            },
+            "mlflow": {
+                "tracking_uri": cfg.mlflow.tracking_uri,
+                "experiment": cfg.mlflow.experiment,
+                "run_name": f"train-{side}",
+                "log_system_metrics": False,
+            },
+            "run": {
+                "name": f"train-{side}",
+                "storage_path": str(work / "runs"),
+                "output_dir": str(work / "models" / side),
+            },
+        }
+    )
+
+
+def train_side(cfg: CompareConfig, side: str, data_dir: Path) -> dict:
+    """Run the platform's training job for one side (a fresh run: no resume from an older one)."""
+    from diffmoe.train.trainer import run_training
+
+    job = train_config(cfg, side, data_dir)
+    shutil.rmtree(Path(job.run.storage_path) / job.run.name, ignore_errors=True)
+    start = time.perf_counter()
+    result = run_training(job)
+    return {
+        "run_id": result.run_id,
+        "model_dir": result.model_dir,
+        "steps": result.final_step,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "tokens": t_tokens(cfg),
+    }
+
+
+def t_tokens(cfg: CompareConfig) -> int:
+    """Training token budget (both sides): steps x batch x workers x seq_len."""
+    t = cfg.train
+    return t.steps * t.micro_batch_size * t.num_workers * cfg.task.seq_len
+
+
+def load_model(model_dir: str):
+    from diffmoe.model import LLaDAMoEModelLM
+
+    return LLaDAMoEModelLM.from_pretrained(model_dir).eval()
+
+
+def validation_rows(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import pyarrow.parquet as pq
+
+    from diffmoe.data import verify_dataset
+    from diffmoe.data.manifest import shard_paths
+
+    manifest = verify_dataset(data_dir)
+    tables = [pq.read_table(p) for p in shard_paths(data_dir, manifest, "validation")]
+    ids = torch.cat([torch.tensor(t.column("input_ids").to_pylist()) for t in tables]).long()
+    resp = torch.cat([torch.tensor(t.column("response_mask").to_pylist()) for t in tables]).bool()
+    return ids, resp
+
+
+@torch.inference_mode()
+def validation_loss(model, ids, response, draws: int, batch: int = 64, seed: int = 0) -> dict:
+    """Nats per scored token: the diffusion bound (averaged over ``draws``) or the exact AR NLL."""
+    from diffmoe.diffusion import forward_process, sample_mask_prob
+
+    causal = bool(getattr(model.config, "causal", False))
+    gen = torch.Generator().manual_seed(seed)
+    total, tokens = 0.0, 0
+    for i in range(0, len(ids), batch):
+        x, r = ids[i : i + batch], response[i : i + batch]
+        if causal:
+            hidden = model.model(x).last_hidden_state[:, :-1]
+            scored = r[:, 1:]
+            logits = model.lm_head(hidden[scored])
+            total += float(F.cross_entropy(logits.float(), x[:, 1:][scored], reduction="sum"))
+        else:
+            for _ in range(draws):
+                p = sample_mask_prob(x.shape[0], generator=gen)
+                noisy, masked = forward_process(x, model.config.mask_token_id, p, r, gen)
+                logits = model.lm_head(model.model(noisy).last_hidden_state[masked])
+                ce = F.cross_entropy(logits.float(), x[masked], reduction="none")
+                total += float((ce / p[:, None].expand_as(masked)[masked]).sum()) / draws
+        tokens += int(r[:, 1:].sum()) if causal else int(r.sum())
+    kind = "exact NLL (next-token)" if causal else "diffusion upper bound on NLL (ELBO)"
+    return {"val_loss_per_token": total / max(tokens, 1), "val_tokens": tokens, "val_loss_kind": kind}
+
+
+def eval_prompts(cfg: CompareConfig, tokenizer, n: int | None = None):
+    """Held-out examples and their chat-templated prompt ids (the layout the SFT rows use)."""
+    examples = make_examples(make_task(cfg), n or cfg.task.eval_examples, seed=cfg.task.eval_seed)
+    ids = [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=True
+            )["input_ids"]
+        )
+        for ex in examples
+    ]
+    return examples, ids
+
+
+def decoding_for(cfg: CompareConfig, prompt_len: int, stop_ids: list[int]) -> DecodingConfig:
+    """Both sides: the answer canvas is the rest of a training row (the SFT layout), one block.
+    The diffusion side uses threshold decoding; the AR side ignores the diffusion settings."""
+    gen = cfg.task.seq_len - prompt_len
+    return DecodingConfig(
+        gen_length=gen,
+        block_length=gen,
+        threshold=cfg.decoding.threshold,
+        cache=cfg.decoding.cache,
+        temperature=cfg.decoding.temperature,
+        stop_token_ids=stop_ids,
+        seed=0,
+    )
+
+
+def stop_ids(tokenizer) -> list[int]:
+    role_end = tokenizer.convert_tokens_to_ids("<|role_end|>")
+    return [role_end] if isinstance(role_end, int) and role_end != tokenizer.unk_token_id else []
+
+
+def accuracy(cfg: CompareConfig, model, tokenizer, special) -> dict:
+    """Exact match on held-out prompts, decoded offline by the same Engine the server runs."""
+    examples, prompts = eval_prompts(cfg, tokenizer)
+    stops = stop_ids(tokenizer)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=cfg.load.max_batch_size,
+        mask_id=special.mask_id,
+        eos_id=special.eos_id,
+    )
+    configs = [decoding_for(cfg, len(p), stops) for p in prompts]
+    start = time.perf_counter()
+    outs = engine.run(prompts, configs)
+    seconds = time.perf_counter() - start
+    result = score(examples, [o.text for o in outs])
+    tokens = sum(len(o.token_ids) for o in outs)
+    result.update(
+        answer_tokens=tokens,
+        offline_seconds=round(seconds, 3),
+        offline_tokens_per_s=tokens / seconds,
+        forwards_per_token=engine.forwards / max(tokens, 1),
+    )
+    return result

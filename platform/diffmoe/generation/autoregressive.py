@@ -1,0 +1,113 @@
+"""Autoregressive decoding for the causal twin (``config.causal``) inside the same ``Engine``.
+
+The AR twin is the diffusion backbone with a causal mask and next-token loss; serving it with the
+same engine, batching and server makes the comparison honest. Each request keeps the ``Sequence``
+canvas (prompt + ``gen_length`` [MASK] slots) and fills it strictly left to right, so
+``Sequence.collect`` (final prefix, EOS / stop ids, ``max_tokens``, stop strings) works unchanged.
+
+Per engine step:
+- prefill: requests without a cache share one right-padded forward over their prompts
+  (``use_cache``); the next token comes from each row's last prompt position;
+- decode: the others share one forward that feeds only their last committed token at its true
+  position and attends to their own KV cache (caches right-padded to the longest, the padding
+  masked by a key mask); the next token comes from that position (the AR shift).
+The next token is the argmax at temperature 0, else a draw from softmax(logits / T) (Gumbel-max in
+float64) with the request's own generator, so a request decodes the same tokens alone or batched.
+Diffusion-only settings (``steps``, ``threshold``, ``factor``, ``cache``, ``remasking``) are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .sampler import add_gumbel_noise, block_logits
+
+
+def stack_past(group) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], int]:
+    """Per layer (k, v) of all rows, right-padded to the longest cache; plus each row's length."""
+    lengths = [s.past[0][0].shape[2] for s in group]
+    width = max(lengths)
+    past = []
+    for layer in range(len(group[0].past)):
+        kv = []
+        for i in (0, 1):
+            parts = [s.past[layer][i] for s in group]
+            if any(p.shape[2] != width for p in parts):
+                parts = [F.pad(p, (0, 0, 0, width - p.shape[2])) for p in parts]
+            kv.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        past.append(tuple(kv))
+    return past, lengths, width
+
+
+def prefill(model, group, pad_id: int, device) -> torch.Tensor:
+    """One padded pass over the prompts; keep each row's cache; logits [R, V] of the next token."""
+    lengths = [s.plen for s in group]
+    width = max(lengths)
+    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    for r, s in enumerate(group):
+        ids[r, : s.plen] = s.x[: s.plen]
+    key_mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+    last = torch.tensor(lengths)[:, None] - 1
+    logits, kv = block_logits(
+        model, ids.to(device), last.to(device), attention_mask=key_mask.to(device), use_cache=True
+    )
+    for r, s in enumerate(group):
+        s.past = [(k[r : r + 1, :, : s.plen], v[r : r + 1, :, : s.plen]) for k, v in kv]
+        s.steps += 1
+        s.tokens_fed += s.plen
+    return logits[:, 0]
+
+
+def decode(model, group, device) -> torch.Tensor:
+    """Feed each row's last committed token against its own cache; logits [R, V] of the next one."""
+    past, lengths, width = stack_past(group)
+    rows = len(group)
+    ids = torch.tensor([[int(s.x[s.next_pos - 1])] for s in group])
+    position_ids = torch.tensor([[s.next_pos - 1] for s in group])
+    key_mask = torch.cat(
+        [torch.arange(width)[None] < torch.tensor(lengths)[:, None], torch.ones(rows, 1, dtype=torch.bool)], 1
+    )
+    logits, kv = block_logits(
+        model,
+        ids.to(device),
+        torch.zeros(rows, 1, dtype=torch.long, device=device),
+        attention_mask=key_mask.to(device),
+        position_ids=position_ids.to(device),
+        past_key_values=past,
+        use_cache=True,
+    )
+    for r, s in enumerate(group):
+        s.past = [
+            (torch.cat([pk, k[r : r + 1]], 2), torch.cat([pv, v[r : r + 1]], 2))
+            for (pk, pv), (k, v) in zip(s.past, kv)
+        ]
+        s.steps += 1
+        s.tokens_fed += 1
+    return logits[:, 0]
+
+
+def choose(group, logits: torch.Tensor) -> list[int]:
+    """Next token per row: argmax, or a temperature draw from the request's own generator."""
+    if all(s.cfg.temperature == 0 for s in group):
+        return logits.argmax(-1).tolist()
+    out = []
+    for r, s in enumerate(group):
+        row = logits[r].float().cpu()
+        out.append(int(add_gumbel_noise(row, s.cfg.temperature, s.generator).argmax(-1)))
+    return out
+
+
+def ar_step(model, group, pad_id: int, device) -> int:
+    """Advance every request of ``group`` by one token; return the number of forwards run."""
+    forwards = 0
+    fresh = [s for s in group if s.past is None]
+    cached = [s for s in group if s.past is not None]
+    for part, is_prefill in ((fresh, True), (cached, False)):
+        if not part:
+            continue
+        logits = prefill(model, part, pad_id, device) if is_prefill else decode(model, part, device)
+        forwards += 1
+        for s, token in zip(part, choose(part, logits)):
+            s.append(token)
+    return forwards

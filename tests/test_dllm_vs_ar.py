@@ -1,0 +1,127 @@
+"""The diffusion-vs-AR comparison end to end at the smallest settings, on a real local Ray cluster:
+data pipeline, both twins trained by the training job (Ray Train + DeepSpeed), quality, both served
+by Ray Serve on loopback under the load generator, MLflow runs, report files. No figure is asserted,
+only that both sides produce every metric."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffmoe.bench import CompareConfig
+from diffmoe.bench.quality import train_config
+from diffmoe.config import ConfigError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVELS = [1, 2]
+
+
+def tiny_settings(tmp_path: Path) -> list[str]:
+    return [
+        # Fixed-length answers in tight rows: after a few dozen steps both twins emit digits rather
+        # than only end markers, so every metric (time to first token included) is defined.
+        "task.min_digits=6",
+        "task.max_digits=6",
+        "task.train_examples=400",
+        "task.validation_fraction=0.1",
+        "task.seq_len=24",
+        "task.eval_examples=8",
+        "train.steps=60",
+        "train.micro_batch_size=8",
+        "train.warmup_steps=1",
+        "train.val_batches=1",
+        "decoding.val_draws=1",
+        f"load.concurrency={LEVELS}",
+        "load.requests_per_client=1",
+        "load.min_requests=2",
+        "load.prompts=4",
+        "load.warmup_requests=1",
+        "load.replica_cpus=1",
+        "load.max_batch_size=4",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "mlflow.experiment=dllm-vs-ar-test",
+        f"output.work_dir={tmp_path}/work",
+        f"output.report_dir={tmp_path}/report",
+    ]
+
+
+def test_config_and_job_help():
+    cfg = load(CompareConfig, ROOT / "jobs/configs/benchmark_dllm_vs_ar.yaml")
+    assert cfg == CompareConfig()  # the YAML states the defaults
+    dllm, ar = (train_config(cfg, side, Path("data")) for side in ("dllm", "ar"))
+    assert "causal" not in dllm.model.overrides and ar.model.overrides["causal"] is True
+    same = {k: v for k, v in dllm.model_dump().items() if k not in ("model", "mlflow", "run")}
+    assert same == {k: v for k, v in ar.model_dump().items() if k not in ("model", "mlflow", "run")}
+    with pytest.raises(ConfigError, match="load.concurrency"):
+        load(CompareConfig, None, ["load.concurrency=3"])
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/benchmark.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "--set" in out.stdout
+
+
+def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from diffmoe.bench import run_comparison
+    from diffmoe.model.checkpoint import load_config
+
+    cfg = load(CompareConfig, ROOT / "jobs/configs/benchmark_dllm_vs_ar.yaml", tiny_settings(tmp_path))
+    result = run_comparison(cfg, command="pytest tests/test_dllm_vs_ar.py")
+
+    # The AR twin is the same backbone with causal: true, and that reached the exported model.
+    dirs = {s: result["sides"][s]["train"]["model_dir"] for s in ("dllm", "ar")}
+    assert load_config(Path(dirs["ar"])).causal is True
+    assert load_config(Path(dirs["dllm"])).causal is False
+    for side in ("dllm", "ar"):
+        s = result["sides"][side]
+        assert (
+            s["train"]["steps"] == 60 and s["train"]["tokens"] == result["sides"]["dllm"]["train"]["tokens"]
+        )
+        q = s["quality"]
+        assert math.isfinite(q["val_loss_per_token"]) and q["val_loss_per_token"] > 0
+        assert q["val_tokens"] == result["sides"]["dllm"]["quality"]["val_tokens"]  # same scored tokens
+        assert 0 <= q["accuracy"] <= 1 and q["total"] == 8
+        assert [lv["concurrency"] for lv in s["load"]] == LEVELS
+        for lv in s["load"]:
+            assert lv["errors"] == 0 and lv["requests"] >= 2
+            assert lv["output_tokens_per_s"] > 0 and lv["requests_per_s"] > 0
+            assert {"p50", "p99"} <= lv["latency_s"].keys() and {"p50", "p99"} <= lv["ttft_s"].keys()
+            assert lv["replica_found"] and lv["replica_cpu_s_per_1k_tokens"] > 0
+            assert lv["machine_cpu_s_per_1k_tokens"] > 0
+    assert "upper bound" in result["sides"]["dllm"]["quality"]["val_loss_kind"]
+    assert "exact" in result["sides"]["ar"]["quality"]["val_loss_kind"]
+    # Same prompts and answer lengths on both sides (ignore_eos: every canvas decoded fully).
+    tokens = {s: [lv["output_tokens"] for lv in result["sides"][s]["load"]] for s in ("dllm", "ar")}
+    assert tokens["dllm"] == tokens["ar"]
+
+    # Report files.
+    report = tmp_path / "report"
+    body = json.loads((report / "dllm_vs_ar.json").read_text())
+    assert {"benchmark", "machine", "command", "baseline", "ratio", "target", "details"} <= body.keys()
+    assert body["command"] == "pytest tests/test_dllm_vs_ar.py"
+    md = (report / "dllm_vs_ar.md").read_text()
+    assert "## Machine" in md and "pytest tests/test_dllm_vs_ar.py" in md and "| ar | 2 |" in md
+    for png in body["details"]["plots"]:
+        assert (report / png).read_bytes()[:4] == b"\x89PNG"
+
+    # MLflow: both sides' benchmark runs (and their training runs) in one experiment.
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("dllm-vs-ar-test")
+    runs = client.search_runs([exp.experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert {"benchmark-dllm", "benchmark-ar", "train-dllm", "train-ar"} <= names
+    for side, rid in result["mlflow_run_ids"].items():
+        run = client.get_run(rid)
+        assert run.data.params["side"] == side
+        assert "quality/val_loss_per_token" in run.data.metrics and "quality/accuracy" in run.data.metrics
+        hist = client.get_metric_history(rid, "load/output_tokens_per_s")
+        assert sorted(m.step for m in hist) == LEVELS

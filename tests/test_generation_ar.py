@@ -1,0 +1,130 @@
+"""The Engine's autoregressive path for the causal twin: equal to a plain no-cache greedy loop token
+for token, batching invariance (greedy and sampled), EOS / max_tokens / stop ids, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from diffmoe.generation import DecodingConfig, Engine
+from diffmoe.model import LLaDAMoEModelLM, named_config
+
+VOCAB = 64
+
+
+def causal_model(seed: int = 0) -> LLaDAMoEModelLM:
+    torch.manual_seed(seed)
+    cfg = named_config("tiny", vocab_size=VOCAB, max_position_embeddings=96, causal=True)
+    model = LLaDAMoEModelLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)  # decisive predictions: no near-ties in argmax
+    return model
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Full forward over the whole sequence for every token: no cache, no batching, no padding."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+def prompts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3, 9, 5, 14, 1, 7][:n]
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lengths]
+
+
+def cfg(**kw) -> DecodingConfig:
+    return DecodingConfig(**{"gen_length": 16, "block_length": 8, "ignore_eos": True, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return causal_model()
+
+
+def test_ar_engine_equals_plain_greedy_loop(model):
+    ps = prompts(6)
+    engine = Engine(model, max_batch_size=8)
+    outs = engine.run(ps, cfg())
+    for p, out in zip(ps, outs):
+        assert out.token_ids == greedy_reference(model, p, 16)
+        assert out.finish_reason == "length"
+        assert out.steps == 16  # one prefill + 15 cached decode steps
+    # A batch of 6 needs one prefill forward plus one decode forward per later token.
+    assert engine.forwards == 16
+
+
+def test_ar_batching_invariance_mixed_lengths(model):
+    ps = prompts(6)
+    configs = [cfg(gen_length=8 * (1 + i % 3), block_length=8) for i in range(len(ps))]
+    alone = [Engine(model, max_batch_size=1).run([p], c)[0].token_ids for p, c in zip(ps, configs)]
+    engine = Engine(model, max_batch_size=3)  # requests join as others finish: mixed prefill/decode
+    together = [o.token_ids for o in engine.run(ps, configs)]
+    assert together == alone
+    assert [len(t) for t in alone] == [c.gen_length for c in configs]
+
+
+def test_ar_sampling_is_seeded_per_request(model):
+    ps = prompts(4)
+    short = dict(gen_length=8, block_length=8)
+    sampled = [cfg(temperature=1.0, seed=100 + i, **short) for i in range(4)]
+    alone = [Engine(model, max_batch_size=1).run([p], c)[0].token_ids for p, c in zip(ps, sampled)]
+    mixed = [sampled[0], cfg(**short), sampled[2], cfg(**short)]  # sampled rows batched with greedy ones
+    together = Engine(model, max_batch_size=4).run(ps, mixed)
+    assert together[0].token_ids == alone[0] and together[2].token_ids == alone[2]
+    assert together[1].token_ids == greedy_reference(model, ps[1], 8)
+    assert alone[0] != greedy_reference(model, ps[0], 8) or alone[2] != greedy_reference(model, ps[2], 8)
+
+
+def test_ar_eos_stops_early_and_max_tokens_truncates(model):
+    p = prompts(1)[0]
+    ref = greedy_reference(model, p, 16)
+    eos_at = 5
+    eos = ref[eos_at]
+    first = ref.index(eos)  # EOS ends the answer at its first occurrence
+    engine = Engine(model, eos_id=eos)
+    out = engine.run([p], cfg(ignore_eos=False))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == ref[:first]
+    assert out.steps == first + 1  # decoding stopped at EOS, not at the end of the canvas
+
+    out = Engine(model).run([p], cfg(max_tokens=4))[0]
+    assert out.finish_reason == "length" and out.token_ids == ref[:4] and out.steps == 4
+
+    stop_id = ref[2]
+    out = Engine(model).run([p], cfg(stop_token_ids=[stop_id], ignore_eos=False))[0]
+    assert out.finish_reason == "stop" and out.token_ids == ref[: ref.index(stop_id)]
+
+
+def test_ar_streams_one_token_per_step_and_async(model):
+    p = prompts(2)[1]
+    ref = greedy_reference(model, p, 8)
+    engine = Engine(model)
+    rid = engine.add_request(p, cfg(gen_length=8))
+    deltas = []
+    while engine.has_unfinished():
+        for event in engine.step():
+            assert event.request_id == rid
+            deltas.append(event.token_ids)
+    assert sum(deltas, []) == ref
+    assert all(len(d) <= 1 for d in deltas)
+
+    async def main():
+        out = await engine.generate(p, cfg(gen_length=8))
+        streamed = [e.token_ids async for e in engine.stream(p, cfg(gen_length=8))]
+        await engine.shutdown()
+        return out, streamed
+
+    out, streamed = asyncio.run(main())
+    assert out.token_ids == ref and sum(streamed, []) == ref
+
+
+def test_ar_rejects_an_empty_prompt(model):
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        Engine(model).add_request([], cfg())
