@@ -3,8 +3,10 @@
 Both train the same tiny LLaDA-MoE with the same diffusion objective, micro-batch and Parquet
 shards. Ours: jobs' code path (Ray Train V2 worker, Ray Data streaming, DeepSpeed ZeRO-2 engine,
 MLflow logging), 1 worker with all cores. Baseline: one process, shards read with pyarrow into
-memory, plain AdamW. Tokens/s are steady-state medians over logging windows (first window,
-which holds start-up, excluded). Also reports the 2-worker expert-parallel (EP=2) run.
+memory, plain AdamW, run once before and once after the platform runs (windows pooled, so load
+that comes or goes on a shared machine does not land on one side only). Tokens/s are
+steady-state medians over logging windows (each run's first window, which holds start-up,
+excluded). Also reports the 2-worker expert-parallel (EP=2) run.
 """
 
 from __future__ import annotations
@@ -122,12 +124,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = prepare_data(root)
+        load_before = os.getloadavg()
+        # The baseline runs before and after the platform runs and its steady windows are pooled,
+        # so load that comes or goes on a shared machine does not land on one side only.
+        bare_first = bare_loop(data, threads=cores)
         ours = platform_run(data, root, "one-worker", workers=1, ep=1, cpus=cores)
         ep2 = platform_run(data, root, "two-workers-ep2", workers=2, ep=2, cpus=cores / 2)
-        bare = bare_loop(data, threads=cores)
+        bare_second = bare_loop(data, threads=cores)
+        load_after = os.getloadavg()
     steady = {
-        k: statistics.median(v[1:])
-        for k, v in (("platform_1_worker", ours), ("bare_pytorch", bare), ("platform_2_workers_ep2", ep2))
+        k: statistics.median(v)
+        for k, v in (
+            ("platform_1_worker", ours[1:]),
+            ("bare_pytorch", bare_first[1:] + bare_second[1:]),
+            ("platform_2_workers_ep2", ep2[1:]),
+        )
     }
     ratio = steady["platform_1_worker"] / steady["bare_pytorch"]
     write_result(
@@ -140,7 +151,8 @@ def main() -> None:
             "tokens_per_s_steady_median": steady,
             "windows_tokens_per_s": {
                 "platform_1_worker": ours,
-                "bare_pytorch": bare,
+                "bare_pytorch_before": bare_first,
+                "bare_pytorch_after": bare_second,
                 "platform_2_workers_ep2": ep2,
             },
             "setup": {
@@ -151,6 +163,8 @@ def main() -> None:
                 "log_every": LOG_EVERY,
                 "threads": cores,
             },
+            # 1/5/15-minute load averages: other work on the machine makes windows erratic
+            "load_average_before_after": [list(load_before), list(load_after)],
             "ep2_vs_1_worker": steady["platform_2_workers_ep2"] / steady["platform_1_worker"],
             "note": "2-worker EP on one 2-core machine splits the same cores; it shows the all-to-all path runs, not a speed-up.",
         },

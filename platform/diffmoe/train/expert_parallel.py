@@ -5,6 +5,9 @@
 so top-k weights are not renormalised and no token is dropped (capacity = the largest expert load
 in the expert-parallel group). DeepSpeed then provides what it is for: expert-parallel process
 groups, all-to-all token exchange, MoE optimizer parameter groups and per-expert checkpoint files.
+With an expert-parallel group of one there is nothing to exchange, and the layer runs the serving
+model's sorted grouped-matmul kernel on the same DeepSpeed-owned parameters instead of DeepSpeed's
+capacity-padded dispatch (measured ~2x faster per MoE layer on CPU, same outputs and gradients).
 Weights convert both ways with the published key layout, so training-time and serving-time
 forwards compute the same function (``tests/test_train.py::test_training_time_forward_equals_exported_model``).
 """
@@ -18,6 +21,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
+from diffmoe.model.grouped_mm import dispatch, grouped_mm, unsort, weighted_swiglu
 from diffmoe.model.modeling import SwiGLU, route_tokens
 
 _EXPERTS = "mlp.moe.deepspeed_moe.experts.deepspeed_experts"
@@ -80,8 +84,38 @@ class ExpertParallelMoE(nn.Module):
         self.moe.deepspeed_moe.gate = LLaDAGate(config)
 
     def forward(self, x):
+        if self.moe.ep_size == 1:
+            return self._local_forward(x)
         y, _, _ = self.moe(x)
         return y, self.moe.deepspeed_moe.gate.router_logits
+
+    def _local_forward(self, x):
+        """EP group of one: no all-to-all to make, so skip DeepSpeed's capacity-padded [E, C, H]
+        dispatch (zero-filled slots, per-expert Python loop, index_add backwards) and run the
+        serving model's sorted grouped-matmul expert kernel on the same parameters. Same function
+        (route_tokens, no dropped tokens, top-k weights as routed); DeepSpeed still owns the expert
+        parameters, their optimizer groups and per-expert checkpoint files."""
+        gate = self.moe.deepspeed_moe.gate
+        cfg = gate.config
+        b, n, h = x.shape
+        flat = x.reshape(-1, h)
+        logits = F.linear(flat.float(), gate.wg.weight.float())
+        expert_bias = gate.expert_bias if cfg.moe_router_enable_expert_bias else None
+        expert_idx, weights = route_tokens(cfg, logits, expert_bias)
+        gate.router_logits = logits
+        experts = self.moe.deepspeed_moe.experts.deepspeed_experts
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
+        down = torch.stack([e.down_proj.weight for e in experts])
+        k = expert_idx.shape[1]
+        flat_idx = expert_idx.reshape(-1)
+        order = torch.argsort(flat_idx, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(flat_idx, minlength=cfg.num_experts)
+        hidden = grouped_mm(dispatch(flat, order, inverse, k), gate_up, counts)
+        act = weighted_swiglu(hidden, weights.reshape(-1)[order].to(hidden.dtype))
+        y = unsort(grouped_mm(act, down, counts), order, inverse).view(b * n, k, h).sum(1)
+        return y.view(b, n, h), logits
 
 
 def build_training_model(config: LLaDAMoEConfig, ep_size: int) -> LLaDAMoEModelLM:
