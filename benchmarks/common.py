@@ -7,9 +7,6 @@ Every benchmark writes ``docs/benchmarks/<name>.json`` with the keys ``benchmark
 from __future__ import annotations
 
 import json
-import os
-import platform as _stdlib_platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,27 +16,11 @@ OUT_DIR = ROOT / "docs" / "benchmarks"
 
 
 def machine() -> dict[str, Any]:
-    import torch
+    """CPU, cores, torch, GPU, memory and load average: the library's description, shared with
+    the dLLM-vs-AR report so every result file describes its machine the same way."""
+    from diffmoe.bench.report import machine as describe
 
-    info: dict[str, Any] = {
-        "cpu": _stdlib_platform.processor() or _stdlib_platform.machine(),
-        "cores": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        with open("/proc/meminfo") as f:
-            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return info
+    return describe()
 
 
 def write_result(

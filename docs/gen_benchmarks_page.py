@@ -14,11 +14,13 @@ object is rendered as its own table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # docgen, when loaded by path
+from docgen import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "docs" / "benchmarks"
@@ -228,25 +230,7 @@ def slug(title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--check", action="store_true", help="exit 1 if the committed file is stale")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = OUTPUT.read_text() if OUTPUT.is_file() else ""
-        if current != text:
-            print(
-                f"{OUTPUT.relative_to(ROOT)} is stale: run `.venv/bin/python {GENERATOR}` and commit it",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"{OUTPUT.relative_to(ROOT)} is current")
-        return 0
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT.relative_to(ROOT)}")
-    return 0
+    return generate(render, OUTPUT, GENERATOR, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the ``# comment`` at the end of the field's source lines, else the comment block
 
 from __future__ import annotations
 
-import argparse
 import ast
 import inspect
 import io
@@ -22,6 +21,9 @@ import tokenize
 import types
 import typing
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # docgen, when loaded by path
+from docgen import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "platform"))  # run from a checkout without installing
@@ -253,25 +255,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--check", action="store_true", help="exit 1 if the committed file is stale")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = OUTPUT.read_text() if OUTPUT.is_file() else ""
-        if current != text:
-            print(
-                f"{OUTPUT.relative_to(ROOT)} is stale: run `.venv/bin/python {GENERATOR}` and commit it",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"{OUTPUT.relative_to(ROOT)} is current")
-        return 0
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT.relative_to(ROOT)}")
-    return 0
+    return generate(render, OUTPUT, GENERATOR, __doc__, argv)
 
 
 if __name__ == "__main__":
