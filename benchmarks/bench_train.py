@@ -1,11 +1,12 @@
 """Training throughput: the platform path vs a bare single-process PyTorch loop, side by side.
 
 Both train the same tiny LLaDA-MoE with the same diffusion objective, micro-batch and Parquet
-shards. Ours: jobs' code path (Ray Train V2 worker, Ray Data streaming, DeepSpeed ZeRO-2 engine,
-MLflow logging), 1 worker with all cores. Baseline: one process, shards read with pyarrow into
-memory, plain AdamW, run once before and once after the platform runs (windows pooled, so load
-that comes or goes on a shared machine does not land on one side only). Tokens/s are
-steady-state medians over logging windows (each run's first window, which holds start-up,
+shards. Ours: jobs' code path (Ray Train V2 worker, Ray Data, which reads a split this small
+into the worker's memory once by default, DeepSpeed ZeRO-2 engine, MLflow logging), 1 worker
+with all cores. Baseline: one process, shards read with pyarrow into
+memory, plain AdamW. The two alternate (bare, ours, bare, ours, ...) and each of our runs is
+divided by the mean of the bare runs beside it; the ratio is the median over rounds. Tokens/s
+are steady-state medians over logging windows (each run's first window, which holds start-up,
 excluded). Also reports the 2-worker expert-parallel (EP=2) run.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from common import write_result
 
-STEPS, LOG_EVERY, MICRO_BATCH, SEQ_LEN = 150, 10, 16, 128
+STEPS, LOG_EVERY, MICRO_BATCH, SEQ_LEN, ROUNDS = 300, 10, 16, 128, 3
 
 
 def prepare_data(root: Path) -> Path:
@@ -116,6 +117,26 @@ def platform_run(data: Path, root: Path, name: str, workers: int, ep: int, cpus:
     return [m.value for m in history]
 
 
+# What the component measurements (2026-11-30, this 2-core machine) say about the gap; written
+# with the result when the target is missed, so the json explains itself.
+WHY_NOT_MET = (
+    "Components, measured in one process with 10-step blocks alternated (no Ray): the DeepSpeed "
+    "ZeRO-2 engine with the DeepSpeed-MoE layers runs at 0.94-0.96x the bare loop since the local "
+    "experts' weights are stacked (0.76-0.79x before: 3 x 8 expert tensors per layer through "
+    "AdamW, ZeRO's per-parameter hooks and a torch.stack each step). Input is not the gap: "
+    "train/data_wait_frac is ~1% of step time. The rest is inside the Ray Train worker: Ray Train "
+    "V2 runs the training function in a non-main thread, and torch CPU kernels there ran 1.2-2x "
+    "slower than on a main thread in our microbenchmarks (the bare loop in a thread of a process "
+    "whose main thread had used OpenMP: 12.7-15.6k vs 31.6-34.4k tokens/s); Ray Train offers no "
+    "main-thread option. The machine's speed also drifts +-30% within minutes (see the bare runs), "
+    "so rounds disagree by ~0.1."
+)
+
+
+def steady(windows: list[float]) -> float:
+    return statistics.median(windows[1:])  # the first window holds start-up
+
+
 def main() -> None:
     import ray
 
@@ -125,22 +146,26 @@ def main() -> None:
         root = Path(tmp)
         data = prepare_data(root)
         load_before = os.getloadavg()
-        # The baseline runs before and after the platform runs and its steady windows are pooled,
-        # so load that comes or goes on a shared machine does not land on one side only.
-        bare_first = bare_loop(data, threads=cores)
-        ours = platform_run(data, root, "one-worker", workers=1, ep=1, cpus=cores)
+        # Rounds of bare, platform, bare, ...: each platform run is compared with the bare runs
+        # just before and after it, so drift in a shared machine's speed (+-30% over minutes
+        # here) lands on both sides; the ratio is the median over rounds.
+        bare = [bare_loop(data, threads=cores)]
+        ours = []
+        for r in range(ROUNDS):
+            ours.append(platform_run(data, root, f"one-worker-{r}", workers=1, ep=1, cpus=cores))
+            bare.append(bare_loop(data, threads=cores))
         ep2 = platform_run(data, root, "two-workers-ep2", workers=2, ep=2, cpus=cores / 2)
-        bare_second = bare_loop(data, threads=cores)
         load_after = os.getloadavg()
-    steady = {
-        k: statistics.median(v)
-        for k, v in (
-            ("platform_1_worker", ours[1:]),
-            ("bare_pytorch", bare_first[1:] + bare_second[1:]),
-            ("platform_2_workers_ep2", ep2[1:]),
-        )
+    round_ratios = [
+        steady(ours[r]) / statistics.mean([steady(bare[r]), steady(bare[r + 1])]) for r in range(ROUNDS)
+    ]
+    medians = {
+        "platform_1_worker": statistics.median(steady(w) for w in ours),
+        "bare_pytorch": statistics.median(steady(w) for w in bare),
+        "platform_2_workers_ep2": steady(ep2),
     }
-    ratio = steady["platform_1_worker"] / steady["bare_pytorch"]
+    ratio = statistics.median(round_ratios)
+    findings = {"why_not_met": WHY_NOT_MET} if ratio < 0.9 else {}
     write_result(
         "train",
         command="make bench  # or: .venv/bin/python benchmarks/bench_train.py",
@@ -148,11 +173,11 @@ def main() -> None:
         ratio=ratio,
         target=">= 0.9 (platform overhead <= 10%)",
         details={
-            "tokens_per_s_steady_median": steady,
+            "ratio_per_round": round_ratios,
+            "tokens_per_s_steady_median": medians,
             "windows_tokens_per_s": {
-                "platform_1_worker": ours,
-                "bare_pytorch_before": bare_first,
-                "bare_pytorch_after": bare_second,
+                "bare_pytorch_runs": bare,
+                "platform_1_worker_runs": ours,
                 "platform_2_workers_ep2": ep2,
             },
             "setup": {
@@ -162,11 +187,13 @@ def main() -> None:
                 "seq_len": SEQ_LEN,
                 "log_every": LOG_EVERY,
                 "threads": cores,
+                "rounds": ROUNDS,
             },
             # 1/5/15-minute load averages: other work on the machine makes windows erratic
             "load_average_before_after": [list(load_before), list(load_after)],
-            "ep2_vs_1_worker": steady["platform_2_workers_ep2"] / steady["platform_1_worker"],
+            "ep2_vs_1_worker": medians["platform_2_workers_ep2"] / medians["platform_1_worker"],
             "note": "2-worker EP on one 2-core machine splits the same cores; it shows the all-to-all path runs, not a speed-up.",
+            **findings,
         },
     )
 

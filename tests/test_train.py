@@ -20,9 +20,9 @@ from diffmoe.train.config import TrainJobConfig
 from diffmoe.train.trainer import TrainConfigError, run_training
 
 
-def _config(tmp: Path, data: Path, name: str, **sections) -> TrainJobConfig:
+def _config(tmp: Path, data_path: Path, name: str, **sections) -> TrainJobConfig:
     base = {
-        "data": {"path": str(data)},
+        "data": {"path": str(data_path)},
         "optim": {"lr": 3e-3, "warmup_steps": 3},
         "train": {
             "max_steps": 30,
@@ -68,12 +68,14 @@ def test_two_workers_expert_parallel_learn_and_track_in_mlflow(ep2_run, workdir)
         "train/lr",
         "train/grad_norm",
         "train/tokens_per_s",
+        "train/data_wait_frac",
         "moe/layer0/max_mean_load",
         "moe/layer1/router_entropy",
         "val/loss",
     ):
         assert key in run.data.metrics, key
     assert any(k.startswith("system/") for k in run.data.metrics)
+    assert "train_split_in_memory.last" in run.data.tags  # a split this small is read once
     val = sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)
     assert val[0].step == 0 and val[-1].step == 30
     assert val[-1].value < val[0].value - 0.5, [(m.step, m.value) for m in val]
@@ -119,8 +121,10 @@ def test_killed_worker_process_restarts_from_checkpoint(ray_cluster, tiny_corpus
         workdir,
         tiny_corpus,
         "faulty",
-        # enough steps after the second checkpoint that the kill lands mid-run however fast it trains
-        train={"max_steps": 200, "checkpoint_every": 20, "val_every": 1000},
+        # the tiny model trains ~40 steps/s here: leave several seconds of training after the second
+        # checkpoint so the kill lands mid-run, and few checkpoints (each costs a collective save)
+        train={"max_steps": 600, "checkpoint_every": 100, "val_every": 1000},
+        data={"cache_in_memory_mb": 0},  # the streaming path, resuming mid-epoch
         scaling={"num_workers": 2, "max_failures": 2},
     )
     outcome = {}
@@ -139,8 +143,8 @@ def test_killed_worker_process_restarts_from_checkpoint(ray_cluster, tiny_corpus
     os.kill(workers[-1].pid, signal.SIGKILL)  # a real signal to the real worker process
     thread.join(timeout=300)
     result = outcome["result"]
-    assert result.final_step == 200
-    assert result.metrics["resumed_from_step"] >= 20
+    assert result.final_step == 600
+    assert result.metrics["resumed_from_step"] >= 100
 
 
 def test_finetune_from_pretrained_directory_scores_only_responses(ep2_run, tiny_sft, workdir):

@@ -27,6 +27,11 @@ class DataSection(StrictModel):
     path: str = "data/corpus"  # output of jobs/prepare_corpus.py (manifest.json + shards)
     train_split: str = "train"
     validation_split: str = "validation"
+    # Hold each worker's share of the train split in host memory (read once through Ray Data) when
+    # it is at most this many MiB; larger splits stream every epoch. Caching takes Ray Data's
+    # per-batch streaming work off the training cores and skips re-reading Parquet each epoch.
+    # 0 = always stream.
+    cache_in_memory_mb: int = Field(1024, ge=0)
 
 
 class OptimSection(StrictModel):
@@ -73,6 +78,9 @@ class ScalingSection(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
+    # Ray runs actors at niceness 15, below Ray's own daemons and drivers; training workers reset it
+    # to this (best effort: lowering it needs root or CAP_SYS_NICE). null = keep Ray's.
+    worker_niceness: int | None = Field(0, ge=-20, le=19)
 
     @property
     def min_workers(self) -> int:

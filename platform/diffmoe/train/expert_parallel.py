@@ -8,6 +8,8 @@ groups, all-to-all token exchange, MoE optimizer parameter groups and per-expert
 With an expert-parallel group of one there is nothing to exchange, and the layer runs the serving
 model's sorted grouped-matmul kernel on the same DeepSpeed-owned parameters instead of DeepSpeed's
 capacity-padded dispatch (measured ~2x faster per MoE layer on CPU, same outputs and gradients).
+The local experts' weights are stacked (``StackedExperts``) while their state dict keeps
+DeepSpeed's per-expert names.
 Weights convert both ways with the published key layout, so training-time and serving-time
 forwards compute the same function (``tests/test_train.py::test_training_time_forward_equals_exported_model``).
 """
@@ -21,8 +23,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
-from diffmoe.model.grouped_mm import dispatch, grouped_mm, unsort, weighted_swiglu
-from diffmoe.model.modeling import SwiGLU, route_tokens
+from diffmoe.model.modeling import Experts, route_tokens
 
 _EXPERTS = "mlp.moe.deepspeed_moe.experts.deepspeed_experts"
 _GATE = "mlp.moe.deepspeed_moe.gate"
@@ -67,21 +68,53 @@ class LLaDAGate(nn.Module):
         )
 
 
+class StackedExperts(nn.Module):
+    """DeepSpeed's ``Experts`` container with the local experts' weights stacked.
+
+    ``deepspeed_experts`` is the serving model's ``Experts`` (two [E_local, ...] parameters instead
+    of three per expert), so the fast path is literally the model's kernel and the optimizer,
+    ZeRO hooks and gradient clipping see 2 tensors per layer, not 3 x E_local. Its state dict still
+    reads ``deepspeed_experts.{j}.{gate,up,down}_proj.weight``: DeepSpeed's per-expert checkpoint
+    files and the published layout are unchanged. Parameters carry DeepSpeed's expert markers
+    (``allreduce=False``, ``group_name``) so they land in the MoE optimizer groups.
+    """
+
+    def __init__(self, config: LLaDAMoEConfig, num_local_experts: int, group_name: str):
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.deepspeed_experts = Experts(
+            num_local_experts, config.hidden_size, config.expert_intermediate_size
+        )
+        for param in self.deepspeed_experts.parameters():
+            param.allreduce = False
+            param.group_name = group_name
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed MOELayer's call after the all-to-all: [ep, E_local, C, H] -> same shape."""
+        ep, e, c, h = inputs.shape
+        experts = self.deepspeed_experts
+        x = inputs.transpose(0, 1).reshape(e, ep * c, h)
+        gate, up = torch.bmm(x, experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, experts.down_proj.transpose(1, 2))
+        return y.view(e, ep, c, h).transpose(0, 1)
+
+
 class ExpertParallelMoE(nn.Module):
     """Drop-in for ``modeling.MoE``: forward(x [B, L, H]) -> (y, router_logits [B*L, E])."""
 
     def __init__(self, config: LLaDAMoEConfig, ep_size: int):
         super().__init__()
-        expert = SwiGLU(config.hidden_size, config.expert_intermediate_size)
         self.moe = DeepSpeedMoE(
             config.hidden_size,
-            expert,
+            nn.Identity(),  # replaced below by the stacked container
             num_experts=config.num_experts,
             ep_size=ep_size,
             k=1,
             drop_tokens=False,
         )
-        self.moe.deepspeed_moe.gate = LLaDAGate(config)
+        ds_moe = self.moe.deepspeed_moe
+        ds_moe.gate = LLaDAGate(config)
+        ds_moe.experts = StackedExperts(config, self.moe.num_local_experts, self.moe.expert_group_name)
 
     def forward(self, x):
         if self.moe.ep_size == 1:
@@ -91,10 +124,9 @@ class ExpertParallelMoE(nn.Module):
 
     def _local_forward(self, x):
         """EP group of one: no all-to-all to make, so skip DeepSpeed's capacity-padded [E, C, H]
-        dispatch (zero-filled slots, per-expert Python loop, index_add backwards) and run the
-        serving model's sorted grouped-matmul expert kernel on the same parameters. Same function
-        (route_tokens, no dropped tokens, top-k weights as routed); DeepSpeed still owns the expert
-        parameters, their optimizer groups and per-expert checkpoint files."""
+        dispatch (zero-filled slots, index_add backwards) and run the serving model's sorted
+        grouped-matmul expert kernel on the same parameters. Same function (route_tokens, no
+        dropped tokens, top-k weights as routed)."""
         gate = self.moe.deepspeed_moe.gate
         cfg = gate.config
         b, n, h = x.shape
@@ -103,18 +135,7 @@ class ExpertParallelMoE(nn.Module):
         expert_bias = gate.expert_bias if cfg.moe_router_enable_expert_bias else None
         expert_idx, weights = route_tokens(cfg, logits, expert_bias)
         gate.router_logits = logits
-        experts = self.moe.deepspeed_moe.experts.deepspeed_experts
-        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
-        down = torch.stack([e.down_proj.weight for e in experts])
-        k = expert_idx.shape[1]
-        flat_idx = expert_idx.reshape(-1)
-        order = torch.argsort(flat_idx, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.bincount(flat_idx, minlength=cfg.num_experts)
-        hidden = grouped_mm(dispatch(flat, order, inverse, k), gate_up, counts)
-        act = weighted_swiglu(hidden, weights.reshape(-1)[order].to(hidden.dtype))
-        y = unsort(grouped_mm(act, down, counts), order, inverse).view(b * n, k, h).sum(1)
+        y = self.moe.deepspeed_moe.experts.deepspeed_experts(flat, expert_idx, weights)
         return y.view(b, n, h), logits
 
 

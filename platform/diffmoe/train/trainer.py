@@ -104,6 +104,14 @@ def preflight(cfg: TrainJobConfig) -> tuple[LLaDAMoEConfig, Manifest]:
     return model_config, manifest
 
 
+def train_split_fits_in_memory(cfg: TrainJobConfig, manifest: Manifest) -> bool:
+    """Whether one worker's share of the train split (as int64 tensors, every column, at the
+    smallest worker count) is within ``data.cache_in_memory_mb``."""
+    rows = manifest.splits[cfg.data.train_split].sequences
+    share = rows * manifest.seq_len * 8 * len(manifest.columns) / cfg.scaling.min_workers
+    return share <= cfg.data.cache_in_memory_mb * 2**20
+
+
 def _git_commit() -> str:
     try:
         return subprocess.check_output(
@@ -216,6 +224,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
                 "tracking_uri": uri,
                 "log_system_metrics": cfg.mlflow.log_system_metrics,
                 "has_validation": has_val,
+                "cache_train": train_split_fits_in_memory(cfg, manifest),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
