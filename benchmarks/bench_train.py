@@ -124,12 +124,12 @@ WHY_NOT_MET = (
     "ZeRO-2 engine with the DeepSpeed-MoE layers runs at 0.94-0.96x the bare loop since the local "
     "experts' weights are stacked (0.76-0.79x before: 3 x 8 expert tensors per layer through "
     "AdamW, ZeRO's per-parameter hooks and a torch.stack each step). Input is not the gap: "
-    "train/data_wait_frac is ~1% of step time. The rest is inside the Ray Train worker: Ray Train "
-    "V2 runs the training function in a non-main thread, and torch CPU kernels there ran 1.2-2x "
-    "slower than on a main thread in our microbenchmarks (the bare loop in a thread of a process "
-    "whose main thread had used OpenMP: 12.7-15.6k vs 31.6-34.4k tokens/s); Ray Train offers no "
-    "main-thread option. The machine's speed also drifts +-30% within minutes (see the bare runs), "
-    "so rounds disagree by ~0.1."
+    "train/data_wait_frac is ~1% of step time. Inside the Ray Train worker (Ray Train V2 runs the "
+    "training function in a non-main thread) the bare loop itself ran at 0.92-0.99x the driver's "
+    "in a quiet phase, while our loop ran at 0.80-0.87x the bare loop run in that same thread "
+    "just before and after it, and ~0.05-0.1 better with MLflow logging switched off; that "
+    "remaining per-step cost inside the worker is not pinned down yet. The machine's speed also "
+    "drifts +-30% within minutes (see the bare runs), so rounds disagree by ~0.1."
 )
 
 
