@@ -21,6 +21,8 @@ def group_of_one():
     import deepspeed.comm as ds_comm
     from deepspeed.utils import groups
 
+    from diffmoe.train.expert_parallel import init_distributed
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -33,7 +35,7 @@ def group_of_one():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     yield
     groups._EXPERT_PARALLEL_GROUP.clear()
     groups._EXPERT_DATA_PARALLEL_GROUP.clear()
@@ -44,6 +46,13 @@ def group_of_one():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def test_process_group_start_compiles_no_cpp_op(group_of_one):
+    """DeepSpeed's CPU backend would JIT-build its shared-memory all-reduce here (minutes of g++)."""
+    import deepspeed.comm as ds_comm
+
+    assert ds_comm.comm.cdb.shm_comm_op is None
 
 
 def _models():
@@ -83,7 +92,8 @@ def test_deepspeed_dispatch_path_equals_the_grouped_kernel_path(group_of_one):
     torch.testing.assert_close(dispatched, local, rtol=1e-5, atol=1e-6)
 
 
-def test_deepspeed_checkpoint_has_one_file_per_expert_and_restores(group_of_one, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 2])  # 0: what a single-worker run uses
+def test_deepspeed_checkpoint_has_one_file_per_expert_and_restores(group_of_one, tmp_path, zero_stage):
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from diffmoe.train.expert_parallel import published_state
@@ -95,7 +105,7 @@ def test_deepspeed_checkpoint_has_one_file_per_expert_and_restores(group_of_one,
     engine, *_ = deepspeed.initialize(
         model=trained,
         optimizer=torch.optim.AdamW(groups, lr=1e-3),
-        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}},
+        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": zero_stage}},
     )
     saved = {k: v.clone() for k, v in published_state(trained).items()}
     engine.save_checkpoint(str(tmp_path), tag="t")

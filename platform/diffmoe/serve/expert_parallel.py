@@ -39,9 +39,7 @@ class ExpertParallelWorker:
 
     def setup(self, master: tuple[str, int], source: str, tracking_uri: str | None) -> int:
         """Join the process group and load this rank's share of the weights; returns local experts."""
-        import deepspeed
-
-        from diffmoe.train.expert_parallel import build_training_model, load_published_state
+        from diffmoe.train.expert_parallel import build_training_model, init_distributed, load_published_state
 
         from .model_source import load_state, resolve
 
@@ -53,7 +51,7 @@ class ExpertParallelWorker:
             LOCAL_RANK="0",
         )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        init_distributed(backend)
         state, config = load_state(resolve(source, tracking_uri))
         self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         model = build_training_model(config, self.world)

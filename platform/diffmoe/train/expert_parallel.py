@@ -29,6 +29,23 @@ _EXPERTS = "mlp.moe.deepspeed_moe.experts.deepspeed_experts"
 _GATE = "mlp.moe.deepspeed_moe.gate"
 
 
+def init_distributed(backend: str) -> None:
+    """``deepspeed.init_distributed`` without the JIT build of DeepSpeed's shared-memory all-reduce.
+
+    On CPU, DeepSpeed compiles that C++ op with ninja at every process-group start on a node or
+    virtualenv it has not seen (1-3 CPU-minutes on 2 cores, while training waits). The op serves
+    only ``inference_all_reduce`` (DeepSpeed's tensor-parallel inference), which neither our
+    training nor our serving calls; gloo or NCCL carries every collective we use.
+    """
+    import importlib
+
+    import deepspeed
+
+    # importlib: ``import deepspeed.comm.torch as m`` would bind the ``torch`` that deepspeed.comm re-exports
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
 class LLaDAGate(nn.Module):
     """A DeepSpeed MOELayer gate with LLaDA-MoE semantics (sparse-route return format)."""
 

@@ -31,8 +31,8 @@ from .checkpointing import (
     restore_engine,
     save_checkpoint,
 )
-from .config import TrainJobConfig, effective_ep_size
-from .expert_parallel import build_training_model, load_published_state
+from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
+from .expert_parallel import build_training_model, init_distributed, load_published_state
 from .metrics import MetricsLogger, expert_load_metrics
 from .schedule import lr_multiplier
 
@@ -66,12 +66,12 @@ class ObjectiveModule(nn.Module):
         )
 
 
-def _ds_config(cfg: TrainJobConfig, bf16: bool) -> dict[str, Any]:
+def _ds_config(cfg: TrainJobConfig, bf16: bool, world_size: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {"stage": effective_zero_stage(cfg.deepspeed.zero_stage, world_size)},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
     }
@@ -147,7 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     if cfg.scaling.worker_niceness is not None:
         set_niceness(cfg.scaling.worker_niceness)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    init_distributed("nccl" if use_cuda else "gloo")
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_cuda)
     model_config = LLaDAMoEConfig.from_dict(loop_config["model_config"])
     ep_size = effective_ep_size(cfg.deepspeed.ep_size, world, model_config.num_experts)
@@ -181,7 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=ObjectiveModule(model, cfg),
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=_ds_config(cfg, bf16),
+        config=_ds_config(cfg, bf16, world),
     )
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -190,6 +190,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = MetricsLogger(loop_config, rank, world, enabled=rank == 0)
     logger.event("restored", {"from_step": resumed_from, "how": state.get("restored", "fresh")})
+    logger.event(
+        "deepspeed", {"zero_stage": engine.zero_optimization_stage(), "ep_size": ep_size, "bf16": bf16}
+    )
     train_batches = TrainBatches(
         ray.train.get_dataset_shard(cfg.data.train_split), cfg, device, bool(loop_config.get("cache_train"))
     )
