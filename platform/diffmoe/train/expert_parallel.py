@@ -61,12 +61,17 @@ class LLaDAGate(nn.Module):
     def _set_ep_group(self, group) -> None:
         self.ep_group = group
 
+    def route(self, x: torch.Tensor):
+        """x [N, H] -> (fp32 router logits [N, E], expert ids [N, k], fp32 weights [N, k]), as
+        ``modeling.MoE.route``; keeps the logits for the z-loss and expert-load metrics."""
+        logits = F.linear(x.float(), self.wg.weight.float())
+        expert_bias = self.expert_bias if self.config.moe_router_enable_expert_bias else None
+        self.router_logits = logits
+        return (logits, *route_tokens(self.config, logits, expert_bias))
+
     def forward(self, x, used_token=None, sparse_routes=True, use_tutel=False):
         cfg = self.config
-        logits = F.linear(x.float(), self.wg.weight.float())
-        expert_bias = self.expert_bias if cfg.moe_router_enable_expert_bias else None
-        expert_idx, weights = route_tokens(cfg, logits, expert_bias)
-        self.router_logits = logits
+        logits, expert_idx, weights = self.route(x)
         chosen = torch.zeros_like(logits, dtype=torch.long).scatter_(1, expert_idx, 1)
         counts = chosen.sum(0)
         capacity = counts.max().clone()
@@ -144,14 +149,9 @@ class ExpertParallelMoE(nn.Module):
         dispatch (zero-filled slots, index_add backwards) and run the serving model's sorted
         grouped-matmul expert kernel on the same parameters. Same function (route_tokens, no
         dropped tokens, top-k weights as routed)."""
-        gate = self.moe.deepspeed_moe.gate
-        cfg = gate.config
         b, n, h = x.shape
         flat = x.reshape(-1, h)
-        logits = F.linear(flat.float(), gate.wg.weight.float())
-        expert_bias = gate.expert_bias if cfg.moe_router_enable_expert_bias else None
-        expert_idx, weights = route_tokens(cfg, logits, expert_bias)
-        gate.router_logits = logits
+        logits, expert_idx, weights = self.moe.deepspeed_moe.gate.route(flat)
         y = self.moe.deepspeed_moe.experts.deepspeed_experts(flat, expert_idx, weights)
         return y.view(b, n, h), logits
 
