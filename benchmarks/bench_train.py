@@ -3,17 +3,22 @@
 Both train the same tiny LLaDA-MoE with the same diffusion objective, micro-batch and Parquet
 shards. Ours: jobs' code path (Ray Train V2 worker, Ray Data, which reads a split this small
 into the worker's memory once by default, DeepSpeed engine, which a single worker runs at ZeRO
-stage 0, MLflow logging), 1 worker with all cores. Baseline: one process, shards read with pyarrow into
-memory, plain AdamW. The two alternate (bare, ours, bare, ours, ...) and each of our runs is
-divided by the mean of the bare runs beside it; the ratio is the median over rounds. Tokens/s
-are steady-state medians over logging windows (each run's first window, which holds start-up,
+stage 0, MLflow logging), 1 worker with all cores. Baseline: a separate plain Python process (no
+Ray), shards read with pyarrow into memory, plain AdamW, run with the same process environment
+the platform gives its workers (``scaling.worker_env``: glibc malloc settings), so the ratio is
+the platform's own overhead. The same loop with glibc's defaults is reported beside it. Runs
+alternate (bare, bare with defaults, ours, bare, ...) and each of our runs is divided by the mean
+of the like-for-like bare runs beside it; the ratio is the median over rounds. Tokens/s are
+steady-state medians over logging windows (each run's first window, which holds start-up,
 excluded). Also reports the 2-worker expert-parallel (EP=2) run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +29,7 @@ import torch
 from common import write_result
 
 STEPS, LOG_EVERY, MICRO_BATCH, SEQ_LEN, ROUNDS = 300, 10, 16, 128, 5
+SPARE_ROUNDS = 3  # the one-core-free comparison (fewer rounds: it is a cross-check)
 
 
 def prepare_data(root: Path) -> Path:
@@ -85,6 +91,20 @@ def bare_loop(data: Path, threads: int) -> list[float]:
     return windows
 
 
+def bare_process(data: Path, threads: int, env: dict[str, str]) -> list[float]:
+    """``bare_loop`` in a fresh process whose environment has ``env`` and no other MALLOC_*
+    settings (glibc reads them only at start-up)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, __file__, "--bare", str(data), str(threads)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def platform_run(data: Path, root: Path, name: str, workers: int, ep: int, cpus: float) -> list[float]:
     from mlflow.tracking import MlflowClient
 
@@ -138,42 +158,72 @@ def steady(windows: list[float]) -> float:
 def main() -> None:
     import ray
 
+    from diffmoe.train.config import ScalingSection
+
+    worker_env = ScalingSection().worker_env  # what the platform's training workers run with
     cores = os.cpu_count() or 2
     ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = prepare_data(root)
         load_before = os.getloadavg()
-        # Rounds of bare, platform, bare, ...: each platform run is compared with the bare runs
-        # just before and after it, so drift in a shared machine's speed (+-30% over minutes
-        # here) lands on both sides; the ratio is the median over rounds.
-        bare = [bare_loop(data, threads=cores)]
-        ours = []
-        for r in range(ROUNDS):
-            ours.append(platform_run(data, root, f"one-worker-{r}", workers=1, ep=1, cpus=cores))
-            bare.append(bare_loop(data, threads=cores))
+        # Rounds of bare, bare (glibc defaults), platform, bare, ...: each platform run is
+        # compared with the bare runs just before and after it, so drift in a shared machine's
+        # speed (+-30% over minutes here) lands on both sides; the ratio is the median over rounds.
+        bare, bare_default, ours = [], [], []
+        for r in range(ROUNDS + 1):
+            for runs, env in [(bare, worker_env), (bare_default, {})][:: 1 if r % 2 else -1]:
+                runs.append(bare_process(data, cores, env))  # order swaps each round
+            if r < ROUNDS:
+                ours.append(platform_run(data, root, f"one-worker-{r}", workers=1, ep=1, cpus=cores))
         ep2 = platform_run(data, root, "two-workers-ep2", workers=2, ep=2, cpus=cores / 2)
+        # The same comparison with one core left free for Ray's own processes (1 thread each).
+        spare_bare, spare_ours = [], []
+        for r in range(SPARE_ROUNDS if cores > 1 else 0):
+            spare_bare.append(bare_process(data, cores - 1, worker_env))
+            spare_ours.append(platform_run(data, root, f"spare-core-{r}", workers=1, ep=1, cpus=cores - 1))
+        if spare_ours:
+            spare_bare.append(bare_process(data, cores - 1, worker_env))
         load_after = os.getloadavg()
-    round_ratios = [
-        steady(ours[r]) / statistics.mean([steady(bare[r]), steady(bare[r + 1])]) for r in range(ROUNDS)
-    ]
+
+    def per_round(runs: list[list[float]], baseline: list[list[float]]) -> list[float]:
+        return [
+            steady(run) / statistics.mean([steady(baseline[r]), steady(baseline[r + 1])])
+            for r, run in enumerate(runs)
+        ]
+
+    round_ratios = per_round(ours, bare)
     medians = {
         "platform_1_worker": statistics.median(steady(w) for w in ours),
         "bare_pytorch": statistics.median(steady(w) for w in bare),
+        "bare_pytorch_glibc_defaults": statistics.median(steady(w) for w in bare_default),
         "platform_2_workers_ep2": steady(ep2),
     }
     ratio = statistics.median(round_ratios)
     write_result(
         "train",
         command="make bench  # or: .venv/bin/python benchmarks/bench_train.py",
-        baseline="bare single-process PyTorch loop (same model, objective, micro-batch, shards in memory, AdamW)",
+        baseline="bare single-process PyTorch loop (same model, objective, micro-batch, shards in memory, "
+        "AdamW, same process environment as the platform's workers)",
         ratio=ratio,
         target=">= 0.9 (platform overhead <= 10%)",
         details={
             "ratio_per_round": round_ratios,
+            "ratio_vs_bare_with_glibc_defaults": statistics.median(per_round(ours, bare_default)),
+            "one_core_left_free": {
+                "ratio_per_round": per_round(spare_ours, spare_bare),
+                "ratio": statistics.median(per_round(spare_ours, spare_bare)),
+                "threads": cores - 1,
+                "bare_windows": spare_bare,
+                "platform_windows": spare_ours,
+            }
+            if cores > 1
+            else None,
+            "worker_env": worker_env,
             "tokens_per_s_steady_median": medians,
             "windows_tokens_per_s": {
                 "bare_pytorch_runs": bare,
+                "bare_pytorch_glibc_defaults_runs": bare_default,
                 "platform_1_worker_runs": ours,
                 "platform_2_workers_ep2": ep2,
             },
@@ -196,4 +246,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--bare"]:  # one baseline run, in its own process (see bare_process)
+        print(json.dumps(bare_loop(Path(sys.argv[2]), int(sys.argv[3]))))
+        sys.exit(0)
     sys.exit(main())

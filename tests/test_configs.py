@@ -12,7 +12,7 @@ from diffmoe.bench import CompareConfig
 from diffmoe.config import ConfigError, apply_overrides, load
 from diffmoe.data.config import CorpusConfig
 from diffmoe.evaluate import EvalConfig
-from diffmoe.train.config import TrainJobConfig, effective_ep_size
+from diffmoe.train.config import HOST_MALLOC_ENV, TrainJobConfig, effective_ep_size
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 CONFIGS = JOBS / "configs"
@@ -46,6 +46,14 @@ def test_overrides_are_typed_and_nested():
     )
     assert cfg.optim.lr == 1e-4 and cfg.scaling.num_workers == (1, 4)
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_worker_env_defaults_to_malloc_settings_and_is_replaced_when_set():
+    assert TrainJobConfig().scaling.worker_env == HOST_MALLOC_ENV
+    cfg = load(TrainJobConfig, None, ["scaling.worker_env={MALLOC_ARENA_MAX: 2, FOO: bar}"])
+    assert cfg.scaling.worker_env == {"MALLOC_ARENA_MAX": "2", "FOO": "bar"}  # numbers become strings
+    with pytest.raises(ConfigError, match="scaling.worker_env"):
+        load(TrainJobConfig, None, ["scaling.worker_env.FOO=[1, 2]"])
 
 
 def test_config_errors_name_the_key():

@@ -77,6 +77,7 @@ def test_two_workers_expert_parallel_learn_and_track_in_mlflow(ep2_run, workdir)
     assert any(k.startswith("system/") for k in run.data.metrics)
     assert "train_split_in_memory.last" in run.data.tags  # a split this small is read once
     assert "'zero_stage': 2" in run.data.tags["deepspeed.last"]
+    assert "'MALLOC_TRIM_THRESHOLD_': '1073741824'" in run.data.tags["worker_env.last"]  # reached workers
     val = sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)
     assert val[0].step == 0 and val[-1].step == 30
     assert val[-1].value < val[0].value - 0.5, [(m.step, m.value) for m in val]

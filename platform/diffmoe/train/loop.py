@@ -7,6 +7,7 @@ reduction, checkpoint, ``ray.train.report``) in lockstep with the others.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -83,8 +84,6 @@ def set_niceness(value: int) -> None:
     at the next barrier. Training workers are a node's main work: raise them back. On Linux this
     sets the calling (training) thread and the compute threads it starts later; going below the
     current value needs CAP_SYS_NICE or root, otherwise say so and carry on."""
-    import os
-
     try:
         os.setpriority(os.PRIO_PROCESS, 0, value)
     except OSError as err:
@@ -193,6 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger.event(
         "deepspeed", {"zero_stage": engine.zero_optimization_stage(), "ep_size": ep_size, "bf16": bf16}
     )
+    logger.event("worker_env", {k: os.environ.get(k) for k in sorted(cfg.scaling.worker_env)})
     train_batches = TrainBatches(
         ray.train.get_dataset_shard(cfg.data.train_split), cfg, device, bool(loop_config.get("cache_train"))
     )
