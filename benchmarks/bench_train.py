@@ -142,12 +142,19 @@ def platform_run(data: Path, root: Path, name: str, workers: int, ep: int, cpus:
 FINDINGS = (
     "In one process (no Ray), alternating 10-step blocks: DeepSpeed's engine with the "
     "DeepSpeed-MoE layers runs at ~1.0x the bare loop at ZeRO stage 0 and at 0.88-0.96x at ZeRO-2 "
-    "(every step copies gradients into flat partitions and updated weights back, which buys "
-    "nothing with one data-parallel rank), so a single worker trains at stage 0. The bare loop "
-    "itself, run inside a Ray Train worker's training thread, reached ~0.93x the driver's "
-    "(26.1k vs 28.0k tokens/s over 16 alternated blocks). Input is not the gap: "
-    "train/data_wait_frac is ~1% of step time. The machine's speed drifts +-30% within minutes "
-    "(see the bare runs), so single rounds disagree by up to ~0.25; the ratio is their median."
+    "(flat-partition copies that buy nothing with one data-parallel rank), so a single worker "
+    "trains at stage 0. With glibc's defaults both loops take ~1 minor page fault per token "
+    "(freed activations go back to the kernel and are faulted in again, ~5% of CPU time as system "
+    "time); workers start with scaling.worker_env's malloc settings (faults ~0) and the baseline "
+    "gets the same environment. What is left is not pinned down. In the worker the compute "
+    "threads get 87-90% of a core and are preempted 620-770 times a second each, against 95-96% "
+    "and 400-460 for the bare loop: every Ray worker process wakes 100 times a second (a fixed "
+    "10 ms signal check) and a run adds about eight of them. But one_core_left_free, which leaves "
+    "Ray a spare core, measured about the same ratio (0.87 over 3 rounds on 2026-11-30), so "
+    "preemption alone does not explain the gap. Input is not the gap: train/data_wait_frac is "
+    "~0.1-1% of step time. "
+    "The machine's speed drifts +-30% within minutes (see the bare runs), so single rounds "
+    "disagree by up to ~0.25; the ratio is their median."
 )
 
 
