@@ -152,9 +152,8 @@ FINDINGS = (
     "10 ms signal check) and a run adds about eight of them. But one_core_left_free, which leaves "
     "Ray a spare core, measured about the same ratio (0.87 over 3 rounds on 2026-11-30), so "
     "preemption alone does not explain the gap. Input is not the gap: train/data_wait_frac is "
-    "~0.1-1% of step time. "
-    "The machine's speed drifts +-30% within minutes (see the bare runs), so single rounds "
-    "disagree by up to ~0.25; the ratio is their median."
+    "~0.1-1% of step time. The machine's speed drifts +-30% within minutes (see the bare "
+    "runs), so single rounds disagree by up to ~0.25; the ratio is their median."
 )
 
 
@@ -186,11 +185,12 @@ def main() -> None:
         ep2 = platform_run(data, root, "two-workers-ep2", workers=2, ep=2, cpus=cores / 2)
         # The same comparison with one core left free for Ray's own processes (1 thread each).
         spare_bare, spare_ours = [], []
-        for r in range(SPARE_ROUNDS if cores > 1 else 0):
+        for r in range(SPARE_ROUNDS + 1 if cores > 1 else 0):  # bare, ours, ..., bare
             spare_bare.append(bare_process(data, cores - 1, worker_env))
-            spare_ours.append(platform_run(data, root, f"spare-core-{r}", workers=1, ep=1, cpus=cores - 1))
-        if spare_ours:
-            spare_bare.append(bare_process(data, cores - 1, worker_env))
+            if r < SPARE_ROUNDS:
+                spare_ours.append(
+                    platform_run(data, root, f"spare-core-{r}", workers=1, ep=1, cpus=cores - 1)
+                )
         load_after = os.getloadavg()
 
     def per_round(runs: list[list[float]], baseline: list[list[float]]) -> list[float]:
@@ -200,6 +200,7 @@ def main() -> None:
         ]
 
     round_ratios = per_round(ours, bare)
+    spare_ratios = per_round(spare_ours, spare_bare)
     medians = {
         "platform_1_worker": statistics.median(steady(w) for w in ours),
         "bare_pytorch": statistics.median(steady(w) for w in bare),
@@ -218,13 +219,13 @@ def main() -> None:
             "ratio_per_round": round_ratios,
             "ratio_vs_bare_with_glibc_defaults": statistics.median(per_round(ours, bare_default)),
             "one_core_left_free": {
-                "ratio_per_round": per_round(spare_ours, spare_bare),
-                "ratio": statistics.median(per_round(spare_ours, spare_bare)),
+                "ratio_per_round": spare_ratios,
+                "ratio": statistics.median(spare_ratios),
                 "threads": cores - 1,
                 "bare_windows": spare_bare,
                 "platform_windows": spare_ours,
             }
-            if cores > 1
+            if spare_ratios
             else None,
             "worker_env": worker_env,
             "tokens_per_s_steady_median": medians,

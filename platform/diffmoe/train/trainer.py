@@ -238,7 +238,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
                 else cfg.run.storage_path,
                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                worker_runtime_env={"env_vars": dict(cfg.scaling.worker_env)},
+                worker_runtime_env={"env_vars": cfg.scaling.worker_env},
             ),
             datasets=datasets,
             dataset_config=DataConfig(datasets_to_split="all"),
