@@ -91,6 +91,8 @@ class ScalingSection(StrictModel):
     # An int, or [min, max] for elastic training (Ray Train V2 resizes between them).
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
+    # CPUs each worker reserves; on CPU also its torch thread count. On a small CPU node leave a
+    # core to Ray's own processes: with every core in torch threads their wakeups preempt compute.
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
     # Ray runs actors at niceness 15, below Ray's own daemons and drivers; training workers reset it
