@@ -51,8 +51,9 @@ def forward_process(input_ids, mask_id: int, p, maskable=None, generator=None):
 
 def random_length(length: int, prob: float, generator=None) -> int:
     """LLaDA's trick: with probability ``prob`` train on a random prefix length in [1, L]."""
-    if prob > 0 and torch.rand(1, generator=generator).item() < prob:
-        return int(torch.randint(1, length + 1, (1,), generator=generator).item())
+    device = generator.device if generator is not None else None  # draw where the generator lives
+    if prob > 0 and torch.rand(1, generator=generator, device=device).item() < prob:
+        return int(torch.randint(1, length + 1, (1,), generator=generator, device=device).item())
     return length
 
 

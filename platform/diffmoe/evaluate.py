@@ -82,6 +82,7 @@ def run_evaluation(cfg: EvalConfig, model_dir: str) -> dict:
 
     from diffmoe.data.tokenizer import load_tokenizer
     from diffmoe.diffusion import training_loss
+    from diffmoe.rng import device_generator
     from diffmoe.serve.model_source import load_model
 
     device = "cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu"
@@ -98,7 +99,7 @@ def run_evaluation(cfg: EvalConfig, model_dir: str) -> dict:
             )
     ids = torch.tensor(rows["input_ids"], dtype=torch.long)
     response = torch.tensor(rows["response_mask"], dtype=torch.bool) if "response_mask" in rows else None
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = device_generator(device, cfg.seed)
     total, weight = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(ids), cfg.batch_size):  # the last batch may be partial

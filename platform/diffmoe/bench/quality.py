@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.generation.tasks import TASKS, make_examples, score, write_char_tokenizer, write_jsonl
+from diffmoe.rng import device_generator
 
 from .config import CompareConfig
 
@@ -152,7 +153,7 @@ def validation_loss(model, ids, response, draws: int, batch: int = 64, seed: int
     from diffmoe.diffusion import forward_process, sample_mask_prob
 
     causal = bool(getattr(model.config, "causal", False))
-    gen = torch.Generator().manual_seed(seed)
+    gen = device_generator(ids.device, seed)
     total, tokens = 0.0, 0
     for i in range(0, len(ids), batch):
         x, r = ids[i : i + batch], response[i : i + batch]
@@ -163,7 +164,7 @@ def validation_loss(model, ids, response, draws: int, batch: int = 64, seed: int
             total += float(F.cross_entropy(logits.float(), x[:, 1:][scored], reduction="sum"))
         else:
             for _ in range(draws):
-                p = sample_mask_prob(x.shape[0], generator=gen)
+                p = sample_mask_prob(x.shape[0], generator=gen, device=x.device)
                 noisy, masked = forward_process(x, model.config.mask_token_id, p, r, gen)
                 logits = model.lm_head(model.model(noisy).last_hidden_state[masked])
                 ce = F.cross_entropy(logits.float(), x[masked], reduction="none")

@@ -86,7 +86,15 @@ class Engine:
         if self.causal and not ids:
             raise ValueError("an autoregressive (causal) model needs a non-empty prompt")
         rid = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(rid, ids, cfg, mask_id=self.mask_id, end_ids=self.end_ids, tokenizer=self.tokenizer)
+        seq = Sequence(
+            rid,
+            ids,
+            cfg,
+            mask_id=self.mask_id,
+            end_ids=self.end_ids,
+            tokenizer=self.tokenizer,
+            device=self.device,
+        )
         with self._lock:
             if rid in self.active or any(s.id == rid for s in self._pending):
                 raise ValueError(f"request_id {rid!r} is already in flight")

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..rng import check_generator
 from .config import DecodingConfig, check_prompt
 
 NEG_INF = float("-inf")
@@ -201,6 +202,7 @@ def generate(
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, plen)}")
 
     device = input_ids.device
+    check_generator(generator, device, "generate")
     x = torch.full((batch, plen + gen_length), mask_id, dtype=torch.long, device=device)
     x[:, :plen] = input_ids
     key_mask = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..rng import device_generator
 from .config import DecodingConfig
 from .sampler import transfer_schedule
 from .streaming import TextStream
@@ -53,16 +54,14 @@ class Sequence:
         mask_id: int,
         end_ids: set[int],
         tokenizer=None,
+        device: torch.device | str = "cpu",
     ):
         self.id, self.cfg, self.mask_id = request_id, cfg, mask_id
         self.end_ids = set() if cfg.ignore_eos else set(end_ids) | set(cfg.stop_token_ids)
         self.plen = len(prompt)
         self.x = torch.tensor(prompt + [mask_id] * cfg.gen_length, dtype=torch.long)
-        self.generator = torch.Generator()
-        if cfg.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(cfg.seed)
+        # the sampler's draws fill tensors on the model's device: the generator must live there too
+        self.generator = device_generator(device, cfg.seed)
         self.block = 0
         self.step_in_block = 0
         self.schedule = (

@@ -209,7 +209,7 @@ def published_state(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor] | None:
     local = cfg.num_experts // ep_size
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        value = value.detach().cpu()
+        value = value.detach()  # gathered on its own device (NCCL takes CUDA tensors only), kept on the CPU
         if _EXPERTS in key:
             prefix, rest = key.split(_EXPERTS + ".")
             j, tail = rest.split(".", 1)
@@ -218,8 +218,10 @@ def published_state(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor] | None:
                 pieces = [torch.empty_like(value) for _ in range(ep_size)]
                 dist.all_gather(pieces, value.contiguous(), group=group)
             for r, piece in enumerate(pieces):
-                out[f"{prefix}mlp.experts.{r * local + int(j)}.{tail}"] = piece
-        elif _GATE in key:
+                out[f"{prefix}mlp.experts.{r * local + int(j)}.{tail}"] = piece.cpu()
+            continue
+        value = value.cpu()
+        if _GATE in key:
             out[key.replace(_GATE + ".wg.weight", "mlp.gate.weight").replace(_GATE + ".", "mlp.")] = value
         else:
             out[key] = value

@@ -24,6 +24,7 @@ from torch import nn
 from diffmoe.diffusion import training_loss
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
 from diffmoe.model.checkpoint import read_weights
+from diffmoe.rng import device_generator
 
 from .checkpointing import (
     check_fingerprint,
@@ -121,7 +122,7 @@ def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
     if shard is None:
         return None
     engine.eval()
-    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 99)
+    gen = device_generator(device, cfg.train.seed + 99)
     total, n = 0.0, 0
     with torch.no_grad():
         # keep the last partial batch: a small validation split still yields a loss
@@ -220,8 +221,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if consumed <= skip:  # resume: this worker already trained on these batches this epoch
                 waited, t0 = 0.0, time.perf_counter()
                 continue
-            gen = torch.Generator(device="cpu").manual_seed(
-                cfg.train.seed * 1_000_003 + rank * 7919 + consumed + epoch * 10**6
+            gen = device_generator(
+                device, cfg.train.seed * 1_000_003 + rank * 7919 + consumed + epoch * 10**6
             )
             terms = engine(batch, gen)
             engine.backward(terms.total)
@@ -299,7 +300,7 @@ def save_probe_logits(model, rank: int, directory: Path) -> None:
     """Logits of the training-time (expert-parallel) forward on a fixed batch, for parity tests."""
     from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(PROBE_SEED)
+    gen = device_generator("cpu", PROBE_SEED)  # the same ids on every device: drawn on the CPU, then moved
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
     was_training = model.training
     model.eval()
