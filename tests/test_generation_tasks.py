@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import time
 from types import SimpleNamespace
 
 import torch
 
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.generation.tasks import (
+    TASKS,
     AdditionTask,
     CharTokenizer,
     Example,
@@ -18,6 +20,7 @@ from diffmoe.generation.tasks import (
     score,
     sft_tensors,
     write_char_tokenizer,
+    write_jsonl,
 )
 
 TOK = CharTokenizer()
@@ -104,3 +107,24 @@ def test_evaluate_reports_accuracy_with_variable_length_answers():
     flawed = evaluate(Engine(ReverseOracle(wrong=wrong), TOK, max_batch_size=8), examples, cfg)
     expected = sum(not ex.answer.startswith(wrong) for ex in examples) / 24
     assert flawed["accuracy"] == expected < 1.0
+
+
+def test_rewriting_the_same_task_file_keeps_the_data_fingerprint(tmp_path):
+    """A rerun of the dLLM-vs-AR benchmark over the same work dir regenerates the task JSONL; the
+    same records must leave the file (size, mtime: part of the data fingerprint) untouched."""
+    from diffmoe.data.output import listing_hash
+    from diffmoe.data.sources import InputFile
+
+    examples = make_examples(TASKS["reverse"](min_digits=2, max_digits=4), 20, seed=1)
+    path = write_jsonl(examples, tmp_path / "task.jsonl")
+
+    def listing():
+        st = path.stat()
+        return listing_hash([InputFile(str(path), st.st_size, st.st_mtime_ns, "jsonl")])
+
+    before = listing()
+    time.sleep(0.01)
+    write_jsonl(make_examples(TASKS["reverse"](min_digits=2, max_digits=4), 20, seed=1), path)
+    assert listing() == before
+    write_jsonl(make_examples(TASKS["reverse"](min_digits=2, max_digits=4), 20, seed=2), path)
+    assert listing() != before and len(path.read_text().splitlines()) == 20

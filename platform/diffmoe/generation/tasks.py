@@ -109,12 +109,18 @@ def make_examples(task, n: int, seed: int) -> list[Example]:
 
 
 def write_jsonl(examples: Sequence[Example], path: str | Path) -> Path:
-    """SFT records ``{"prompt", "response"}``: the input format of the SFT data pipeline."""
+    """SFT records ``{"prompt", "response"}``: the input format of the SFT data pipeline.
+
+    An existing file with the same records is left untouched: its size and mtime are part of the
+    data fingerprint, so a rerun over the same work directory reuses the prepared shards."""
     path = Path(path)
+    text = "".join(json.dumps({"prompt": ex.prompt, "response": ex.answer}) + "\n" for ex in examples)
+    if path.is_file() and path.read_text() == text:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for ex in examples:
-            f.write(json.dumps({"prompt": ex.prompt, "response": ex.answer}) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     return path
 
 
