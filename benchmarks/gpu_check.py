@@ -24,6 +24,7 @@ from torch import nn
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM, count_parameters, named_config
 from diffmoe.model.grouped_mm import _use_fused_kernel
 from diffmoe.model.modeling import MoE, SwiGLU
+from diffmoe.rng import device_generator
 
 
 class ExpertLoop(nn.Module):
@@ -187,11 +188,13 @@ def engine_speed(model) -> dict:
     decoding would measure nothing). 128-token prompts, 128-token answers, EOS ignored."""
     from diffmoe.generation import DecodingConfig, Engine
 
-    gen = torch.Generator().manual_seed(0)
+    gen = device_generator("cpu", 0)
     prompts = [torch.randint(3, 1000, (128,), generator=gen).tolist() for _ in range(32)]
     settings = {
         "llada_reference_1_token_per_step_no_cache": dict(steps=128, cache="none"),
         "dual_cache_4_tokens_per_step": dict(steps=32, cache="dual"),
+        # sampled, seeded requests: every draw uses the request's generator on the GPU
+        "dual_cache_sampled_t0.7": dict(steps=32, cache="dual", temperature=0.7, seed=0),
     }
     out = {}
     for name, extra in settings.items():
@@ -209,12 +212,36 @@ def engine_speed(model) -> dict:
     return out
 
 
+def sampled_generate() -> dict:
+    """``generate`` with temperature > 0 and a CUDA generator on a small model: fails on any draw
+    whose generator is on another device (the CPU-generator bug this check guards against)."""
+    from diffmoe.generation import generate
+
+    cfg = named_config("tiny")
+    with torch.device("cuda"):
+        model = LLaDAMoEModelLM(cfg).to(torch.bfloat16).eval()
+        prompt = torch.randint(3, cfg.vocab_size - 10, (4, 16))
+    out = generate(
+        model,
+        prompt,
+        gen_length=32,
+        steps=16,
+        block_length=16,
+        temperature=0.8,
+        remasking="random",
+        mask_id=cfg.mask_token_id,
+        generator=device_generator(prompt.device, 0),
+    )
+    return {"shape": list(out.shape), "device": str(out.device)}
+
+
 def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else "gpu_check.json"
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     t0 = time.time()
     for name, fn in (
         ("parity", parity),
+        ("sampled_generate", sampled_generate),
         ("moe_layer_issue_shape", lambda: moe_speed(64, 8, 256, 128, 4096)),
         ("moe_layer_7b_shape", lambda: moe_speed(64, 8, 2048, 1024, 16384)),
         ("model_7b_a1b_bf16", model_7b),
@@ -228,6 +255,9 @@ def main() -> None:
     result["seconds"] = time.time() - t0
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+    failed = [name for name, part in result.items() if isinstance(part, dict) and "error" in part]
+    if failed:  # loud: a device error anywhere fails the check
+        sys.exit(f"gpu_check FAILED in {failed}; details in {path}")
 
 
 if __name__ == "__main__":
