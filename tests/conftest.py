@@ -10,6 +10,15 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Models downloaded from MLflow go to a per-session cache, not ~/.cache (set before Ray
+    starts, so replicas and workers inherit it)."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["DIFFMOE_MODEL_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real single-node Ray cluster on loopback (2 CPUs like CI), shut down at session end."""

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from diffmoe.serve.testing import make_tiny_model_dir
+    from diffmoe.bench.tiny_model import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny-served")
 
@@ -319,33 +319,6 @@ def test_deployment_yaml_args_validate():
 
     opts = deployment_options(cfg.model_copy(update={"ep_size": 2}))
     assert len(opts["placement_group_bundles"]) == 2
-
-
-def test_model_source_resolves_mlflow_run_and_registry_uris(tiny_model_dir, tmp_path):
-    import mlflow
-
-    from diffmoe.serve.model_source import ModelSourceError, is_mlflow_uri, resolve
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serve-test")
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(tiny_model_dir), artifact_path="model")
-    assert is_mlflow_uri(f"runs:/{run.info.run_id}/model") and not is_mlflow_uri(str(tiny_model_dir))
-    local = resolve(f"runs:/{run.info.run_id}/model", uri)
-    assert (local / "config.json").is_file() and (local / "tokenizer.json").is_file()
-    # Register the plain directory (what diffmoe.train logs is an artifact dir, not an MLflow flavour).
-    client = mlflow.MlflowClient(uri)
-    client.create_registered_model("tiny-served")
-    version = client.create_model_version(
-        "tiny-served", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
-    )
-    local = resolve(f"models:/tiny-served/{version.version}", uri)
-    assert (local / "model.safetensors").is_file()
-    with pytest.raises(ModelSourceError, match="not found"):
-        resolve(str(tmp_path / "missing"))
-    with pytest.raises(ModelSourceError, match="cannot download"):
-        resolve("runs:/0123456789abcdef/model", uri)
 
 
 def test_serve_config_rejects_bad_args():

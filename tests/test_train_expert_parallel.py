@@ -21,7 +21,7 @@ def group_of_one():
     import deepspeed.comm as ds_comm
     from deepspeed.utils import groups
 
-    from diffmoe.train.expert_parallel import init_distributed
+    from diffmoe.parallel import init_distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +56,7 @@ def test_process_group_start_compiles_no_cpp_op(group_of_one):
 
 
 def _models():
-    from diffmoe.train.expert_parallel import build_training_model, load_published_state
+    from diffmoe.parallel import build_training_model, load_published_state
 
     config = named_config("tiny", num_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def test_deepspeed_dispatch_path_equals_the_grouped_kernel_path(group_of_one):
 def test_deepspeed_checkpoint_has_one_file_per_expert_and_restores(group_of_one, tmp_path, zero_stage):
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from diffmoe.train.expert_parallel import published_state
+    from diffmoe.parallel import published_state
 
     config, _, trained = _models()
     groups = split_params_into_different_moe_groups_for_optimizer(

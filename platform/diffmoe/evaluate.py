@@ -82,8 +82,8 @@ def run_evaluation(cfg: EvalConfig, model_dir: str) -> dict:
 
     from diffmoe.data.tokenizer import load_tokenizer
     from diffmoe.diffusion import training_loss
+    from diffmoe.model.source import load_model
     from diffmoe.rng import device_generator
-    from diffmoe.serve.model_source import load_model
 
     device = "cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu"
     model = load_model(Path(model_dir), device)
@@ -151,7 +151,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     import mlflow
     import ray
 
-    from diffmoe.serve.model_source import is_mlflow_uri, resolve
+    from diffmoe.model.source import is_mlflow_uri, resolve
 
     uri = cfg.tracking_uri()
     if not is_mlflow_uri(cfg.model) and not Path(cfg.model).is_dir():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 import diffmoe
-from diffmoe.data.clean import SPLITS, CleanSpec, clean_batch
+from diffmoe.data.clean import SPLITS
 from diffmoe.data.config import CorpusConfig
 from diffmoe.data.manifest import (
     PRETRAIN_SCHEMA,
@@ -28,23 +28,21 @@ from diffmoe.data.manifest import (
     InputEntry,
     Manifest,
     SplitEntry,
-    TokenizerEntry,
 )
 from diffmoe.data.output import commit, existing_output, fingerprint, listing_hash, start_partial
 from diffmoe.data.pack import Packer, ShardWriter, list_column, ragged_column, rows_per_shard
-from diffmoe.data.sources import InputFile, read_groups, resolve_inputs
+from diffmoe.data.sft import build_sft
+from diffmoe.data.sources import InputFile, resolve_inputs
+from diffmoe.data.stages import Log, documents, ordered_batches, tokenize, tokenizer_entry
 from diffmoe.data.tokenizer import (
     copy_tokenizer,
     raw_tokenizer,
     read_tokenizer_json,
-    special_ids,
     tokenizer_hash,
     train_bpe,
 )
 
 SAMPLE_MAX_BYTES = 256 * 2**20  # cap on the text the BPE trainer holds in driver memory
-
-Log = Callable[[str], None]
 
 
 class TokenizeActor:
@@ -84,40 +82,6 @@ def limited_files(files: list[InputFile], cfg: CorpusConfig) -> list[InputFile]:
     return files[: cfg.max_documents] if cfg.max_documents and whole_files else files
 
 
-def documents(files: list[InputFile], cfg: CorpusConfig, fn=clean_batch) -> list:
-    """Datasets (one per reader group) of cleaned rows; by default ``text, reason, piece, replaced,
-    split``, or whatever ``fn`` (raw Arrow batch, spec) -> Arrow batch makes of them."""
-    spec = CleanSpec.of(cfg)
-    return [
-        ds.map_batches(fn, batch_format="pyarrow", fn_kwargs={"spec": spec}, num_cpus=cfg.read_num_cpus)
-        for ds in read_groups(files, cfg)
-    ]
-
-
-def ordered_batches(datasets: list) -> Iterator[pa.Table]:
-    """The Arrow batches of each dataset in turn, each in its input order."""
-    for ds in datasets:
-        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-
-
-def tokenize(ds, cfg: CorpusConfig, actor, **constructor_kwargs):
-    """``map_batches`` over an ActorPoolStrategy pool of ``actor(**constructor_kwargs)``."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    if not ray.is_initialized():
-        ray.init()  # as Ray Data would, but the pool size below needs the cluster first
-    n = cfg.num_tokenize_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return ds.map_batches(
-        actor,
-        fn_constructor_kwargs=constructor_kwargs,
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=n),
-        num_cpus=cfg.actor_num_cpus,
-    )
-
-
 def sample_texts(files: list[InputFile], cfg: CorpusConfig, log: Log) -> list[str]:
     """The BPE training sample: the first ``sample_docs`` kept documents of an even stride of files."""
     want = cfg.tokenizer.train.sample_docs
@@ -149,19 +113,6 @@ def build_tokenizer(files: list[InputFile], cfg: CorpusConfig, dest: Path, log: 
     log(f"training byte-level BPE, vocab {train.vocab_size}")
     train_bpe(sample_texts(files, cfg, log), dest, train.vocab_size, train.min_frequency)
     return "trained"
-
-
-def tokenizer_entry(source: str, path: Path) -> TokenizerEntry:
-    ids = special_ids(path)
-    vocab = raw_tokenizer(read_tokenizer_json(path)).get_vocab_size(with_added_tokens=True)
-    return TokenizerEntry(
-        source=source,
-        sha256=tokenizer_hash(path),
-        vocab_size=vocab,
-        mask_id=ids.mask_id,
-        eos_id=ids.eos_id,
-        pad_id=ids.pad_id,
-    )
 
 
 def _flat_ids(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -238,8 +189,6 @@ def input_entry(cfg: CorpusConfig, files: list[InputFile], missing: list[str]) -
 def prepare_corpus(cfg: CorpusConfig, log: Log = print) -> Manifest:
     """Build the dataset ``cfg`` describes (``kind`` pretrain or sft), or return the existing one."""
     if cfg.kind == "sft":
-        from diffmoe.data.sft import build_sft
-
         return build(cfg, build_sft, SFT_SCHEMA, log)
     return build(cfg, build_pretrain, PRETRAIN_SCHEMA, log)
 

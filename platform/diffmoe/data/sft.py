@@ -21,8 +21,8 @@ from diffmoe.data.clean import SPLITS, TRAIN, CleanSpec, decode, split_of
 from diffmoe.data.config import CorpusConfig
 from diffmoe.data.manifest import Counts, SplitEntry
 from diffmoe.data.pack import ShardWriter, list_column, ragged_column, rows_per_shard
-from diffmoe.data.pipeline import Log, documents, ordered_batches, tokenize, tokenizer_entry
 from diffmoe.data.sources import InputError, InputFile
+from diffmoe.data.stages import Log, documents, ordered_batches, tokenize, tokenizer_entry
 from diffmoe.data.tokenizer import (
     ChatEncoder,
     copy_tokenizer,

@@ -235,13 +235,15 @@ class Engine:
             r for r, s in enumerate(group) if s.cfg.temperature == 0 and s.cfg.remasking == "low_confidence"
         ]
         if len(greedy) == rows:
-            x0, conf = predict(logits, 0.0, "low_confidence")
+            x0, conf = predict(logits, 0.0, "low_confidence", mask_id=self.mask_id)
         else:
             x0 = torch.zeros(rows, width, dtype=torch.long)
             conf = torch.zeros(rows, width, dtype=torch.float64)
             for r, s in enumerate(group):  # each request draws from its own generator: batch-invariant
                 n = s.cfg.block_length
-                ids, c = predict(logits[r : r + 1, :n], s.cfg.temperature, s.cfg.remasking, s.generator)
+                ids, c = predict(
+                    logits[r : r + 1, :n], s.cfg.temperature, s.cfg.remasking, s.generator, self.mask_id
+                )
                 x0[r, :n], conf[r, :n] = ids[0], c[0]
         x0, conf = x0.cpu(), conf.cpu()
         count = torch.tensor([s.count_now() for s in group])

@@ -37,9 +37,16 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator=None) -
     return logits.double() - temperature * torch.log(-torch.log(u))
 
 
-def predict(logits: torch.Tensor, temperature: float, remasking: str, generator=None):
-    """Block logits [R, n, V] -> (predicted ids [R, n], float64 confidence [R, n])."""
-    x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)
+def predict(logits: torch.Tensor, temperature: float, remasking: str, generator=None, mask_id=None):
+    """Block logits [R, n, V] -> (predicted ids [R, n], float64 confidence [R, n]).
+
+    ``mask_id`` is never predicted: a committed mask token would leave its position undecoded after
+    the block's last scheduled step. Confidence stays the unmodified softmax of the chosen token."""
+    noisy = add_gumbel_noise(logits, temperature, generator)
+    if mask_id is not None:
+        noisy = noisy.clone() if noisy is logits else noisy
+        noisy[..., mask_id] = NEG_INF
+    x0 = noisy.argmax(-1)
     if remasking == "low_confidence":
         conf = logits.double().softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
     elif remasking == "random":
@@ -251,7 +258,7 @@ def generate(
             if cfg_scale > 0:
                 cond, uncond_logits = logits.chunk(2)
                 logits = uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)
-            x0, conf = predict(logits, temperature, remasking, generator)
+            x0, conf = predict(logits, temperature, remasking, generator, mask_id)
             transfer = select_transfer(conf, masked, count, thr, fac)
             x[:, bs:be] = torch.where(transfer, x0, x[:, bs:be])
             step += 1

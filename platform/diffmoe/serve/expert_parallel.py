@@ -2,8 +2,8 @@
 
 The replica keeps the engine (scheduling, canvases, KV caches) and hands each forward pass to
 ``ExpertParallelModel``, a stand-in for the model that splits the batch's rows across the K workers.
-Every worker runs the DeepSpeed-MoE model of ``diffmoe.train.expert_parallel`` (attention and dense
-parts replicated, local experts only); inside each MoE layer tokens travel to their experts' rank
+Every worker runs the DeepSpeed-MoE model of ``diffmoe.parallel``, the one training uses (attention
+and dense parts replicated, local experts only); inside each MoE layer tokens travel to their experts' rank
 and back with ``all_to_all`` over ``torch.distributed`` (gloo on CPU, NCCL on GPU). All ranks must
 run every forward in lockstep, so a rank without rows gets a dummy row whose output is dropped.
 Workers are placed in the replica's placement group (``placement_group_bundles``), bundle i for rank i.
@@ -39,9 +39,8 @@ class ExpertParallelWorker:
 
     def setup(self, master: tuple[str, int], source: str, tracking_uri: str | None) -> int:
         """Join the process group and load this rank's share of the weights; returns local experts."""
-        from diffmoe.train.expert_parallel import build_training_model, init_distributed, load_published_state
-
-        from .model_source import load_state, resolve
+        from diffmoe.model.source import load_state, resolve
+        from diffmoe.parallel import build_training_model, init_distributed, load_published_state
 
         os.environ.update(
             MASTER_ADDR=master[0],

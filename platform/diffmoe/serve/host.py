@@ -15,9 +15,9 @@ import torch
 from pydantic import ValidationError
 
 from diffmoe.generation import DecodingConfig, Engine
+from diffmoe.model.source import load_model, resolve
 
 from .config import ServeConfig
-from .model_source import load_model, resolve
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, unsupported_param
 
 ModelLoader = Callable[[Path], torch.nn.Module]

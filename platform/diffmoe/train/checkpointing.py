@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from diffmoe.model.checkpoint import read_weights, save_state
-
-from .expert_parallel import load_published_state, published_state
+from diffmoe.parallel import load_published_state, published_state
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ckpt"

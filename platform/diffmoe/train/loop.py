@@ -24,6 +24,7 @@ from torch import nn
 from diffmoe.diffusion import training_loss
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
 from diffmoe.model.checkpoint import read_weights
+from diffmoe.parallel import build_training_model, init_distributed, load_published_state
 from diffmoe.rng import device_generator
 
 from .checkpointing import (
@@ -34,7 +35,6 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
-from .expert_parallel import build_training_model, init_distributed, load_published_state
 from .metrics import MetricsLogger, expert_load_metrics
 from .schedule import lr_multiplier
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .expert_parallel import LLaDAGate
+from diffmoe.parallel import LLaDAGate
 
 
 def expert_load_metrics(model) -> dict[str, float]:

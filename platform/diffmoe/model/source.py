@@ -2,8 +2,9 @@
 
 Sources: a local directory, or an MLflow URI (``runs:/<run_id>/model``, ``models:/<name>/<version>``,
 any other ``scheme:/`` MLflow understands) downloaded with ``mlflow.artifacts.download_artifacts``.
-Each replica (and each expert-parallel worker) resolves the source itself, so no shared filesystem
-is needed when the tracking server holds the artifacts.
+Each replica (and each expert-parallel worker, evaluation task, benchmark) resolves the source
+itself, so no shared filesystem is needed when the tracking server holds the artifacts; downloads go
+through a per-node cache keyed by URI (``artifact_cache``), so they happen once per node.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+
+from .artifact_cache import download
 
 
 class ModelSourceError(ValueError):
@@ -23,17 +26,12 @@ def is_mlflow_uri(source: str) -> bool:
 
 
 def resolve(source: str, tracking_uri: str | None = None) -> Path:
-    """Local path of ``source`` (downloaded when it is an MLflow URI)."""
+    """Local path of ``source`` (downloaded once per node when it is an MLflow URI)."""
     if is_mlflow_uri(source):
-        import mlflow
-
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source)
+            return download(source, tracking_uri)
         except Exception as err:  # MLflow raises many types; name the source
             raise ModelSourceError(f"cannot download model {source!r} from MLflow: {err}") from err
-        return Path(local)
     path = Path(os.path.expanduser(source))
     if not path.is_dir():
         raise ModelSourceError(f"model directory not found: {path}")
@@ -45,8 +43,7 @@ def load_model(path: Path, device: str | None = None):
     this process was given one, else on the CPU in fp32."""
     import torch
 
-    import diffmoe.model  # noqa: F401  (registers the config classes)
-    from diffmoe.model import LLaDAMoEModelLM
+    from .modeling import LLaDAMoEModelLM  # the package __init__ (Auto-class registration) has run
 
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path} has no config.json (not a Hugging Face model directory)")
@@ -55,8 +52,8 @@ def load_model(path: Path, device: str | None = None):
     return LLaDAMoEModelLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
-def load_state(path: Path) -> dict:
+def load_state(path: Path) -> tuple[dict, object]:
     """Published-layout weights of a model directory (all shards) and its config."""
-    from diffmoe.model.checkpoint import load_config, read_weights
+    from .checkpoint import load_config, read_weights
 
     return read_weights(path), load_config(path)

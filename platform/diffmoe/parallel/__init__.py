@@ -1,0 +1,35 @@
+"""Expert parallelism beside the model: the DeepSpeed-MoE adapter and the published-layout conversion.
+
+Both training (``diffmoe.train``: every Ray Train worker) and expert-parallel serving
+(``diffmoe.serve.expert_parallel``: every rank of a replica) build the same DeepSpeed-MoE model here,
+so serving never imports the training package and both compute the serving model's function.
+``diffmoe.model`` stays free of DeepSpeed; this package is where DeepSpeed meets it.
+
+- ``build_training_model``: an ``LLaDAMoEModelLM`` whose MoE layers are DeepSpeed expert-parallel
+  (``ExpertParallelMoE`` = DeepSpeed ``MoE`` + our gate ``LLaDAGate`` + ``StackedExperts``).
+- ``load_published_state`` / ``published_state`` / ``export_model``: weights in and out of the
+  published Hugging Face key layout (all experts), from and to this rank's local experts.
+- ``init_distributed``: ``deepspeed.init_distributed`` without its CPU shared-memory op build.
+"""
+
+from .moe import (
+    ExpertParallelMoE,
+    LLaDAGate,
+    StackedExperts,
+    build_training_model,
+    export_model,
+    init_distributed,
+    load_published_state,
+    published_state,
+)
+
+__all__ = [
+    "ExpertParallelMoE",
+    "LLaDAGate",
+    "StackedExperts",
+    "build_training_model",
+    "export_model",
+    "init_distributed",
+    "load_published_state",
+    "published_state",
+]
