@@ -264,3 +264,16 @@ def test_decoding_config_is_strict():
     assert (cfg.num_blocks, cfg.steps_per_block, cfg.parallel) == (4, 2, False)
     with pytest.raises(ValueError, match="refresh_every"):
         DecodingConfig(refresh_every=2)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_mask_token_is_never_predicted(temperature):
+    """A committed mask token would leave its position undecoded after the block's last step."""
+    from diffmoe.generation.sampler import predict
+    from diffmoe.rng import device_generator
+
+    logits = torch.zeros(2, 5, 8)
+    logits[..., 3] = 50.0  # the mask token is by far the most likely
+    x0, conf = predict(logits, temperature, "low_confidence", device_generator("cpu", 0), mask_id=3)
+    assert not bool((x0 == 3).any())
+    assert torch.allclose(conf, logits.double().softmax(-1).gather(-1, x0[..., None]).squeeze(-1))
