@@ -6,8 +6,9 @@ Imports no Ray, DeepSpeed or HTTP code: training, parallelism and serving wrap i
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration import NAMED_CONFIGS, LLaDAConfig, LLaDAMoEConfig, named_config
-from .modeling import LLaDAMoEModel, LLaDAMoEModelLM, LLaDAMoEOutput, router_losses
+from .modeling import LLaDAMoEModel, LLaDAMoEModelLM, LLaDAMoEOutput
 from .params import count_parameters
+from .router import RouterOptions, Routing, route, router_losses
 
 
 class LLaDAModel(LLaDAMoEModel):
@@ -41,7 +42,10 @@ __all__ = [
     "LLaDAMoEModel",
     "LLaDAMoEModelLM",
     "LLaDAMoEOutput",
+    "RouterOptions",
+    "Routing",
     "count_parameters",
     "named_config",
+    "route",
     "router_losses",
 ]
