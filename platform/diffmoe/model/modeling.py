@@ -301,41 +301,18 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> LLaDAMoEOutput:
-        cfg = self.config
-        if kwargs:
-            raise TypeError(f"unexpected forward arguments: {sorted(kwargs)}")
-        _check_input_ids(input_ids, cfg.vocab_size)
-        b, n = input_ids.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + n, device=input_ids.device).expand(b, n)
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
-        mask = build_attention_mask(attention_mask, b, n, past_len, cfg.causal, x.device)
-        want_router = cfg.output_router_logits if output_router_logits is None else output_router_logits
-
-        new_cache: KVCache = []
-        routings: list[Routing] = []
-        for i, layer in enumerate(self.layers):
-            past = past_key_values[i] if past_key_values else None
-            if self.gradient_checkpointing and self.training:
-                x, kv, routing = checkpoint(layer, x, cos, sin, mask, past, use_reentrant=False)
-            else:
-                x, kv, routing = layer(x, cos, sin, mask, past)
-            if use_cache:
-                new_cache.append(kv)
-            if routing is not None:
-                routings.append(routing)
-
-        out = LLaDAMoEOutput(last_hidden_state=self.norm(x), past_key_values=new_cache if use_cache else None)
-        if want_router and routings:
-            token_mask = _token_mask(attention_mask, b, n, past_len)
-            out.router_logits = tuple(r.logits for r in routings)
-            out.router_experts = tuple(r.expert_idx for r in routings)
-            out.aux_loss, out.z_loss = router_losses(
-                out.router_logits, out.router_experts, token_mask, cfg.moe_router_score_function
-            )
-        return out
+        return run_backbone(
+            self,
+            self.embed_tokens,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            use_cache,
+            output_router_logits,
+            kwargs,
+            causal=self.config.causal,
+        )
 
 
 class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
@@ -417,3 +394,55 @@ def _token_mask(attention_mask, b, n, past_len):
     if attention_mask is None or attention_mask.dim() != 2:
         return None
     return attention_mask[:, past_len:].reshape(-1).float()
+
+
+def run_backbone(
+    backbone,
+    embeddings: nn.Embedding,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_values: KVCache | None,
+    use_cache: bool,
+    output_router_logits: bool | None,
+    unexpected: dict,
+    causal: bool,
+) -> LLaDAMoEOutput:
+    """The forward both families' backbones share: embed, RoPE, mask, decoder layers (each
+    returning (x, its (k, v), its Routing or None)), final norm, router losses on request.
+    ``backbone`` provides ``config``, ``layers``, ``norm`` and ``gradient_checkpointing``."""
+    cfg = backbone.config
+    if unexpected:
+        raise TypeError(f"unexpected forward arguments: {sorted(unexpected)}")
+    _check_input_ids(input_ids, cfg.vocab_size)
+    b, n = input_ids.shape
+    past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+    if position_ids is None:
+        position_ids = torch.arange(past_len, past_len + n, device=input_ids.device).expand(b, n)
+    x = embeddings(input_ids)
+    cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
+    mask = build_attention_mask(attention_mask, b, n, past_len, causal, x.device)
+    want_router = cfg.output_router_logits if output_router_logits is None else output_router_logits
+
+    new_cache: KVCache = []
+    routings: list[Routing] = []
+    for i, layer in enumerate(backbone.layers):
+        past = past_key_values[i] if past_key_values else None
+        if backbone.gradient_checkpointing and backbone.training:
+            x, kv, routing = checkpoint(layer, x, cos, sin, mask, past, use_reentrant=False)
+        else:
+            x, kv, routing = layer(x, cos, sin, mask, past)
+        if use_cache:
+            new_cache.append(kv)
+        if routing is not None:
+            routings.append(routing)
+
+    out = LLaDAMoEOutput(last_hidden_state=backbone.norm(x), past_key_values=new_cache if use_cache else None)
+    if want_router and routings:
+        token_mask = _token_mask(attention_mask, b, n, past_len)
+        out.router_logits = tuple(r.logits for r in routings)
+        out.router_experts = tuple(r.expert_idx for r in routings)
+        out.aux_loss, out.z_loss = router_losses(
+            out.router_logits, out.router_experts, token_mask, cfg.router_options().score_function
+        )
+    return out
