@@ -142,3 +142,16 @@ def test_group_options_from_the_llada_moe_config():
     ).router_options()
     assert (opts.n_group, opts.topk_group, opts.grouped) == (4, 2, True)
     assert not _config(num_experts=8, router_num_group=4).router_options().grouped
+
+
+def test_expert_load_metrics_count_the_chosen_experts():
+    from diffmoe.train.expert_parallel import LLaDAGate
+    from diffmoe.train.metrics import expert_load_metrics
+
+    cfg = _config(hidden_size=8, num_experts=4, num_experts_per_tok=1, moe_router_enable_expert_bias=True)
+    gate = LLaDAGate(cfg)
+    gate.expert_bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    gate.route(torch.randn(12, 8))
+    assert (gate.routing.expert_idx == 2).all()
+    # every token on one of four experts: max/mean load 4, whatever the plain top-k would say
+    assert expert_load_metrics(gate)["moe/layer0/max_mean_load"] == 4.0
