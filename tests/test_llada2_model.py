@@ -335,6 +335,7 @@ def test_hand_written_published_directory_loads_and_saves_exactly_the_published_
     assert (config.mask_token_id, config.eos_token_id) == (156895, 156892)  # family defaults
     model = AutoModelForMaskedLM.from_pretrained(src)
     assert isinstance(model, LLaDA2MoeModelLM)
+    assert (model.config.mask_token_id, model.config.eos_token_id) == (156895, 156892)
     ids = torch.randint(0, cfg["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ours = model(ids).logits
@@ -354,6 +355,23 @@ def test_hand_written_published_directory_loads_and_saves_exactly_the_published_
         torch.testing.assert_close(AutoModelForMaskedLM.from_pretrained(out)(ids).logits, ours)
         bf16 = AutoModelForMaskedLM.from_pretrained(out, dtype=torch.bfloat16)(ids).logits
     assert bf16.dtype == torch.bfloat16 and bool(bf16.isfinite().all())
+
+
+def test_mask_and_eos_ids_come_from_the_tokenizer_files(tmp_path):
+    from diffmoe.model.checkpoint import load_config
+
+    cfg = {**BASE, "vocab_size": 157184, "pad_token_id": 156000}
+    (tmp_path / "config.json").write_text(json.dumps(_published_config(cfg)))  # no mask/EOS id
+    save_file(random_weights(cfg, seed=7), str(tmp_path / "model.safetensors"))
+    tokens = {"156001": {"content": "<|mask|>"}, "156002": {"content": "<|endoftext|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": tokens}))
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert (loaded.config.mask_token_id, loaded.config.eos_token_id) == (156001, 156002)
+    config = load_config(tmp_path)
+    assert (config.mask_token_id, config.eos_token_id) == (156001, 156002)
+    (tmp_path / "config.json").write_text(json.dumps({**_published_config(cfg), "mask_token_id": 5}))
+    assert load_config(tmp_path).mask_token_id == 5  # config.json wins
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path).config.mask_token_id == 5
 
 
 def test_wrong_family_and_bad_config_fail_clearly(tmp_path):

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration import LLaDAConfig, LLaDAMoEConfig
-from .llada2_configuration import LLaDA2MoeConfig
+from .llada2_configuration import LLaDA2MoeConfig, apply_tokenizer_ids, token_ids_from_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -109,7 +109,8 @@ def load_config(directory: Path) -> LLaDAMoEConfig | LLaDA2MoeConfig:
     data = json.loads(config_file.read_text())
     model_type = data.get("model_type")
     if model_type == LLaDA2MoeConfig.model_type:
-        return LLaDA2MoeConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
+        fields = {**token_ids_from_tokenizer(directory), **data}  # config.json wins
+        return LLaDA2MoeConfig.from_dict({k: v for k, v in fields.items() if k != "model_type"})
     if model_type not in (LLaDAMoEConfig.model_type, LLaDAConfig.model_type):
         raise ValueError(
             f"{config_file}: model_type {model_type!r} is not a LLaDA-MoE model ('lladamoe' or 'llada') "
@@ -149,6 +150,8 @@ def from_pretrained(cls, path, config: LLaDAMoEConfig | None = None, dtype=None,
             f"{directory} holds a {config.model_type!r} model; {cls.__name__} cannot load it "
             "(use AutoModelForMaskedLM)"
         )
+    if isinstance(config, LLaDA2MoeConfig):
+        apply_tokenizer_ids(config, directory)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):

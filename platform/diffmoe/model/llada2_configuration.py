@@ -3,7 +3,9 @@ names, plus named sizes. A real download's config.json loads unchanged; unknown 
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -13,6 +15,8 @@ from .router import RouterOptions
 
 MASK_TOKEN_ID = 156895  # <|mask|>: not in the published config.json, a family default
 EOS_TOKEN_ID = 156892  # <|endoftext|>, also the published pad_token_id
+MASK_TOKEN = "<|mask|>"
+EOS_TOKEN = "<|endoftext|>"
 
 
 class LLaDA2MoeConfig(PretrainedConfig):
@@ -24,7 +28,8 @@ class LLaDA2MoeConfig(PretrainedConfig):
     published only when k > 1) and scaled by ``routed_scaling_factor``. The first
     ``first_k_dense_replace`` layers are dense SwiGLU of width ``intermediate_size``. RoPE rotates
     the first ``rotary_dim = head_dim * partial_rotary_factor`` dims of each head.
-    ``mask_token_id`` is ours (the published config.json has only ``pad_token_id``). Published
+    ``mask_token_id`` is ours: the published config.json has only ``pad_token_id``, so loading a
+    directory takes the mask and EOS ids from its tokenizer files, else the family defaults. Published
     knobs the released model leaves off (sliding_window, norm_head, embedding_dropout, ...) are
     accepted and kept as plain attributes; ``use_cache`` and ``bos_token_id`` only round-trip.
     """
@@ -174,6 +179,36 @@ class LLaDA2MoeConfig(PretrainedConfig):
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace
+
+
+def token_ids_from_tokenizer(directory: Path) -> dict[str, int]:
+    """The published config.json has no mask or EOS id: read them from the download's tokenizer
+    files (tokenizer_config.json ``added_tokens_decoder`` / ``eos_token``, tokenizer.json
+    ``added_tokens``). Returns the ids found, as config fields; absent ones keep family defaults."""
+    ids: dict[str, int] = {}
+    eos_name = EOS_TOKEN
+    tok_config = directory / "tokenizer_config.json"
+    if tok_config.is_file():
+        data = json.loads(tok_config.read_text())
+        eos = data.get("eos_token")
+        eos_name = (eos.get("content") if isinstance(eos, dict) else eos) or EOS_TOKEN
+        for token_id, token in data.get("added_tokens_decoder", {}).items():
+            ids.setdefault(token.get("content"), int(token_id))
+    tok_file = directory / "tokenizer.json"
+    if tok_file.is_file():
+        for token in json.loads(tok_file.read_text()).get("added_tokens", []):
+            ids.setdefault(token.get("content"), int(token["id"]))
+    names = {"mask_token_id": MASK_TOKEN, "eos_token_id": eos_name}
+    return {field: ids[name] for field, name in names.items() if name in ids}
+
+
+def apply_tokenizer_ids(config: LLaDA2MoeConfig, directory: Path) -> None:
+    """Set the mask/EOS ids the tokenizer files name, unless config.json sets them itself."""
+    written = json.loads((directory / "config.json").read_text())
+    for field, value in token_ids_from_tokenizer(directory).items():
+        if field not in written:
+            setattr(config, field, value)
+    config.validate_architecture()
 
 
 # Named sizes: ``llada2-tiny`` runs CPU tests in milliseconds; ``llada2-mini`` is LLaDA2.0-mini.
