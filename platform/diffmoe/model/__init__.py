@@ -1,4 +1,4 @@
-"""The LLaDA-MoE model, registered with transformers' Auto classes on import.
+"""The LLaDA-MoE and LLaDA2.x models, registered with transformers' Auto classes on import.
 
 Imports no Ray, DeepSpeed or HTTP code: training, parallelism and serving wrap it from outside.
 """
@@ -6,8 +6,11 @@ Imports no Ray, DeepSpeed or HTTP code: training, parallelism and serving wrap i
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration import NAMED_CONFIGS, LLaDAConfig, LLaDAMoEConfig, named_config
-from .modeling import LLaDAMoEModel, LLaDAMoEModelLM, LLaDAMoEOutput, router_losses
+from .llada2 import LLaDA2MoeModel, LLaDA2MoeModelLM
+from .llada2_configuration import LLaDA2MoeConfig, llada2_named_config
+from .modeling import LLaDAMoEModel, LLaDAMoEModelLM, LLaDAMoEOutput
 from .params import count_parameters
+from .router import RouterOptions, Routing, route, router_losses
 
 
 class LLaDAModel(LLaDAMoEModel):
@@ -26,6 +29,7 @@ def _register() -> None:
     for config_cls, backbone, lm in (
         (LLaDAMoEConfig, LLaDAMoEModel, LLaDAMoEModelLM),
         (LLaDAConfig, LLaDAModel, LLaDAModelLM),
+        (LLaDA2MoeConfig, LLaDA2MoeModel, LLaDA2MoeModelLM),
     ):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, backbone, exist_ok=True)
@@ -36,12 +40,19 @@ _register()
 
 __all__ = [
     "NAMED_CONFIGS",
+    "LLaDA2MoeConfig",
+    "LLaDA2MoeModel",
+    "LLaDA2MoeModelLM",
     "LLaDAConfig",
     "LLaDAMoEConfig",
     "LLaDAMoEModel",
     "LLaDAMoEModelLM",
     "LLaDAMoEOutput",
+    "RouterOptions",
+    "Routing",
     "count_parameters",
+    "llada2_named_config",
     "named_config",
+    "route",
     "router_losses",
 ]

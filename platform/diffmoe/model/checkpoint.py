@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint I/O in the published LLaDA-MoE layout (safetensors + config.json).
+"""Hugging Face checkpoint I/O in the published LLaDA-MoE / LLaDA2 layouts (safetensors + config.json).
 
 The model's ``state_dict`` already uses the published key names; this file shards it into
 safetensors files (written to temporary names, then renamed, so an interrupted save never leaves a
@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration import LLaDAConfig, LLaDAMoEConfig
+from .llada2_configuration import LLaDA2MoeConfig, apply_tokenizer_ids, token_ids_from_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -101,15 +102,19 @@ def resolve_directory(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
     return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.txt"], **kwargs))
 
 
-def load_config(directory: Path) -> LLaDAMoEConfig:
+def load_config(directory: Path) -> LLaDAMoEConfig | LLaDA2MoeConfig:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} has no config.json")
     data = json.loads(config_file.read_text())
     model_type = data.get("model_type")
+    if model_type == LLaDA2MoeConfig.model_type:
+        fields = {**token_ids_from_tokenizer(directory), **data}  # config.json wins
+        return LLaDA2MoeConfig.from_dict({k: v for k, v in fields.items() if k != "model_type"})
     if model_type not in (LLaDAMoEConfig.model_type, LLaDAConfig.model_type):
         raise ValueError(
-            f"{config_file}: model_type {model_type!r} is not a LLaDA-MoE model ('lladamoe' or 'llada')"
+            f"{config_file}: model_type {model_type!r} is not a LLaDA-MoE model ('lladamoe' or 'llada') "
+            "or a LLaDA2 model ('llada2_moe')"
         )
     return LLaDAMoEConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
 
@@ -140,6 +145,13 @@ def from_pretrained(cls, path, config: LLaDAMoEConfig | None = None, dtype=None,
         raise TypeError(f"from_pretrained does not support {unsupported} for LLaDA-MoE models")
     directory = resolve_directory(path, **kwargs)
     config = config if config is not None else load_config(directory)
+    if isinstance(config, LLaDA2MoeConfig) != issubclass(cls.config_class, LLaDA2MoeConfig):
+        raise ValueError(
+            f"{directory} holds a {config.model_type!r} model; {cls.__name__} cannot load it "
+            "(use AutoModelForMaskedLM)"
+        )
+    if isinstance(config, LLaDA2MoeConfig):
+        apply_tokenizer_ids(config, directory)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):

@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .router import RouterOptions
+
 MASK_TOKEN_ID = 156895  # LLaDA-MoE's [MASK]
 EOS_TOKEN_ID = 156892  # LLaDA-MoE's EOS, also used as pad
 
@@ -17,6 +19,11 @@ class LLaDAMoEConfig(PretrainedConfig):
     Field names follow the published ``config.json`` so a real download loads unchanged. Two
     additions of ours: ``mask_token_id`` (the [MASK] id the diffusion process uses) and ``causal``
     (a causal attention mask: the autoregressive twin used for honest comparisons).
+
+    Kept only so the published config.json round-trips, read by no code here: ``use_cache``
+    (callers pass ``use_cache`` per forward), ``bos_token_id`` (no BOS is ever inserted) and
+    ``router_aux_loss_coef`` (the training objective's ``aux_loss_coef`` sets the coefficient).
+    ``hidden_act`` and ``tie_word_embeddings`` are validated: only SwiGLU and an untied head exist.
     """
 
     model_type = "lladamoe"
@@ -53,7 +60,6 @@ class LLaDAMoEConfig(PretrainedConfig):
         num_experts: int = 64,
         output_router_logits: bool = False,
         router_aux_loss_coef: float = 0.01,
-        router_z_loss_coef: float = 0.001,
         norm_topk_prob: bool = False,
         qk_layernorm: bool = True,
         moe_layer_freq: list[int] | None = None,
@@ -93,7 +99,6 @@ class LLaDAMoEConfig(PretrainedConfig):
         self.num_experts = num_experts
         self.output_router_logits = output_router_logits
         self.router_aux_loss_coef = router_aux_loss_coef
-        self.router_z_loss_coef = router_z_loss_coef
         self.norm_topk_prob = norm_topk_prob
         self.qk_layernorm = qk_layernorm
         self.moe_layer_freq = list(moe_layer_freq) if moe_layer_freq is not None else [1] * num_hidden_layers
@@ -127,12 +132,12 @@ class LLaDAMoEConfig(PretrainedConfig):
                 f"moe_layer_freq has {len(self.moe_layer_freq)} entries, expected num_hidden_layers="
                 f"{self.num_hidden_layers}"
             )
-        if not 1 <= self.num_experts_per_tok <= self.num_experts:
-            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} not in [1, num_experts]")
-        if self.moe_router_score_function not in ("softmax", "sigmoid"):
-            problems.append(f"moe_router_score_function={self.moe_router_score_function!r}")
-        if self.router_num_group and self.num_experts % self.router_num_group:
-            problems.append(f"num_experts={self.num_experts} not divisible by router_num_group")
+        if self.tie_word_embeddings:
+            problems.append("tie_word_embeddings=True (LLaDA-MoE has an untied lm_head)")
+        try:
+            self.router_options()
+        except ValueError as err:
+            problems.append(str(err))
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             problems.append(f"partial_rotary_factor={self.partial_rotary_factor} not in (0, 1]")
         if not 0 <= self.mask_token_id < self.vocab_size:
@@ -150,6 +155,20 @@ class LLaDAMoEConfig(PretrainedConfig):
             if value:
                 return dict(value)
         return {}
+
+    def router_options(self) -> RouterOptions:
+        """The router settings under this family's published field names."""
+        n_group = self.router_num_group or 1
+        return RouterOptions(
+            num_experts=self.num_experts,
+            top_k=self.num_experts_per_tok,
+            score_function=self.moe_router_score_function,
+            n_group=n_group,
+            topk_group=self.router_topk_group or n_group,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+            expert_bias=self.moe_router_enable_expert_bias,
+        )
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return bool(self.moe_layer_freq[layer_idx])

@@ -2,7 +2,7 @@
 
 Semantics follow the published modeling code: pre-norm blocks with RMSNorm, per-head q/k RMSNorm
 before rotate-half RoPE (optionally on a fraction of each head), bidirectional SDPA attention with
-GQA, an fp32 softmax top-k router whose weights are not renormalised, SwiGLU experts, optional
+GQA, an fp32 softmax top-k router (model/router.py) whose weights are not renormalised, SwiGLU experts, optional
 dense layers and shared expert, untied lm_head. Expert weights are stored stacked
 ([E, 2I, H] and [E, H, I]) so routed tokens run as grouped matmuls; the checkpoint boundary
 (``state_dict`` / ``load_state_dict``) speaks the published per-expert key names.
@@ -22,19 +22,22 @@ from transformers import PreTrainedModel
 
 from .configuration import LLaDAMoEConfig
 from .grouped_mm import dispatch, grouped_mm, unsort, weighted_swiglu
+from .router import Routing, route, router_losses
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class LLaDAMoEOutput:
-    """``logits`` [B, L, V]; router terms only when ``output_router_logits``; ``past_key_values``
+    """``logits`` [B, L, V]; router terms only when ``output_router_logits`` (``router_experts``:
+    each MoE layer's chosen expert ids [B*L, k], what the losses count); ``past_key_values``
     holds each layer's (k, v) for the *input* positions when ``use_cache``."""
 
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     past_key_values: KVCache | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+    router_experts: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
 
@@ -189,50 +192,27 @@ def _stack_expert_weights(module: Experts, state_dict, prefix, *args):
     state_dict[prefix + "down_proj"] = torch.stack(w[2::3])
 
 
-def route_tokens(cfg: LLaDAMoEConfig, logits: torch.Tensor, expert_bias: torch.Tensor | None = None):
-    """LLaDA-MoE gate semantics on fp32 router logits [N, E] -> (expert ids [N, k], weights [N, k]).
-
-    Softmax (or sigmoid) scores; ``expert_bias`` shifts only which experts are chosen; optional
-    group-limited choice; weights are the chosen scores, renormalised only if ``norm_topk_prob``.
-    Shared by the model and by every parallel adapter so trained weights mean the same everywhere.
-    """
-    scores = logits.softmax(dim=-1) if cfg.moe_router_score_function == "softmax" else logits.sigmoid()
-    choice = scores + expert_bias if expert_bias is not None else scores
-    if cfg.router_num_group and cfg.router_topk_group:
-        grouped = choice.view(logits.shape[0], cfg.router_num_group, -1)
-        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-        keep = group_score.topk(cfg.router_topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_score).scatter_(1, keep, 1.0).bool()
-        choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
-    expert_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-    weights = scores.gather(1, expert_idx)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return expert_idx, weights * cfg.routed_scaling_factor
-
-
 class MoE(nn.Module):
     """Router (``gate``, optional ``expert_bias``) plus stacked experts."""
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__()
         self.config = config
+        self.router = config.router_options()
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         if config.moe_router_enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         self.experts = Experts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
 
-    def route(self, x: torch.Tensor):
-        """x [N, H] -> (fp32 router logits [N, E], expert ids [N, k], fp32 weights [N, k])."""
-        logits = F.linear(x.float(), self.gate.weight.float())
-        expert_bias = self.expert_bias if self.config.moe_router_enable_expert_bias else None
-        return (logits, *route_tokens(self.config, logits, expert_bias))
+    def route(self, x: torch.Tensor) -> Routing:
+        """x [N, H] -> Routing(fp32 router logits [N, E], expert ids [N, k], fp32 weights [N, k])."""
+        return route(self.router, x, self.gate.weight, getattr(self, "expert_bias", None))
 
     def forward(self, x: torch.Tensor):
         b, n, h = x.shape
         flat = x.reshape(-1, h)
-        logits, expert_idx, weights = self.route(flat)
-        return self.experts(flat, expert_idx, weights).view(b, n, h), logits
+        routing = self.route(flat)
+        return self.experts(flat, routing.expert_idx, routing.weights).view(b, n, h), routing
 
 
 class DecoderLayer(nn.Module):
@@ -253,14 +233,14 @@ class DecoderLayer(nn.Module):
         attn_out, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
         x = x + attn_out
         h = self.post_attention_layernorm(x)
-        router_logits = None
+        routing = None
         if self.is_moe:
-            mlp_out, router_logits = self.mlp(h)
+            mlp_out, routing = self.mlp(h)
         else:
             mlp_out = self.mlp(h)
         if hasattr(self, "shared_expert"):
             mlp_out = mlp_out + self.shared_expert(h)
-        return x + mlp_out, new_kv, router_logits
+        return x + mlp_out, new_kv, routing
 
 
 class LLaDAMoEPreTrainedModel(PreTrainedModel):
@@ -321,38 +301,18 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> LLaDAMoEOutput:
-        cfg = self.config
-        if kwargs:
-            raise TypeError(f"unexpected forward arguments: {sorted(kwargs)}")
-        _check_input_ids(input_ids, cfg.vocab_size)
-        b, n = input_ids.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + n, device=input_ids.device).expand(b, n)
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
-        mask = build_attention_mask(attention_mask, b, n, past_len, cfg.causal, x.device)
-        want_router = cfg.output_router_logits if output_router_logits is None else output_router_logits
-
-        new_cache: KVCache = []
-        router_logits = []
-        for i, layer in enumerate(self.layers):
-            past = past_key_values[i] if past_key_values else None
-            if self.gradient_checkpointing and self.training:
-                x, kv, logits = checkpoint(layer, x, cos, sin, mask, past, use_reentrant=False)
-            else:
-                x, kv, logits = layer(x, cos, sin, mask, past)
-            if use_cache:
-                new_cache.append(kv)
-            if logits is not None:
-                router_logits.append(logits)
-
-        out = LLaDAMoEOutput(last_hidden_state=self.norm(x), past_key_values=new_cache if use_cache else None)
-        if want_router and router_logits:
-            token_mask = _token_mask(attention_mask, b, n, past_len)
-            out.router_logits = tuple(router_logits)
-            out.aux_loss, out.z_loss = router_losses(out.router_logits, cfg.num_experts_per_tok, token_mask)
-        return out
+        return run_backbone(
+            self,
+            self.embed_tokens,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            use_cache,
+            output_router_logits,
+            kwargs,
+            causal=self.config.causal,
+        )
 
 
 class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
@@ -436,16 +396,53 @@ def _token_mask(attention_mask, b, n, past_len):
     return attention_mask[:, past_len:].reshape(-1).float()
 
 
-def router_losses(router_logits, top_k: int, token_mask: torch.Tensor | None = None):
-    """Switch load-balancing loss (1.0 at perfectly uniform load) and router z-loss, averaged over layers."""
-    aux, z = [], []
-    for logits in router_logits:
-        w = torch.ones(logits.shape[0], device=logits.device) if token_mask is None else token_mask
-        denom = w.sum().clamp_min(1.0)
-        probs = logits.softmax(dim=-1)
-        chosen = torch.zeros_like(probs).scatter_(1, logits.topk(top_k, dim=-1).indices, 1.0)
-        load = (chosen * w[:, None]).sum(0) / (denom * top_k)
-        importance = (probs * w[:, None]).sum(0) / denom
-        aux.append(logits.shape[-1] * (load * importance).sum())
-        z.append((torch.logsumexp(logits, dim=-1).pow(2) * w).sum() / denom)
-    return torch.stack(aux).mean(), torch.stack(z).mean()
+def run_backbone(
+    backbone,
+    embeddings: nn.Embedding,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_values: KVCache | None,
+    use_cache: bool,
+    output_router_logits: bool | None,
+    unexpected: dict,
+    causal: bool,
+) -> LLaDAMoEOutput:
+    """The forward both families' backbones share: embed, RoPE, mask, decoder layers (each
+    returning (x, its (k, v), its Routing or None)), final norm, router losses on request.
+    ``backbone`` provides ``config``, ``layers``, ``norm`` and ``gradient_checkpointing``."""
+    cfg = backbone.config
+    if unexpected:
+        raise TypeError(f"unexpected forward arguments: {sorted(unexpected)}")
+    _check_input_ids(input_ids, cfg.vocab_size)
+    b, n = input_ids.shape
+    past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+    if position_ids is None:
+        position_ids = torch.arange(past_len, past_len + n, device=input_ids.device).expand(b, n)
+    x = embeddings(input_ids)
+    cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
+    mask = build_attention_mask(attention_mask, b, n, past_len, causal, x.device)
+    want_router = cfg.output_router_logits if output_router_logits is None else output_router_logits
+
+    new_cache: KVCache = []
+    routings: list[Routing] = []
+    for i, layer in enumerate(backbone.layers):
+        past = past_key_values[i] if past_key_values else None
+        if backbone.gradient_checkpointing and backbone.training:
+            x, kv, routing = checkpoint(layer, x, cos, sin, mask, past, use_reentrant=False)
+        else:
+            x, kv, routing = layer(x, cos, sin, mask, past)
+        if use_cache:
+            new_cache.append(kv)
+        if routing is not None:
+            routings.append(routing)
+
+    out = LLaDAMoEOutput(last_hidden_state=backbone.norm(x), past_key_values=new_cache if use_cache else None)
+    if want_router and routings:
+        token_mask = _token_mask(attention_mask, b, n, past_len)
+        out.router_logits = tuple(r.logits for r in routings)
+        out.router_experts = tuple(r.expert_idx for r in routings)
+        out.aux_loss, out.z_loss = router_losses(
+            out.router_logits, out.router_experts, token_mask, cfg.router_options().score_function
+        )
+    return out

@@ -10,6 +10,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
     Active = total - the (E - k)/E share of routed-expert weights - the input embedding table
     (a lookup, not a matmul). This is the convention behind LLaDA-MoE's "7B total / 1.4B active".
+    ``active_with_embedding`` keeps the table: the convention behind LLaDA2.0-mini's "16B total /
+    1.4B active" (its base model, Ling-mini-2.0, states 789M non-embedding active).
     """
     config = model.config
     total = sum(p.numel() for p in model.parameters())
@@ -19,6 +21,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {
         "total": total,
         "active": total - inactive - embedding,
+        "active_with_embedding": total - inactive,
         "routed_experts": routed,
         "embedding": embedding,
     }

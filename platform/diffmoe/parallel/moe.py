@@ -1,7 +1,7 @@
 """DeepSpeed-MoE expert parallelism for LLaDA-MoE, beside the model rather than inside it.
 
 ``build_training_model`` takes a plain ``LLaDAMoEModelLM`` and swaps each MoE layer for a
-``deepspeed.moe.layer.MoE`` whose gate is ours (``LLaDAGate``): the model's own ``route_tokens``,
+``deepspeed.moe.layer.MoE`` whose gate is ours (``LLaDAGate``): the model's own router (model/router.py),
 so top-k weights are not renormalised and no token is dropped (capacity = the largest expert load
 in the expert-parallel group). DeepSpeed then provides what it is for: expert-parallel process
 groups, all-to-all token exchange, MoE optimizer parameter groups and per-expert checkpoint files.
@@ -23,7 +23,8 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
-from diffmoe.model.modeling import Experts, route_tokens
+from diffmoe.model.modeling import Experts
+from diffmoe.model.router import Routing, route
 
 _EXPERTS = "mlp.moe.deepspeed_moe.experts.deepspeed_experts"
 _GATE = "mlp.moe.deepspeed_moe.gate"
@@ -56,18 +57,18 @@ class LLaDAGate(nn.Module):
         if config.moe_router_enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         self.ep_group = None
-        self.router_logits: torch.Tensor | None = None  # last forward's logits, for z-loss and metrics
+        self.routing: Routing | None = None  # last forward's routing, for the losses and metrics
 
     def _set_ep_group(self, group) -> None:
         self.ep_group = group
 
-    def route(self, x: torch.Tensor):
-        """x [N, H] -> (fp32 router logits [N, E], expert ids [N, k], fp32 weights [N, k]), as
-        ``modeling.MoE.route``; keeps the logits for the z-loss and expert-load metrics."""
-        logits = F.linear(x.float(), self.wg.weight.float())
-        expert_bias = self.expert_bias if self.config.moe_router_enable_expert_bias else None
-        self.router_logits = logits
-        return (logits, *route_tokens(self.config, logits, expert_bias))
+    def route(self, x: torch.Tensor) -> Routing:
+        """x [N, H] -> Routing(fp32 logits [N, E], expert ids [N, k], fp32 weights [N, k]), as
+        ``modeling.MoE.route``; keeps it for the z-loss and expert-load metrics."""
+        self.routing = route(
+            self.config.router_options(), x, self.wg.weight, getattr(self, "expert_bias", None)
+        )
+        return self.routing
 
     def forward(self, x, used_token=None, sparse_routes=True, use_tutel=False):
         cfg = self.config
@@ -78,7 +79,7 @@ class LLaDAGate(nn.Module):
         if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
             dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
         locations = (chosen.cumsum(0) - 1).gather(1, expert_idx)
-        l_aux = torch.zeros((), device=x.device)  # load balancing is computed from router_logits
+        l_aux = torch.zeros((), device=x.device)  # load balancing is computed from self.routing
         return (
             l_aux,
             max(int(capacity), 1),
@@ -122,7 +123,7 @@ class StackedExperts(nn.Module):
 
 
 class ExpertParallelMoE(nn.Module):
-    """Drop-in for ``modeling.MoE``: forward(x [B, L, H]) -> (y, router_logits [B*L, E])."""
+    """Drop-in for ``modeling.MoE``: forward(x [B, L, H]) -> (y, Routing of the B*L tokens)."""
 
     def __init__(self, config: LLaDAMoEConfig, ep_size: int):
         super().__init__()
@@ -142,18 +143,18 @@ class ExpertParallelMoE(nn.Module):
         if self.moe.ep_size == 1:
             return self._local_forward(x)
         y, _, _ = self.moe(x)
-        return y, self.moe.deepspeed_moe.gate.router_logits
+        return y, self.moe.deepspeed_moe.gate.routing
 
     def _local_forward(self, x):
         """EP group of one: no all-to-all to make, so skip DeepSpeed's capacity-padded [E, C, H]
         dispatch (zero-filled slots, index_add backwards) and run the serving model's sorted
-        grouped-matmul expert kernel on the same parameters. Same function (route_tokens, no
+        grouped-matmul expert kernel on the same parameters. Same function (the model's router, no
         dropped tokens, top-k weights as routed)."""
         b, n, h = x.shape
         flat = x.reshape(-1, h)
-        logits, expert_idx, weights = self.moe.deepspeed_moe.gate.route(flat)
-        y = self.moe.deepspeed_moe.experts.deepspeed_experts(flat, expert_idx, weights)
-        return y.view(b, n, h), logits
+        routing = self.moe.deepspeed_moe.gate.route(flat)
+        y = self.moe.deepspeed_moe.experts.deepspeed_experts(flat, routing.expert_idx, routing.weights)
+        return y.view(b, n, h), routing
 
 
 def build_training_model(config: LLaDAMoEConfig, ep_size: int) -> LLaDAMoEModelLM:

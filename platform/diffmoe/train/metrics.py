@@ -5,24 +5,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
+from diffmoe.model.router import expert_counts, score_distribution
 
 from diffmoe.parallel import LLaDAGate
 
 
 def expert_load_metrics(model) -> dict[str, float]:
-    """Per MoE layer: max/mean expert load (1.0 = perfectly balanced) and mean router entropy
-    (nats; log(E) = uniform), from the last forward's router logits on this rank."""
+    """Per MoE layer: max/mean expert load (1.0 = perfectly balanced) over the experts the last
+    forward actually chose on this rank, and mean router entropy (nats; log(E) = uniform)."""
     out: dict[str, float] = {}
     layer = 0
     for module in model.modules():
-        if isinstance(module, LLaDAGate) and module.router_logits is not None:
-            logits = module.router_logits.detach()
-            k = module.config.num_experts_per_tok
-            counts = torch.bincount(
-                logits.topk(k, dim=-1).indices.flatten(), minlength=logits.shape[-1]
-            ).float()
-            probs = logits.softmax(-1)
+        if isinstance(module, LLaDAGate) and module.routing is not None:
+            logits = module.routing.logits.detach()
+            counts = expert_counts(module.routing.expert_idx, logits.shape[-1])
+            probs = score_distribution(logits, module.config.moe_router_score_function)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
             out[f"moe/layer{layer}/max_mean_load"] = float(counts.max() / counts.mean().clamp_min(1e-9))
             out[f"moe/layer{layer}/router_entropy"] = float(entropy)
