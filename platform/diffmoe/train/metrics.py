@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 from diffmoe.model.router import expert_counts, score_distribution
-
 from diffmoe.parallel import LLaDAGate
 
 
