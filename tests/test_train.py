@@ -105,9 +105,12 @@ def test_training_time_forward_equals_exported_model(ep2_run):
 
 def test_resume_with_a_different_worker_count(ep2_run, tiny_corpus, workdir):
     """Same run name, 2 workers/EP 2 -> 1 worker/EP 1: continues at step 30 from the same weights
-    (the loop checks the restored weights' fingerprint against the checkpoint's)."""
+    (the loop checks the restored weights' fingerprint against the checkpoint's). The resumed
+    steps attend within packed documents only (``train.document_mask``)."""
     cfg, first = ep2_run
-    resumed = run_training(_config(workdir, tiny_corpus, "ep2", train={"max_steps": 34}))
+    resumed = run_training(
+        _config(workdir, tiny_corpus, "ep2", train={"max_steps": 34, "document_mask": True})
+    )
     assert resumed.metrics["resumed_from_step"] == 30
     assert resumed.final_step == 34
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(resumed.run_id)

@@ -82,6 +82,15 @@ def sft_loss(logits, input_ids, masked, p, response_mask):
     return (ce * weight).sum() / input_ids.shape[0], ce
 
 
+def crop_attention_mask(attention_mask, keep: int):
+    """The mask for the first ``keep`` tokens: a 2-D key mask [B, L] or a 4-D mask [B, h, L, L]."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        return attention_mask[:, :, :keep, :keep]
+    return attention_mask[:, :keep]
+
+
 @dataclass
 class LossTerms:
     total: torch.Tensor  # what backward() runs on
@@ -113,9 +122,11 @@ def diffusion_loss(
         keep = random_length(length, obj.random_length_prob, generator)
         if keep < length:
             input_ids = input_ids[:, :keep]
-            attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
+            attention_mask = crop_attention_mask(attention_mask, keep)
     p = sample_mask_prob(b, obj.eps, obj.antithetic, generator, input_ids.device)
-    maskable = response_mask if response_mask is not None else attention_mask
+    # a 2-D key mask marks padding (never masked); a 4-D mask (documents) says who sees whom
+    padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    maskable = response_mask if response_mask is not None else padding
     noisy, masked = forward_process(input_ids, mask_id, p, maskable, generator)
     want_router = obj.aux_loss_coef > 0 or obj.z_loss_coef > 0
     if hasattr(model, "lm_head") and hasattr(model, "model"):
