@@ -205,3 +205,31 @@ def test_bad_configs_fail_before_claiming_resources(tiny_corpus, tmp_path):
         else []
     )
     assert all(e.name != "tests" for e in runs), "no MLflow run may be created for a config that cannot start"
+
+
+def test_nonfinite_loss_fails_the_run_naming_the_step(ray_cluster, tiny_corpus, tmp_path):
+    """A poisoned weight makes every loss NaN: ``skip`` drops and counts micro-batches (in MLflow),
+    then fails the run past ``max_nonfinite_skips`` instead of training on silently."""
+    from diffmoe.data.manifest import verify_dataset
+    from diffmoe.model import named_config
+
+    tok = verify_dataset(tiny_corpus).tokenizer
+    ids = {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    model = LLaDAMoEModelLM(named_config("tiny", vocab_size=tok.vocab_size, **ids))
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    model.save_pretrained(tmp_path / "poisoned")
+    cfg = _config(
+        tmp_path,
+        tiny_corpus,
+        "nan",
+        model={"init_from": str(tmp_path / "poisoned")},
+        train={"max_steps": 3, "on_nonfinite": "skip", "max_nonfinite_skips": 1},
+    )
+    with pytest.raises(Exception, match=r"at step 1: 2 micro-batches skipped") as failure:
+        run_training(cfg)
+    assert "NonFiniteLossError" in str(failure.value) or "NonFiniteLossError" in repr(failure.value)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["train/nonfinite_skipped"] == 1

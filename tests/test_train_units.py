@@ -44,3 +44,22 @@ def test_document_mask_trains_a_step(random_length_prob):
         a = objective(_packed_batch(), torch.Generator().manual_seed(2)).diffusion
         b = plain(_packed_batch(), torch.Generator().manual_seed(2)).diffusion
     assert not torch.allclose(a, b)
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped_and_counted():
+    from diffmoe.train.nonfinite import NonFiniteLossError, handle_nonfinite, loss_is_finite
+
+    model = _tiny()
+    objective = ObjectiveModule(model, TrainJobConfig())
+    batch = {"input_ids": _packed_batch()["input_ids"]}
+    assert loss_is_finite(objective(batch, torch.Generator().manual_seed(0)).total)
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")  # one poisoned parameter
+    terms = objective(batch, torch.Generator().manual_seed(0))
+    assert not loss_is_finite(terms.total)
+    with pytest.raises(NonFiniteLossError, match="at step 7; train.on_nonfinite=stop"):
+        handle_nonfinite("stop", 100, 7, 0)
+    assert handle_nonfinite("skip", 2, 7, 0) == 1
+    assert handle_nonfinite("skip", 2, 8, 1) == 2
+    with pytest.raises(NonFiniteLossError, match="step 9: 3 micro-batches skipped.*max_nonfinite_skips=2"):
+        handle_nonfinite("skip", 2, 9, 2)

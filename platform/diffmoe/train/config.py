@@ -56,6 +56,10 @@ class TrainSection(StrictModel):
     val_batches: int = Field(4, ge=1)  # validation batches per worker
     checkpoint_every: int = Field(25, ge=1)  # a checkpoint is also written at max_steps
     document_mask: bool = False  # pretraining: attend only within each packed document
+    # A NaN/inf training loss. stop: fail the run naming the step. skip: drop that micro-batch (no
+    # backward, no optimizer update from it) and count it (metric train/nonfinite_skipped).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = Field(100, ge=0)  # skip: fail once more micro-batches were dropped
     objective: ObjectiveConfig = ObjectiveConfig()
 
 

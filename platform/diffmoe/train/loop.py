@@ -35,6 +35,7 @@ from .checkpointing import (
 from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
 from .expert_parallel import build_training_model, init_distributed, load_published_state
 from .metrics import MetricsLogger, expert_load_metrics
+from .nonfinite import NonFiniteLossError, handle_nonfinite, loss_is_finite
 from .schedule import lr_multiplier
 
 PROBE_SEED = 1234  # fixed batch whose logits the run saves, for parity checks after export
@@ -211,6 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if val is not None:
             logger.log({"val/loss": val}, step)
     tokens, busy, waited = 0, 0.0, 0.0
+    nonfinite = state.get("nonfinite_skipped", 0)  # micro-batches dropped for a NaN/inf loss
     while step < cfg.train.max_steps:
         consumed = 0
         t0 = time.perf_counter()
@@ -224,6 +226,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 cfg.train.seed * 1_000_003 + rank * 7919 + consumed + epoch * 10**6
             )
             terms = engine(batch, gen)
+            if not loss_is_finite(terms.total):
+                try:
+                    nonfinite = handle_nonfinite(
+                        cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, step + 1, nonfinite
+                    )
+                except NonFiniteLossError:
+                    logger.flush()  # what was logged so far reaches MLflow before the run fails
+                    raise
+                logger.log({"train/nonfinite_skipped": nonfinite}, step + 1)
+                t0 = time.perf_counter()
+                continue
             engine.backward(terms.total)
             engine.step()
             tokens += batch["input_ids"].numel() * world
@@ -239,6 +252,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/tokens_per_s": tokens / max(busy, 1e-9),  # data wait + compute, no eval/ckpt
                     "train/data_wait_frac": waited / max(busy, 1e-9),  # input-bound when this grows
+                    "train/nonfinite_skipped": nonfinite,
                 }
                 tokens, busy, waited = 0, 0.0, 0.0
                 if terms.aux_loss is not None:
@@ -261,6 +275,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "world_size": world,
                     "resumed_from_step": resumed_from,
                     "ep_size": ep_size,
+                    "nonfinite_skipped": nonfinite,
                 }
                 report(
                     engine,
