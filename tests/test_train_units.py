@@ -63,3 +63,18 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped_and_counted():
     assert handle_nonfinite("skip", 2, 8, 1) == 2
     with pytest.raises(NonFiniteLossError, match="step 9: 3 micro-batches skipped.*max_nonfinite_skips=2"):
         handle_nonfinite("skip", 2, 9, 2)
+
+
+def test_checkpoint_fingerprint_sees_permuted_experts():
+    from diffmoe.train.checkpointing import fingerprint
+
+    state = _tiny().state_dict()  # published layout: one entry per expert
+    swapped = dict(state)
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        a, b = (f"model.layers.0.mlp.experts.{j}.{part}.weight" for j in (0, 1))
+        swapped[a], swapped[b] = state[b], state[a]
+    assert sum(t.abs().sum() for t in swapped.values()) == sum(t.abs().sum() for t in state.values())
+    assert fingerprint(swapped) != fingerprint(state)
+    assert fingerprint({k: v.clone() for k, v in state.items()}) == fingerprint(state)
+    rounded = {k: v.bfloat16() for k, v in state.items()}  # same values, other dtype: same print
+    assert fingerprint(rounded) == fingerprint({k: v.float() for k, v in rounded.items()})
