@@ -78,3 +78,58 @@ def test_checkpoint_fingerprint_sees_permuted_experts():
     assert fingerprint({k: v.clone() for k, v in state.items()}) == fingerprint(state)
     rounded = {k: v.bfloat16() for k, v in state.items()}  # same values, other dtype: same print
     assert fingerprint(rounded) == fingerprint({k: v.float() for k, v in rounded.items()})
+
+
+class _Rows:
+    """The slice of a Ray Data shard that ``loop.validate`` reads: ``iter_torch_batches``."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = columns
+
+    def iter_torch_batches(self, batch_size: int, drop_last: bool, device):
+        n = len(next(iter(self.columns.values())))
+        stop = n - n % batch_size if drop_last else n
+        for i in range(0, stop, batch_size):
+            yield {k: v[i : i + batch_size].to(device) for k, v in self.columns.items()}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sft", [False, True])
+def test_training_validation_evaluate_and_benchmark_share_one_loss(tmp_path, causal, sft):
+    """Same model, rows, batch size and seed: train-time validation, jobs/evaluate.py and the
+    benchmark report the same loss per scored token (uneven answer lengths, a partial last batch)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from diffmoe.bench.quality import validation_loss
+    from diffmoe.evaluate import loss_per_token
+    from diffmoe.train.loop import validate
+
+    model = _tiny(causal=causal).eval()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 120, (10, 24), generator=gen)
+    response = torch.zeros(10, 24, dtype=torch.bool)
+    for row in range(10):
+        response[row, 6 + row :] = True  # answers of 18 down to 9 tokens
+    columns = {"input_ids": ids, **({"response_mask": response} if sft else {})}
+    resp = response if sft else None
+    cfg = TrainJobConfig.model_validate(
+        {"train": {"kind": "sft" if sft else "pretrain", "seed": 1, "micro_batch_size": 4, "val_batches": 99}}
+    )
+    seed = cfg.train.seed + 99  # what validate() seeds its mask draws with
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        trained = validate(ObjectiveModule(model, cfg), _Rows(columns), cfg, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    nats, tokens = loss_per_token(model, ids, resp, 4, torch.Generator().manual_seed(seed), "cpu")
+    bench = validation_loss(model, ids, response if sft else torch.ones_like(response), 1, batch=4, seed=seed)
+    assert tokens == bench["val_tokens"]
+    assert trained == pytest.approx(nats / tokens, rel=1e-5)
+    assert bench["val_loss_per_token"] == pytest.approx(nats / tokens, rel=1e-5)
+    if causal:  # the exact NLL, by hand from the full logits
+        scored = (resp if sft else torch.ones_like(response))[:, 1:]
+        with torch.no_grad():
+            logits = model(ids).logits[:, :-1]
+        want = F.cross_entropy(logits[scored], ids[:, 1:][scored], reduction="mean")
+        assert trained == pytest.approx(float(want), rel=1e-4)

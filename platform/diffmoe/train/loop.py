@@ -21,7 +21,7 @@ import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from diffmoe.diffusion import training_loss
+from diffmoe.diffusion import training_loss, validation_loss_sum
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
 from diffmoe.model.checkpoint import read_weights
 
@@ -50,13 +50,25 @@ class ObjectiveModule(nn.Module):
         self.lm = lm
         self.cfg = cfg
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator, validation: bool = False):
+        """The training loss terms, or with ``validation`` the shared validation loss as
+        (nats summed over scored tokens, token count)."""
         ids = batch["input_ids"].long()
         response = batch["response_mask"].bool() if "response_mask" in batch else None
         mask = None
         if response is None and self.cfg.train.document_mask and "segment_ids" in batch:
             seg = batch["segment_ids"]
             mask = (seg[:, None, :, None] == seg[:, None, None, :]).contiguous()
+        if validation:
+            return validation_loss_sum(
+                self.lm,
+                ids,
+                mask_id=self.lm.config.mask_token_id,
+                response_mask=response,
+                attention_mask=mask,
+                generator=generator,
+                objective=self.cfg.train.objective,
+            )
         return training_loss(
             self.lm,
             ids,
@@ -118,7 +130,8 @@ class TrainBatches:
 
 
 def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
-    """Mean diffusion bound per token over the first ``val_batches`` batches, fixed masks."""
+    """Validation loss per scored token (``diffusion.validation_loss_sum``: the diffusion bound,
+    or the AR twin's exact NLL) over the first ``val_batches`` batches of every rank, fixed masks."""
     if shard is None:
         return None
     engine.eval()
@@ -129,8 +142,9 @@ def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
         for i, batch in enumerate(_batches(shard, cfg, device, drop_last=False)):
             if i >= cfg.train.val_batches:
                 break
-            total += float(engine(batch, gen).diffusion)
-            n += 1
+            nats, tokens = engine(batch, gen, validation=True)
+            total += float(nats)
+            n += tokens
     engine.train()
     counts = torch.tensor([total, n], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
