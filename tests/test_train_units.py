@@ -133,3 +133,50 @@ def test_training_validation_evaluate_and_benchmark_share_one_loss(tmp_path, cau
             logits = model(ids).logits[:, :-1]
         want = F.cross_entropy(logits[scored], ids[:, 1:][scored], reduction="mean")
         assert trained == pytest.approx(float(want), rel=1e-4)
+
+
+def test_sample_order_is_exactly_once_per_epoch_across_a_resize(tmp_path):
+    """Stream positions map to a (seed, epoch) permutation of global indices; 2 workers stop at a
+    checkpointed position and 1 worker goes on from it: each epoch trains every row once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffmoe.train.sample_order import SampleOrder, ShardReader, TrainStream, resume_position
+
+    rows = [7, 5, 9]  # three shards, 21 rows; row i of the split holds the value i everywhere
+    paths, start = [], 0
+    for i, n in enumerate(rows):
+        ids = [[start + r] * 4 for r in range(n)]
+        paths.append(str(tmp_path / f"shard-{i}.parquet"))
+        pq.write_table(pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32()))}), paths[-1])
+        start += n
+    order = SampleOrder(rows, seed=5)
+    for epoch in (0, 1):
+        seen = [order.global_index(*order.locate(epoch * 21 + k)[1:]) for k in range(21)]
+        assert sorted(seen) == list(range(21))
+    epoch0 = [order.global_index(*order.locate(k)[1:]) for k in range(21)]
+    assert epoch0 != [order.global_index(*order.locate(21 + k)[1:]) for k in range(21)]
+    assert epoch0 == [
+        SampleOrder(rows, 5).global_index(*SampleOrder(rows, 5).locate(k)[1:]) for k in range(21)
+    ]
+    assert epoch0 != sorted(epoch0)
+
+    def train(world: int, position: int, steps: int) -> tuple[list[int], int]:
+        streams = [
+            iter(TrainStream(order, ShardReader(paths, keep_all=False), position, r, world, 2, "cpu"))
+            for r in range(world)
+        ]
+        got = []
+        for _ in range(steps):
+            for s in streams:
+                batch, _, _, indices = next(s)
+                assert batch["input_ids"][:, 0].tolist() == indices  # the rows are the ones named
+                got += indices
+        return got, position + steps * world * 2
+
+    first, position = train(world=2, position=0, steps=3)  # 12 samples, then a "checkpoint"
+    state = {"position": position}
+    second, _ = train(world=1, position=resume_position(state, 21, 2), steps=9)  # 18 more
+    trained = first + second
+    assert sorted(trained[:21]) == list(range(21)) and trained[:21] == epoch0
+    assert len(set(trained[21:])) == len(trained[21:])  # epoch 1 so far: no repeats

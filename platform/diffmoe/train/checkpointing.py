@@ -4,7 +4,7 @@ A checkpoint directory holds
 - ``deepspeed/``: ``engine.save_checkpoint`` output (model, ZeRO optimizer shards, scheduler and
   one file per expert). Exact resume, but only for the same data- and expert-parallel sizes.
 - ``model/``: the consolidated weights in the published Hugging Face layout (all experts).
-- ``trainer_state.json``: step, epoch, batches consumed in the epoch, world and EP size.
+- ``trainer_state.json``: step, epoch, the data stream position (``sample_order.py``), world and EP size.
 
 Resuming with the same sizes loads ``deepspeed/``; with different sizes it loads ``model/`` and
 fast-forwards the lr schedule, and the AdamW moments restart from zero (logged as

@@ -1,8 +1,8 @@
 """The per-worker training loop that Ray Train runs: DeepSpeed engine, diffusion loss, checkpoints.
 
 Every rank builds the same seeded model, keeps its share of the experts (expert parallelism),
-streams its split of the Parquet shards, and calls the collectives (all-to-all, gradient
-reduction, checkpoint, ``ray.train.report``) in lockstep with the others.
+takes its micro-batches from one seeded global sample order (``sample_order``), and calls the
+collectives (all-to-all, gradient reduction, checkpoint, ``ray.train.report``) in lockstep.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
 from .expert_parallel import build_training_model, init_distributed, load_published_state
 from .metrics import MetricsLogger, expert_load_metrics
 from .nonfinite import NonFiniteLossError, handle_nonfinite, loss_is_finite
+from .sample_order import SampleOrder, ShardReader, TrainStream, record_samples, resume_position
 from .schedule import lr_multiplier
 
 PROBE_SEED = 1234  # fixed batch whose logits the run saves, for parity checks after export
@@ -113,22 +114,6 @@ def _batches(shard, cfg: TrainJobConfig, device, drop_last: bool = True):
     return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=drop_last, device=device)
 
 
-class TrainBatches:
-    """One epoch of this worker's micro-batches: streamed from Ray Data each epoch, or read once
-    into host memory (``data.cache_in_memory_mb``) and replayed in the same order."""
-
-    def __init__(self, shard, cfg: TrainJobConfig, device, cache: bool):
-        self.shard, self.cfg, self.device = shard, cfg, device
-        self.cached = list(_batches(shard, cfg, "cpu")) if cache else None
-
-    def __iter__(self):
-        if self.cached is None:
-            yield from _batches(self.shard, self.cfg, self.device)
-            return
-        for batch in self.cached:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-
 def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
     """Validation loss per scored token (``diffusion.validation_loss_sum``: the diffusion bound,
     or the AR twin's exact NLL) over the first ``val_batches`` batches of every rank, fixed masks."""
@@ -176,7 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.model.gradient_checkpointing = True
 
     checkpoint = ray.train.get_checkpoint()
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    state = {"step": 0, "epoch": 0, "position": 0}
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = read_state(Path(d), world, ep_size)
@@ -208,16 +193,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "deepspeed", {"zero_stage": engine.zero_optimization_stage(), "ep_size": ep_size, "bf16": bf16}
     )
     logger.event("worker_env", {k: os.environ.get(k) for k in sorted(cfg.scaling.worker_env)})
-    train_batches = TrainBatches(
-        ray.train.get_dataset_shard(cfg.data.train_split), cfg, device, bool(loop_config.get("cache_train"))
+    order = SampleOrder(loop_config["train_shard_rows"], cfg.train.seed)
+    reader = ShardReader(loop_config["train_shards"], keep_all=bool(loop_config.get("cache_train")))
+    if reader.keep_all:
+        logger.event("train_split_in_memory", {"shards": len(reader.paths), "rows": order.total})
+    batch_size = cfg.train.micro_batch_size
+    stream = TrainStream(
+        order, reader, resume_position(state, order.total, batch_size), rank, world, batch_size, device
     )
-    if train_batches.cached is not None:
-        logger.event("train_split_in_memory", {"batches": len(train_batches.cached)})
     val_shard = (
         ray.train.get_dataset_shard(cfg.data.validation_split) if loop_config.get("has_validation") else None
     )
 
-    step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+    step = state["step"]
     if "weights_fingerprint" in state:
         check_fingerprint(model, state)
         logger.event("weights_fingerprint", {"step": step, "value": state["weights_fingerprint"]})
@@ -228,14 +216,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tokens, busy, waited = 0, 0.0, 0.0
     nonfinite = state.get("nonfinite_skipped", 0)  # micro-batches dropped for a NaN/inf loss
     while step < cfg.train.max_steps:
-        consumed = 0
         t0 = time.perf_counter()
-        for batch in train_batches:
+        for batch, epoch, consumed, indices in stream:  # endless: epoch after epoch
             waited += time.perf_counter() - t0
-            consumed += 1
-            if consumed <= skip:  # resume: this worker already trained on these batches this epoch
-                waited, t0 = 0.0, time.perf_counter()
-                continue
+            if cfg.train.sample_log:
+                record_samples(
+                    cfg.train.sample_log,
+                    rank,
+                    {
+                        "step": step + 1,
+                        "resumed_from": resumed_from,
+                        "rank": rank,
+                        "world": world,
+                        "indices": indices,
+                    },
+                )
             gen = torch.Generator(device="cpu").manual_seed(
                 cfg.train.seed * 1_000_003 + rank * 7919 + consumed + epoch * 10**6
             )
@@ -285,7 +280,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state = {
                     "step": step,
                     "epoch": epoch,
-                    "batches_in_epoch": consumed,
+                    "position": stream.position,  # global samples consumed over all epochs
+                    "rows_per_epoch": order.total,
                     "world_size": world,
                     "resumed_from_step": resumed_from,
                     "ep_size": ep_size,
@@ -302,13 +298,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step >= cfg.train.max_steps:
                 break
             t0 = time.perf_counter()
-        if consumed == 0:
-            raise RuntimeError(
-                f"worker {rank} got no training batch: the {cfg.data.train_split} split has fewer rows than "
-                f"micro_batch_size={cfg.train.micro_batch_size} x {world} workers"
-            )
-        if step < cfg.train.max_steps:
-            epoch, skip = epoch + 1, 0
     logger.close()
 
 
