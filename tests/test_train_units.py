@@ -143,7 +143,7 @@ def test_sample_order_is_exactly_once_per_epoch_across_a_resize(tmp_path):
 
     from diffmoe.train.sample_order import SampleOrder, ShardReader, TrainStream, resume_position
 
-    rows = [7, 5, 9]  # three shards, 21 rows; row i of the split holds the value i everywhere
+    rows = [7, 0, 5, 9]  # four shards (one empty), 21 rows; row i of the split holds the value i
     paths, start = [], 0
     for i, n in enumerate(rows):
         ids = [[start + r] * 4 for r in range(n)]

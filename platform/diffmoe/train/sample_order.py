@@ -27,8 +27,8 @@ class SampleOrder:
     """Where stream position p lives: (epoch, shard, row) and its global sample index."""
 
     def __init__(self, shard_rows: list[int], seed: int):
-        if not shard_rows or min(shard_rows) < 1:
-            raise ValueError(f"the train split needs non-empty shards, got rows {shard_rows}")
+        if sum(shard_rows) < 1 or min(shard_rows) < 0:
+            raise ValueError(f"the train split has no rows (rows per shard: {shard_rows})")
         self.shard_rows, self.seed = list(shard_rows), seed
         self.starts = np.concatenate([[0], np.cumsum(self.shard_rows)[:-1]])
         self.total = int(sum(self.shard_rows))
