@@ -40,6 +40,33 @@ def _config(tmp: Path, data_path: Path, name: str, **sections) -> TrainJobConfig
     return build(TrainJobConfig, base)
 
 
+def _trained_samples(log_dir: Path) -> list[int]:
+    """Global sample indices whose updates the final weights hold, in stream order: each attempt's
+    ``train.sample_log`` lines up to the step the next attempt resumed from (later ones rolled back)."""
+    lines = [json.loads(x) for f in sorted(log_dir.glob("rank*.jsonl")) for x in f.read_text().splitlines()]
+    starts = sorted({x["resumed_from"] for x in lines})
+    kept = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        kept += [x for x in lines if x["resumed_from"] == start and x["step"] <= end]
+    by_step: dict[int, list[list[int]]] = {}
+    for x in sorted(kept, key=lambda x: x["rank"]):
+        by_step.setdefault(x["step"], []).append(x["indices"])
+    return [i for step in sorted(by_step) for chunk in by_step[step] for i in chunk]
+
+
+def _assert_exactly_once(trained: list[int], data_path: Path, seed: int) -> None:
+    """The trained samples are the (seed, epoch) stream's first ones: no repeat, no gap."""
+    from diffmoe.data.manifest import verify_dataset
+    from diffmoe.train.sample_order import SampleOrder
+
+    order = SampleOrder([s.rows for s in verify_dataset(data_path).splits["train"].shards], seed)
+    assert trained == [order.global_index(*order.locate(p)[1:]) for p in range(len(trained))]
+    for start in range(0, len(trained), order.total):  # each epoch: every row at most once
+        epoch = trained[start : start + order.total]
+        assert len(set(epoch)) == len(epoch)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("train")
@@ -47,7 +74,14 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ep2_run(ray_cluster, tiny_corpus, workdir):
-    cfg = _config(workdir, tiny_corpus, "ep2", scaling={"num_workers": 2}, deepspeed={"ep_size": 2})
+    cfg = _config(
+        workdir,
+        tiny_corpus,
+        "ep2",
+        scaling={"num_workers": 2},
+        deepspeed={"ep_size": 2},
+        train={"sample_log": str(workdir / "samples-ep2")},
+    )
     return cfg, run_training(cfg)
 
 
@@ -105,9 +139,17 @@ def test_training_time_forward_equals_exported_model(ep2_run):
 
 def test_resume_with_a_different_worker_count(ep2_run, tiny_corpus, workdir):
     """Same run name, 2 workers/EP 2 -> 1 worker/EP 1: continues at step 30 from the same weights
-    (the loop checks the restored weights' fingerprint against the checkpoint's)."""
+    (the loop checks the restored weights' fingerprint against the checkpoint's). The resumed
+    steps attend within packed documents only (``train.document_mask``)."""
     cfg, first = ep2_run
-    resumed = run_training(_config(workdir, tiny_corpus, "ep2", train={"max_steps": 34}))
+    resumed = run_training(
+        _config(
+            workdir,
+            tiny_corpus,
+            "ep2",
+            train={"max_steps": 34, "document_mask": True, "sample_log": str(workdir / "samples-ep2")},
+        )
+    )
     assert resumed.metrics["resumed_from_step"] == 30
     assert resumed.final_step == 34
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(resumed.run_id)
@@ -115,6 +157,9 @@ def test_resume_with_a_different_worker_count(ep2_run, tiny_corpus, workdir):
     assert "'zero_stage': 0" in run.data.tags["deepspeed.last"]  # one worker: nothing to partition
     saved = json.loads((Path(first.checkpoint_path) / "trainer_state.json").read_text())
     assert str(saved["weights_fingerprint"]) in run.data.tags["weights_fingerprint.last"]
+    trained = _trained_samples(workdir / "samples-ep2")  # 30 steps x 2 x 8, then 4 x 1 x 8
+    assert len(trained) == 30 * 16 + 4 * 8
+    _assert_exactly_once(trained, tiny_corpus, cfg.train.seed)
 
 
 def test_killed_worker_process_restarts_from_checkpoint(ray_cluster, tiny_corpus, workdir):
@@ -126,7 +171,12 @@ def test_killed_worker_process_restarts_from_checkpoint(ray_cluster, tiny_corpus
         "faulty",
         # streaming, 2 workers on half a core each train ~12 steps/s here: 200 steps after the second
         # checkpoint leave ~15 s for the kill to land mid-run, and few checkpoints (each a collective save)
-        train={"max_steps": 300, "checkpoint_every": 50, "val_every": 1000},
+        train={
+            "max_steps": 300,
+            "checkpoint_every": 50,
+            "val_every": 1000,
+            "sample_log": str(workdir / "samples-faulty"),
+        },
         data={"cache_in_memory_mb": 0},  # the streaming path, resuming mid-epoch
         scaling={"num_workers": 2, "max_failures": 2},
     )
@@ -148,6 +198,9 @@ def test_killed_worker_process_restarts_from_checkpoint(ray_cluster, tiny_corpus
     result = outcome["result"]
     assert result.final_step == 300
     assert result.metrics["resumed_from_step"] >= 50
+    trained = _trained_samples(workdir / "samples-faulty")  # across the kill: each sample once
+    assert len(trained) == 300 * 16
+    _assert_exactly_once(trained, tiny_corpus, cfg.train.seed)
 
 
 def test_finetune_from_pretrained_directory_scores_only_responses(ep2_run, tiny_sft, workdir):
@@ -202,3 +255,31 @@ def test_bad_configs_fail_before_claiming_resources(tiny_corpus, tmp_path):
         else []
     )
     assert all(e.name != "tests" for e in runs), "no MLflow run may be created for a config that cannot start"
+
+
+def test_nonfinite_loss_fails_the_run_naming_the_step(ray_cluster, tiny_corpus, tmp_path):
+    """A poisoned weight makes every loss NaN: ``skip`` drops and counts micro-batches (in MLflow),
+    then fails the run past ``max_nonfinite_skips`` instead of training on silently."""
+    from diffmoe.data.manifest import verify_dataset
+    from diffmoe.model import named_config
+
+    tok = verify_dataset(tiny_corpus).tokenizer
+    ids = {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    model = LLaDAMoEModelLM(named_config("tiny", vocab_size=tok.vocab_size, **ids))
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    model.save_pretrained(tmp_path / "poisoned")
+    cfg = _config(
+        tmp_path,
+        tiny_corpus,
+        "nan",
+        model={"init_from": str(tmp_path / "poisoned")},
+        train={"max_steps": 3, "on_nonfinite": "skip", "max_nonfinite_skips": 1},
+    )
+    with pytest.raises(Exception, match=r"at step 1: 2 micro-batches skipped") as failure:
+        run_training(cfg)
+    assert "NonFiniteLossError" in str(failure.value) or "NonFiniteLossError" in repr(failure.value)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["train/nonfinite_skipped"] == 1

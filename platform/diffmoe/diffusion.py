@@ -83,6 +83,15 @@ def sft_loss(logits, input_ids, masked, p, response_mask):
     return (ce * weight).sum() / input_ids.shape[0], ce
 
 
+def crop_attention_mask(attention_mask, keep: int):
+    """The mask for the first ``keep`` tokens: a 2-D key mask [B, L] or a 4-D mask [B, h, L, L]."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        return attention_mask[:, :, :keep, :keep]
+    return attention_mask[:, :keep]
+
+
 @dataclass
 class LossTerms:
     total: torch.Tensor  # what backward() runs on
@@ -114,9 +123,11 @@ def diffusion_loss(
         keep = random_length(length, obj.random_length_prob, generator)
         if keep < length:
             input_ids = input_ids[:, :keep]
-            attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
+            attention_mask = crop_attention_mask(attention_mask, keep)
     p = sample_mask_prob(b, obj.eps, obj.antithetic, generator, input_ids.device)
-    maskable = response_mask if response_mask is not None else attention_mask
+    # a 2-D key mask marks padding (never masked); a 4-D mask (documents) says who sees whom
+    padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    maskable = response_mask if response_mask is not None else padding
     noisy, masked = forward_process(input_ids, mask_id, p, maskable, generator)
     want_router = obj.aux_loss_coef > 0 or obj.z_loss_coef > 0
     if hasattr(model, "lm_head") and hasattr(model, "model"):
@@ -169,3 +180,57 @@ def training_loss(model, input_ids, *, mask_id: int, **kwargs) -> LossTerms:
         kwargs.pop("generator", None)
         return next_token_loss(model, input_ids, **kwargs)
     return diffusion_loss(model, input_ids, mask_id=mask_id, **kwargs)
+
+
+def scored_tokens(input_ids, response_mask=None, attention_mask=None) -> torch.Tensor:
+    """Which tokens a validation loss scores [B, L]: the response (SFT), else every real token of
+    a 2-D padding mask, else all of them (a 4-D document mask hides no token)."""
+    if response_mask is not None:
+        return response_mask.bool()
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return attention_mask.bool()
+    return torch.ones_like(input_ids, dtype=torch.bool)
+
+
+def validation_loss_sum(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    mask_id: int,
+    response_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    draws: int = 1,
+    objective: ObjectiveConfig | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The one validation loss (training-time validation, jobs/evaluate.py, the benchmarks), as
+    (nats summed over the batch's scored tokens, number of scored tokens). A split's loss per
+    token is sum(nats) / sum(tokens) over all its batches and ranks: every scored token weighs
+    the same, whatever its row's length (unlike the SFT training loss, which averages rows).
+
+    Scored tokens: see ``scored_tokens``. For the diffusion model the nats are the masked-diffusion
+    bound: for each of ``draws`` mask draws (p per row as in training, never a random-length crop),
+    sum over masked scored tokens of CE / p, averaged over the draws; its expectation upper-bounds
+    the NLL of the scored tokens. For the causal AR twin (``config.causal``) they are the exact
+    next-token NLL of the scored tokens after position 0 (the first token has no context).
+    ``model`` is an LLaDAMoEModelLM (``.model`` + ``.lm_head``); call under ``torch.no_grad()``.
+    """
+    obj = objective or ObjectiveConfig()
+    scored = scored_tokens(input_ids, response_mask, attention_mask)
+    if getattr(model.config, "causal", False):
+        target = scored[:, 1:]
+        out = model.model(input_ids, attention_mask=attention_mask, output_router_logits=False)
+        logits = model.lm_head(out.last_hidden_state[:, :-1][target])
+        nats = F.cross_entropy(logits.float(), input_ids[:, 1:][target], reduction="sum")
+        return nats, int(target.sum())
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    nats = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+    for _ in range(draws):
+        p = sample_mask_prob(input_ids.shape[0], obj.eps, obj.antithetic, generator, input_ids.device)
+        noisy, masked = forward_process(input_ids, mask_id, p, scored, generator)
+        out = model.model(noisy, attention_mask=attention_mask, output_router_logits=False)
+        logits = model.lm_head(out.last_hidden_state[masked])
+        ce = _masked_ce(logits, input_ids, masked)
+        nats = nats + (ce / p[:, None].expand_as(masked)[masked]).sum()
+    return nats / draws, int(scored.sum())

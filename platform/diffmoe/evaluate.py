@@ -2,7 +2,7 @@
 
 Two numbers a training run's own metrics do not give: the objective per token on any dataset
 split with fixed mask draws (for LLaDA-MoE the diffusion *upper bound* on NLL; for the causal twin
-the exact NLL), and, on SFT data, the answers the serving ``Engine`` generates for the held-out
+the exact NLL; ``diffusion.validation_loss_sum``, as in training-time validation and the benchmarks), and, on SFT data, the answers the serving ``Engine`` generates for the held-out
 prompts scored against the references (exact match and per-position token accuracy).
 Results go to a new MLflow run tagged with the evaluated model, so evaluations sit beside training
 runs in the UI.
@@ -81,7 +81,6 @@ def run_evaluation(cfg: EvalConfig, model_dir: str) -> dict:
     import torch
 
     from diffmoe.data.tokenizer import load_tokenizer
-    from diffmoe.diffusion import training_loss
     from diffmoe.model.source import load_model
     from diffmoe.rng import device_generator
 
@@ -100,24 +99,39 @@ def run_evaluation(cfg: EvalConfig, model_dir: str) -> dict:
     ids = torch.tensor(rows["input_ids"], dtype=torch.long)
     response = torch.tensor(rows["response_mask"], dtype=torch.bool) if "response_mask" in rows else None
     gen = device_generator(device, cfg.seed)
-    total, weight = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids), cfg.batch_size):  # the last batch may be partial
-            batch = ids[start : start + cfg.batch_size].to(device)
-            resp = None if response is None else response[start : start + cfg.batch_size].to(device)
-            terms = training_loss(
-                model, batch, mask_id=model.config.mask_token_id, response_mask=resp, generator=gen
-            )
-            total += float(terms.diffusion) * len(batch)
-            weight += len(batch)
+    total, weight = loss_per_token(model, ids, response, cfg.batch_size, gen, device)
     if not weight:
-        raise EvalError(f"data.path: split {cfg.data.split!r} has no rows")
+        raise EvalError(f"data.path: split {cfg.data.split!r} has no scored tokens")
     causal = bool(getattr(model.config, "causal", False))
-    metrics = {"eval/loss_per_token": total / weight, "eval/rows": float(weight)}
+    metrics = {
+        "eval/loss_per_token": total / weight,
+        "eval/rows": float(len(ids)),
+        "eval/tokens": float(weight),
+    }
     metrics["eval/loss_is_exact_nll" if causal else "eval/loss_is_upper_bound"] = 1.0
     if response is not None and cfg.generate_samples:
         metrics.update(_generate(cfg, model, tokenizer, special.eos_id, ids, response))
     return metrics
+
+
+def loss_per_token(model, ids, response, batch_size: int, gen, device) -> tuple[float, int]:
+    """(nats summed over scored tokens, scored tokens) of the rows, batch by batch, with the one
+    validation loss (``diffusion.validation_loss_sum``); ``gen`` fixes the mask draws."""
+    import torch
+
+    from diffmoe.diffusion import validation_loss_sum
+
+    total, weight = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):  # the last batch may be partial
+            batch = ids[start : start + batch_size].to(device)
+            resp = None if response is None else response[start : start + batch_size].to(device)
+            nats, tokens = validation_loss_sum(
+                model, batch, mask_id=model.config.mask_token_id, response_mask=resp, generator=gen
+            )
+            total += float(nats)
+            weight += tokens
+    return total, weight
 
 
 def _generate(cfg: EvalConfig, model, tokenizer, eos_id: int, ids, response) -> dict:

@@ -3,7 +3,8 @@ twins trained by the platform's training job (``run_training``: Ray Train + Deep
 the same steps and batch, then validation loss per response token and exact-match accuracy.
 
 Validation loss, on the same held-out rows and the same scored tokens (response + EOS padding, as
-the SFT objective scores them), in nats per token:
+the SFT objective scores them), in nats per token, from the platform's one validation loss
+(``diffusion.validation_loss_sum``, also used by training-time validation and jobs/evaluate.py):
 - diffusion: the masked-diffusion bound, sum over masked response tokens of CE / p, averaged over
   ``val_draws`` mask draws per row and divided by the number of response tokens. It is an
   **upper bound** on the NLL (the ELBO), not the NLL itself;
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.generation.tasks import TASKS, make_examples, score, write_char_tokenizer, write_jsonl
@@ -149,27 +149,24 @@ def validation_rows(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.inference_mode()
 def validation_loss(model, ids, response, draws: int, batch: int = 64, seed: int = 0) -> dict:
-    """Nats per scored token: the diffusion bound (averaged over ``draws``) or the exact AR NLL."""
-    from diffmoe.diffusion import forward_process, sample_mask_prob
+    """Nats per scored token with the platform's one validation loss
+    (``diffusion.validation_loss_sum``): the diffusion bound averaged over ``draws`` mask draws, or
+    the AR twin's exact NLL."""
+    from diffmoe.diffusion import validation_loss_sum
 
     causal = bool(getattr(model.config, "causal", False))
     gen = device_generator(ids.device, seed)
     total, tokens = 0.0, 0
     for i in range(0, len(ids), batch):
-        x, r = ids[i : i + batch], response[i : i + batch]
-        if causal:
-            hidden = model.model(x).last_hidden_state[:, :-1]
-            scored = r[:, 1:]
-            logits = model.lm_head(hidden[scored])
-            total += float(F.cross_entropy(logits.float(), x[:, 1:][scored], reduction="sum"))
-        else:
-            for _ in range(draws):
-                p = sample_mask_prob(x.shape[0], generator=gen, device=x.device)
-                noisy, masked = forward_process(x, model.config.mask_token_id, p, r, gen)
-                logits = model.lm_head(model.model(noisy).last_hidden_state[masked])
-                ce = F.cross_entropy(logits.float(), x[masked], reduction="none")
-                total += float((ce / p[:, None].expand_as(masked)[masked]).sum()) / draws
-        tokens += int(r[:, 1:].sum()) if causal else int(r.sum())
+        nats, n = validation_loss_sum(
+            model,
+            ids[i : i + batch],
+            mask_id=model.config.mask_token_id,
+            response_mask=response[i : i + batch],
+            generator=gen,
+            draws=draws,
+        )
+        total, tokens = total + float(nats), tokens + n
     kind = "exact NLL (next-token)" if causal else "diffusion upper bound on NLL (ELBO)"
     return {"val_loss_per_token": total / max(tokens, 1), "val_tokens": tokens, "val_loss_kind": kind}
 

@@ -4,7 +4,7 @@ A checkpoint directory holds
 - ``deepspeed/``: ``engine.save_checkpoint`` output (model, ZeRO optimizer shards, scheduler and
   one file per expert). Exact resume, but only for the same data- and expert-parallel sizes.
 - ``model/``: the consolidated weights in the published Hugging Face layout (all experts).
-- ``trainer_state.json``: step, epoch, batches consumed in the epoch, world and EP size.
+- ``trainer_state.json``: step, epoch, the data stream position (``sample_order.py``), world and EP size.
 
 Resuming with the same sizes loads ``deepspeed/``; with different sizes it loads ``model/`` and
 fast-forwards the lr schedule, and the AdamW moments restart from zero (logged as
@@ -13,6 +13,7 @@ fast-forwards the lr schedule, and the AdamW moments restart from zero (logged a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,32 @@ def save_checkpoint(engine, model, state: dict[str, Any], rank: int, directory: 
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def fingerprint(state: dict[str, torch.Tensor]) -> float:
-    """A cheap world-size-independent summary of the weights (sum over tensors of sum |w|)."""
-    return float(sum(t.double().abs().sum() for t in state.values()))
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, shape and values (floats as fp32), in key order.
+
+    World-size-independent (it reads the gathered published layout) and sensitive to where each
+    value sits: a sum such as sum |w| could not tell two swapped experts, rows or layers apart.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        t = (t.float() if t.is_floating_point() else t).cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def check_fingerprint(model, state: dict[str, Any]) -> None:
     """After a restore, the weights must be exactly what was saved, whatever the new world size."""
-    got = fingerprint(published_state(model))
     want = state["weights_fingerprint"]
-    if abs(got - want) > 1e-6 * max(abs(want), 1.0):
+    full = published_state(model)
+    if isinstance(want, int | float):  # written before fingerprints were hashes: sum of |w|
+        got = float(sum(t.double().abs().sum() for t in full.values()))
+        ok = abs(got - want) <= 1e-6 * max(abs(want), 1.0)
+    else:
+        got = fingerprint(full)
+        ok = got == want
+    if not ok:
         raise RuntimeError(f"restored weights differ from the checkpoint (fingerprint {got} != {want})")
 
 

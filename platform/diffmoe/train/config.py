@@ -27,10 +27,9 @@ class DataSection(StrictModel):
     path: str = "data/corpus"  # output of jobs/prepare_corpus.py (manifest.json + shards)
     train_split: str = "train"
     validation_split: str = "validation"
-    # Hold each worker's share of the train split in host memory (read once through Ray Data) when
-    # it is at most this many MiB; larger splits stream every epoch. Caching takes Ray Data's
-    # per-batch streaming work off the training cores and skips re-reading Parquet each epoch.
-    # 0 = always stream.
+    # Keep the whole decoded train split in each worker's memory when it is at most this many MiB;
+    # larger splits keep only the two shards read last (each epoch visits the shards in a seeded
+    # order, rows shuffled within a shard) and re-read Parquet every epoch. 0 = never keep all.
     cache_in_memory_mb: int = Field(1024, ge=0)
 
 
@@ -56,7 +55,14 @@ class TrainSection(StrictModel):
     val_batches: int = Field(4, ge=1)  # validation batches per worker
     checkpoint_every: int = Field(25, ge=1)  # a checkpoint is also written at max_steps
     document_mask: bool = False  # pretraining: attend only within each packed document
+    # A NaN/inf training loss. stop: fail the run naming the step. skip: drop that micro-batch (no
+    # backward, no optimizer update from it) and count it (metric train/nonfinite_skipped).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = Field(100, ge=0)  # skip: fail once more micro-batches were dropped
     objective: ObjectiveConfig = ObjectiveConfig()
+    # A directory: each worker appends one JSON line per micro-batch (optimizer step, the step the
+    # run resumed from, global sample indices) to rank<N>.jsonl. For audits of the data order.
+    sample_log: str | None = None
 
 
 class DeepSpeedSection(StrictModel):

@@ -1,8 +1,8 @@
 """The per-worker training loop that Ray Train runs: DeepSpeed engine, diffusion loss, checkpoints.
 
 Every rank builds the same seeded model, keeps its share of the experts (expert parallelism),
-streams its split of the Parquet shards, and calls the collectives (all-to-all, gradient
-reduction, checkpoint, ``ray.train.report``) in lockstep with the others.
+takes its micro-batches from one seeded global sample order (``sample_order``), and calls the
+collectives (all-to-all, gradient reduction, checkpoint, ``ray.train.report``) in lockstep.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from diffmoe.diffusion import training_loss
+from diffmoe.diffusion import training_loss, validation_loss_sum
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
 from diffmoe.model.checkpoint import read_weights
 from diffmoe.parallel import build_training_model, init_distributed, load_published_state
@@ -36,6 +36,8 @@ from .checkpointing import (
 )
 from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
 from .metrics import MetricsLogger, expert_load_metrics
+from .nonfinite import NonFiniteLossError, handle_nonfinite, loss_is_finite
+from .sample_order import SampleOrder, ShardReader, TrainStream, record_samples, resume_position
 from .schedule import lr_multiplier
 
 PROBE_SEED = 1234  # fixed batch whose logits the run saves, for parity checks after export
@@ -50,13 +52,25 @@ class ObjectiveModule(nn.Module):
         self.lm = lm
         self.cfg = cfg
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator, validation: bool = False):
+        """The training loss terms, or with ``validation`` the shared validation loss as
+        (nats summed over scored tokens, token count)."""
         ids = batch["input_ids"].long()
         response = batch["response_mask"].bool() if "response_mask" in batch else None
         mask = None
         if response is None and self.cfg.train.document_mask and "segment_ids" in batch:
             seg = batch["segment_ids"]
             mask = (seg[:, None, :, None] == seg[:, None, None, :]).contiguous()
+        if validation:
+            return validation_loss_sum(
+                self.lm,
+                ids,
+                mask_id=self.lm.config.mask_token_id,
+                response_mask=response,
+                attention_mask=mask,
+                generator=generator,
+                objective=self.cfg.train.objective,
+            )
         return training_loss(
             self.lm,
             ids,
@@ -101,24 +115,9 @@ def _batches(shard, cfg: TrainJobConfig, device, drop_last: bool = True):
     return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=drop_last, device=device)
 
 
-class TrainBatches:
-    """One epoch of this worker's micro-batches: streamed from Ray Data each epoch, or read once
-    into host memory (``data.cache_in_memory_mb``) and replayed in the same order."""
-
-    def __init__(self, shard, cfg: TrainJobConfig, device, cache: bool):
-        self.shard, self.cfg, self.device = shard, cfg, device
-        self.cached = list(_batches(shard, cfg, "cpu")) if cache else None
-
-    def __iter__(self):
-        if self.cached is None:
-            yield from _batches(self.shard, self.cfg, self.device)
-            return
-        for batch in self.cached:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-
 def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
-    """Mean diffusion bound per token over the first ``val_batches`` batches, fixed masks."""
+    """Validation loss per scored token (``diffusion.validation_loss_sum``: the diffusion bound,
+    or the AR twin's exact NLL) over the first ``val_batches`` batches of every rank, fixed masks."""
     if shard is None:
         return None
     engine.eval()
@@ -129,8 +128,9 @@ def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
         for i, batch in enumerate(_batches(shard, cfg, device, drop_last=False)):
             if i >= cfg.train.val_batches:
                 break
-            total += float(engine(batch, gen).diffusion)
-            n += 1
+            nats, tokens = engine(batch, gen, validation=True)
+            total += float(nats)
+            n += tokens
     engine.train()
     counts = torch.tensor([total, n], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
@@ -162,7 +162,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.model.gradient_checkpointing = True
 
     checkpoint = ray.train.get_checkpoint()
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    state = {"step": 0, "epoch": 0, "position": 0}
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = read_state(Path(d), world, ep_size)
@@ -194,16 +194,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "deepspeed", {"zero_stage": engine.zero_optimization_stage(), "ep_size": ep_size, "bf16": bf16}
     )
     logger.event("worker_env", {k: os.environ.get(k) for k in sorted(cfg.scaling.worker_env)})
-    train_batches = TrainBatches(
-        ray.train.get_dataset_shard(cfg.data.train_split), cfg, device, bool(loop_config.get("cache_train"))
+    order = SampleOrder(loop_config["train_shard_rows"], cfg.train.seed)
+    reader = ShardReader(loop_config["train_shards"], keep_all=bool(loop_config.get("cache_train")))
+    if reader.keep_all:
+        logger.event("train_split_in_memory", {"shards": len(reader.paths), "rows": order.total})
+    batch_size = cfg.train.micro_batch_size
+    stream = TrainStream(
+        order, reader, resume_position(state, order.total, batch_size), rank, world, batch_size, device
     )
-    if train_batches.cached is not None:
-        logger.event("train_split_in_memory", {"batches": len(train_batches.cached)})
     val_shard = (
         ray.train.get_dataset_shard(cfg.data.validation_split) if loop_config.get("has_validation") else None
     )
 
-    step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+    step = state["step"]
     if "weights_fingerprint" in state:
         check_fingerprint(model, state)
         logger.event("weights_fingerprint", {"step": step, "value": state["weights_fingerprint"]})
@@ -212,19 +215,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if val is not None:
             logger.log({"val/loss": val}, step)
     tokens, busy, waited = 0, 0.0, 0.0
+    nonfinite = state.get("nonfinite_skipped", 0)  # micro-batches dropped for a NaN/inf loss
     while step < cfg.train.max_steps:
-        consumed = 0
         t0 = time.perf_counter()
-        for batch in train_batches:
+        for batch, epoch, consumed, indices in stream:  # endless: epoch after epoch
             waited += time.perf_counter() - t0
-            consumed += 1
-            if consumed <= skip:  # resume: this worker already trained on these batches this epoch
-                waited, t0 = 0.0, time.perf_counter()
-                continue
+            if cfg.train.sample_log:
+                record_samples(
+                    cfg.train.sample_log,
+                    rank,
+                    {
+                        "step": step + 1,
+                        "resumed_from": resumed_from,
+                        "rank": rank,
+                        "world": world,
+                        "indices": indices,
+                    },
+                )
             gen = device_generator(
                 device, cfg.train.seed * 1_000_003 + rank * 7919 + consumed + epoch * 10**6
             )
             terms = engine(batch, gen)
+            if not loss_is_finite(terms.total):
+                try:
+                    nonfinite = handle_nonfinite(
+                        cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, step + 1, nonfinite
+                    )
+                except NonFiniteLossError:
+                    logger.flush()  # what was logged so far reaches MLflow before the run fails
+                    raise
+                logger.log({"train/nonfinite_skipped": nonfinite}, step + 1)
+                t0 = time.perf_counter()
+                continue
             engine.backward(terms.total)
             engine.step()
             tokens += batch["input_ids"].numel() * world
@@ -240,6 +262,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/tokens_per_s": tokens / max(busy, 1e-9),  # data wait + compute, no eval/ckpt
                     "train/data_wait_frac": waited / max(busy, 1e-9),  # input-bound when this grows
+                    "train/nonfinite_skipped": nonfinite,
                 }
                 tokens, busy, waited = 0, 0.0, 0.0
                 if terms.aux_loss is not None:
@@ -258,10 +281,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state = {
                     "step": step,
                     "epoch": epoch,
-                    "batches_in_epoch": consumed,
+                    "position": stream.position,  # global samples consumed over all epochs
+                    "rows_per_epoch": order.total,
                     "world_size": world,
                     "resumed_from_step": resumed_from,
                     "ep_size": ep_size,
+                    "nonfinite_skipped": nonfinite,
                 }
                 report(
                     engine,
@@ -274,13 +299,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step >= cfg.train.max_steps:
                 break
             t0 = time.perf_counter()
-        if consumed == 0:
-            raise RuntimeError(
-                f"worker {rank} got no training batch: the {cfg.data.train_split} split has fewer rows than "
-                f"micro_batch_size={cfg.train.micro_batch_size} x {world} workers"
-            )
-        if step < cfg.train.max_steps:
-            epoch, skip = epoch + 1, 0
     logger.close()
 
 

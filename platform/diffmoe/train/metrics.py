@@ -53,9 +53,13 @@ class MetricsLogger:
             shown = {
                 k: round(v, 4)
                 for k, v in clean.items()
-                if k.startswith(("train/loss", "val/", "train/tokens"))
+                if k.startswith(("train/loss", "val/", "train/tokens", "train/nonfinite"))
             }
-            print(f"step {step}: {shown}", flush=True)
+            dropped = {k: v for k, v in metrics.items() if k not in clean}
+            print(
+                f"step {step}: {shown}" + (f" not logged (non-finite): {dropped}" if dropped else ""),
+                flush=True,
+            )
         if self.enabled:
             self.mlflow.log_metrics(clean, step=step, synchronous=False)  # never stall a training step
 
@@ -64,6 +68,10 @@ class MetricsLogger:
             print(f"{name}: {info}", flush=True)
         if self.enabled:
             self.mlflow.set_tag(f"{name}.last", str(info))
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.mlflow.flush_async_logging()
 
     def close(self) -> None:
         if self.enabled:

@@ -105,11 +105,10 @@ def preflight(cfg: TrainJobConfig) -> tuple[LLaDAMoEConfig, Manifest]:
 
 
 def train_split_fits_in_memory(cfg: TrainJobConfig, manifest: Manifest) -> bool:
-    """Whether one worker's share of the train split (as int64 tensors, every column, at the
-    smallest worker count) is within ``data.cache_in_memory_mb``."""
+    """Whether the whole decoded train split (every worker reads all of it: 4 bytes a value, every
+    column) is within ``data.cache_in_memory_mb``."""
     rows = manifest.splits[cfg.data.train_split].sequences
-    share = rows * manifest.seq_len * 8 * len(manifest.columns) / cfg.scaling.min_workers
-    return share <= cfg.data.cache_in_memory_mb * 2**20
+    return rows * manifest.seq_len * 4 * len(manifest.columns) <= cfg.data.cache_in_memory_mb * 2**20
 
 
 def _git_commit() -> str:
@@ -206,9 +205,9 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     try:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "auto" if _cluster_running() else None))
-        from diffmoe.data.manifest import read_split
+        from diffmoe.data.manifest import read_split, shard_paths
 
-        datasets = {"train": read_split(cfg.data.path, cfg.data.train_split)}
+        datasets = {}  # the train split is read by the workers themselves (sample_order.py)
         has_val = bool(
             manifest.splits.get(cfg.data.validation_split)
             and manifest.splits[cfg.data.validation_split].shards
@@ -225,6 +224,10 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
                 "log_system_metrics": cfg.mlflow.log_system_metrics,
                 "has_validation": has_val,
                 "cache_train": train_split_fits_in_memory(cfg, manifest),
+                "train_shards": [
+                    os.path.abspath(p) for p in shard_paths(cfg.data.path, manifest, cfg.data.train_split)
+                ],
+                "train_shard_rows": [s.rows for s in manifest.splits[cfg.data.train_split].shards],
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
@@ -240,7 +243,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": cfg.scaling.worker_env},
             ),
-            datasets=datasets,
+            datasets=datasets or None,
             dataset_config=DataConfig(datasets_to_split="all"),
         )
         result = trainer.fit()
