@@ -124,13 +124,8 @@ def _git_commit() -> str:
 def start_mlflow_run(
     cfg: TrainJobConfig, manifest: Manifest, model_config: LLaDAMoEConfig
 ) -> tuple[str, str]:
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from diffmoe.tracking import create_run
 
-    uri = cfg.mlflow.resolved_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
-    client = MlflowClient(uri)
     tags = {
         "git_commit": _git_commit(),
         "kind": cfg.train.kind,
@@ -138,18 +133,13 @@ def start_mlflow_run(
         "workers": str(cfg.scaling.num_workers),
         "model": cfg.model.init_from or cfg.model.name,
     }
-    run = client.create_run(experiment.experiment_id, run_name=cfg.mlflow.run_name or cfg.run.name, tags=tags)
     params = {**flatten(cfg), **{f"model_config.{k}": v for k, v in model_config.to_diff_dict().items()}}
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    client, run_id = create_run(cfg.mlflow, run_name=cfg.run.name, tags=tags, params=params)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (Path(tmp) / "data_manifest.json").write_text(manifest.dump())
-        client.log_artifacts(run.info.run_id, tmp, "config")
-    return run.info.run_id, uri
+        client.log_artifacts(run_id, tmp, "config")
+    return run_id, cfg.mlflow.resolved_uri()
 
 
 def loss_curve_png(client, run_id: str, path: Path) -> None:
@@ -205,7 +195,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     status = "FAILED"
     try:
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto" if _cluster_running() else None))
+            ray.init()  # $RAY_ADDRESS, else the cluster `ray start` left on this machine, else a local one
         from diffmoe.data.manifest import read_split
 
         datasets = {"train": read_split(cfg.data.path, cfg.data.train_split)}
@@ -260,8 +250,3 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
         )
     finally:
         client.set_terminated(run_id, status)
-
-
-def _cluster_running() -> bool:
-    """True when ``ray start`` left a cluster address on this machine (so jobs join it)."""
-    return Path(tempfile.gettempdir(), "ray", "ray_current_cluster").exists()
