@@ -68,9 +68,9 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from diffmoe.bench.loadgen import run_level
     from diffmoe.serve.app import run_app
-    from diffmoe.serve.loadgen import run_level
-    from diffmoe.serve.testing import make_tiny_model_dir
+    from diffmoe.testing import make_tiny_model_dir
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     tmp = Path(tempfile.mkdtemp())

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from diffmoe.serve.testing import make_tiny_model_dir
+    from diffmoe.testing import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny-served")
 

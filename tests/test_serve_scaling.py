@@ -17,7 +17,7 @@ PROMPTS = [f"class Node{i}:\n    def __init__(self" for i in range(5)]
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from diffmoe.serve.testing import make_tiny_model_dir
+    from diffmoe.testing import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("scaling") / "tiny")
 

@@ -98,7 +98,7 @@ def _machine_busy_s() -> float:
 
 
 def measure_level(url: str, bodies: list[dict], c: int, n: int, duration: float, proc, gpus: float) -> dict:
-    from diffmoe.serve.loadgen import run_level
+    from diffmoe.bench.loadgen import run_level
 
     cpu0, busy0, t0 = _cpu_s(proc), _machine_busy_s(), time.perf_counter()
     stats = asdict(asyncio.run(run_level(url, bodies, c, n, duration)))
