@@ -104,6 +104,7 @@ class Demo:
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         from diffmoe.jobs import parse_result
+        from diffmoe.tracking import git_commit
 
         entrypoint = ["python", f"jobs/{job}.py", "--config", f"jobs/configs/{config}.yaml"]
         for item in overrides:
@@ -112,7 +113,7 @@ class Demo:
             "working_dir": str(REPO),
             "env_vars": {
                 "MLFLOW_TRACKING_URI": self.tracking_uri,
-                "DIFFMOE_GIT_COMMIT": _git_commit(),
+                "DIFFMOE_GIT_COMMIT": git_commit(REPO),
                 "TOKENIZERS_PARALLELISM": "false",
             },
         }
@@ -326,15 +327,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

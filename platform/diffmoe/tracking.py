@@ -24,6 +24,19 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The checkout's commit for the ``git_commit`` tag; a job's working directory under ``ray job
+    submit`` is a copy without ``.git``, so the submitter passes it as ``$DIFFMOE_GIT_COMMIT``."""
+    import subprocess
+
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DIFFMOE_GIT_COMMIT", "unknown")
+
+
 class MLflowSection(StrictModel):
     """The ``mlflow:`` section every job config shares."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,22 +111,13 @@ def train_split_fits_in_memory(cfg: TrainJobConfig, manifest: Manifest) -> bool:
     return share <= cfg.data.cache_in_memory_mb * 2**20
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DIFFMOE_GIT_COMMIT", "unknown")
-
-
 def start_mlflow_run(
     cfg: TrainJobConfig, manifest: Manifest, model_config: LLaDAMoEConfig
 ) -> tuple[str, str]:
-    from diffmoe.tracking import create_run
+    from diffmoe.tracking import create_run, git_commit
 
     tags = {
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "kind": cfg.train.kind,
         "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID", "local"),
         "workers": str(cfg.scaling.num_workers),
