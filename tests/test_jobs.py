@@ -117,13 +117,14 @@ cases = {
     "pretrain": ["--config", "jobs/configs/pretrain_tiny.yaml", "--set", "deepspeed.ep_size=3"],
     "finetune": ["--config", "jobs/configs/pretrain_tiny.yaml"],  # wrong train.kind
     "evaluate": ["--set", "model=" + sys.argv[2] + "/no-model"],
+    "evaluate_missing_data": ["--set", "model=" + sys.argv[1] + "/jobs", "--set", "data.path=" + sys.argv[2] + "/no-data"],
     "benchmark": ["--set", "load.concurrency=[0]"],
     "pretrain_missing_data": ["--config", "jobs/configs/pretrain_tiny.yaml",
         "--set", "data.path=" + sys.argv[2] + "/no-data",
         "--set", "mlflow.tracking_uri=sqlite:///" + sys.argv[2] + "/mlflow.db"],
 }
 for name, argv in cases.items():
-    script = root / "jobs" / (name.split("_missing")[0] + ".py")
+    script = root / "jobs" / (name.split("_missing")[0] + ".py")  # evaluate_missing_data: the model dir exists
     spec = importlib.util.spec_from_file_location("job_" + name, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -154,6 +155,10 @@ def test_job_scripts_fail_with_exit_2_before_ray_or_mlflow(tmp_path):
     assert "ep_size" in results["pretrain"][1] and "train.kind" in results["finetune"][1]
     assert "no-model" in results["evaluate"][1] and "load.concurrency" in results["benchmark"][1]
     assert "no-data" in results["pretrain_missing_data"][1]
+    assert (
+        "data.path" in results["evaluate_missing_data"][1]
+        and "no-data" in results["evaluate_missing_data"][1]
+    )
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run for a job that cannot start
 
 

@@ -139,12 +139,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Resolve the model, evaluate it in a Ray task, log an MLflow run; returns metrics + run id."""
     import ray
 
+    from diffmoe.data.manifest import verify_dataset
     from diffmoe.serve.model_source import is_mlflow_uri, resolve
     from diffmoe.tracking import create_run, log_metrics
 
     uri = cfg.mlflow.resolved_uri()
     if not is_mlflow_uri(cfg.model) and not Path(cfg.model).is_dir():
         raise EvalError(f"model: directory not found: {cfg.model}")
+    try:  # before Ray: a wrong path fails in seconds, not after a task is scheduled
+        verify_dataset(cfg.data.path)
+    except ValueError as err:
+        raise EvalError(f"data.path: {err}") from None
     if not ray.is_initialized():
         ray.init()
 
