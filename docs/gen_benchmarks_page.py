@@ -10,7 +10,8 @@ after the next run of this script. Whether a target is met is the ``met`` the be
 its measurement (``ratio >= target_ratio`` and every entry of ``checks``); this page never decides it
 from the prose ``target``. A file without a boolean ``met`` shows "n/a". The reason a benchmark
 records for a miss (``details.why*``, ``details.reason*``, ``details.note``) is quoted. A
-``details.gpu`` object is rendered as its own table.
+``details.gpu`` object is rendered as its own table. GPU runs keep their own files,
+``docs/benchmarks/gpu/*.json`` (with their own ``date`` and ``command``), listed at the end as they are.
 """
 
 from __future__ import annotations
@@ -221,6 +222,19 @@ def render() -> str:
             lines += details_section(details)
         if isinstance(details.get("gpu"), dict):
             lines += gpu_section(details["gpu"])
+    for f in sorted((BENCH_DIR / "gpu").glob("*.json")):
+        data = load(f)
+        lines += [
+            f"## GPU: {f.stem}",
+            "",
+            f"Source: [`docs/benchmarks/gpu/{f.name}`](benchmarks/gpu/{f.name})",
+            "",
+        ]
+        lines.append(f"- date: {cell(data.get('date', 'not recorded in the file'))}")
+        lines += [f"- command: `{data['command']}`" if data.get("command") else "- command: not recorded", ""]
+        rest = {k: v for k, v in data.items() if k not in ("date", "command")}
+        lines += ["| measurement | value |", "|---|---|"]
+        lines += [f"| `{k}` | {cell(v)} |" for k, v in flatten(rest).items()] + [""]
     extra = [p for p in sorted(BENCH_DIR.glob("*.png")) if p.name not in shown]
     if extra:
         lines += ["## Other plots", ""]
