@@ -21,20 +21,20 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform tests jobs deployments benchmarks
-	$(BIN)/ruff format --check platform tests jobs deployments benchmarks
+	$(BIN)/ruff check platform tests jobs deployments benchmarks scripts
+	$(BIN)/ruff format --check platform tests jobs deployments benchmarks scripts
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python docs/gen_benchmarks_page.py
 
-# Fresh clone -> served model: local Ray head, prepare -> pretrain -> finetune via `ray job submit`,
+# Fresh clone -> served model: local Ray head, prepare -> pretrain -> finetune -> evaluate as Ray jobs,
 # `serve deploy`, one chat request. Reruns reuse finished stages. `make down` stops it all.
 demo: $(STAMP)
-	$(BIN)/python -m diffmoe.demo
+	$(BIN)/python scripts/demo.py
 
 down:
-	$(BIN)/python -m diffmoe.demo --down
+	$(BIN)/python scripts/demo.py --down
 
 clean:
 	rm -rf $(VENV) .pytest_cache

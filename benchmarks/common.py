@@ -1,7 +1,10 @@
 """Shared helpers for benchmarks: machine description and the result-file format.
 
 Every benchmark writes ``docs/benchmarks/<name>.json`` with the keys ``benchmark``, ``machine``,
-``command``, ``baseline``, ``ratio`` (ours / baseline, higher is better), ``target`` and ``details``.
+``command``, ``baseline``, ``ratio`` (ours / baseline, higher is better), ``target`` (the goal in
+words), ``target_ratio`` (the number ``ratio`` must reach), ``checks`` (the target's other
+conditions, each measured: name -> bool), ``met`` (``ratio >= target_ratio`` and every check),
+``details`` and ``date``. ``met`` is computed here from the measurement, never written by hand.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ def write_result(
     baseline: str,
     ratio: float,
     target: str,
+    target_ratio: float,
     details: dict[str, Any],
+    checks: dict[str, bool] | None = None,
 ) -> Path:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    checks = {k: bool(v) for k, v in (checks or {}).items()}
     result = {
         "benchmark": name,
         "machine": machine(),
@@ -40,10 +46,20 @@ def write_result(
         "baseline": baseline,
         "ratio": round(float(ratio), 4),
         "target": target,
+        "target_ratio": float(target_ratio),
+        "checks": checks,
+        "met": is_met(round(float(ratio), 4), float(target_ratio), checks),
         "details": details,
         "date": time.strftime("%Y-%m-%d"),
     }
     path = OUT_DIR / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"benchmark": name, "ratio": result["ratio"], "target": target}))
+    summary = {k: result[k] for k in ("benchmark", "ratio", "target_ratio", "met")}
+    print(json.dumps(summary))
     return path
+
+
+def is_met(ratio: float, target_ratio: float, checks: dict[str, bool]) -> bool:
+    """The target is met when the measured ratio reaches it and every other measured condition holds
+    (NaN, from a failed measurement, never meets a target)."""
+    return bool(ratio >= target_ratio and all(checks.values()))

@@ -237,7 +237,12 @@ def sampled_generate() -> dict:
 
 def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else "gpu_check.json"
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    result = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),  # GPU figures carry their own date and command
+        "command": f"PYTHONPATH=platform python benchmarks/gpu_check.py {path}",
+    }
     t0 = time.time()
     for name, fn in (
         ("parity", parity),

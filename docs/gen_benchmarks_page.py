@@ -4,12 +4,14 @@
     python docs/gen_benchmarks_page.py --check  # exit 1 if docs/benchmarks.md is stale
 
 Every ``docs/benchmarks/<name>.json`` written by ``benchmarks/*.py`` (``benchmark``, ``machine``,
-``command``, ``baseline``, ``ratio``, ``target``, ``details``, ``date``) becomes one summary row and
-one section; a new file (e.g. ``dllm_vs_ar.json``) appears after the next run of this script.
-Whether a target is met is read from the json (``details.targets_met``, ``details.met``) when it says
-so, else by comparing ``ratio`` with the first ``>= N`` in ``target``; the reason a benchmark records
-for a miss (``details.why*``, ``details.reason*``, ``details.note``) is quoted. A ``details.gpu``
-object is rendered as its own table.
+``command``, ``baseline``, ``ratio``, ``target``, ``target_ratio``, ``checks``, ``met``, ``details``,
+``date``) becomes one summary row and one section; a new file (e.g. ``dllm_vs_ar.json``) appears
+after the next run of this script. Whether a target is met is the ``met`` the benchmark computed from
+its measurement (``ratio >= target_ratio`` and every entry of ``checks``); this page never decides it
+from the prose ``target``. A file without a boolean ``met`` shows "n/a". The reason a benchmark
+records for a miss (``details.why*``, ``details.reason*``, ``details.note``) is quoted. A
+``details.gpu`` object is rendered as its own table. GPU runs keep their own files,
+``docs/benchmarks/gpu/*.json`` (with their own ``date`` and ``command``), listed at the end as they are.
 """
 
 from __future__ import annotations
@@ -75,19 +77,15 @@ def cell(value) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def target_met(data: dict) -> tuple[str, str]:
-    """("met" | "not met" | "n/a", how it was decided)."""
-    details = data.get("details") if isinstance(data.get("details"), dict) else {}
-    if isinstance(details.get("targets_met"), bool):
-        return ("met" if details["targets_met"] else "not met"), "details.targets_met"
-    met = details.get("met")
-    if isinstance(met, dict) and met and all(isinstance(v, bool) for v in met.values()):
-        return ("met" if all(met.values()) else "not met"), "details.met"
-    ratio, target = data.get("ratio"), data.get("target")
-    m = re.search(r">=\s*([0-9.]+)", str(target or ""))
-    if isinstance(ratio, int | float) and m:
-        return ("met" if ratio >= float(m.group(1)) else "not met"), f"ratio vs `>= {m.group(1)}`"
-    return "n/a", "no numeric target"
+def target_met(data: dict) -> str:
+    """ "met" | "not met" from the json's own ``met``; "n/a" when it has none."""
+    met = data.get("met")
+    return ("met" if met else "not met") if isinstance(met, bool) else "n/a"
+
+
+def target_ratio(data: dict) -> str:
+    value = data.get("target_ratio")
+    return f">= {num(value)}" if isinstance(value, int | float) and not isinstance(value, bool) else "—"
 
 
 def reasons(details: dict) -> list[tuple[str, str]]:
@@ -172,34 +170,42 @@ def render() -> str:
         f"     `.venv/bin/python {GENERATOR}` after `make bench`; tests/test_docs.py fails when stale. -->",
         "",
         "Each benchmark compares the platform with a named baseline on the same machine and records "
-        "`ratio` = ours / baseline against a `target`. `make bench` (`benchmarks/run.py`) rewrites the "
-        "json files; this page is regenerated from them. The CPU figures come from a 2-core machine "
+        "`ratio` = ours / baseline against a `target_ratio` (plus, for some, other measured conditions "
+        "in `checks`); `met` is computed by the benchmark from what it measured. `make bench` "
+        "(`benchmarks/run.py`) rewrites the json files; this page is regenerated from them. The CPU figures come from a 2-core machine "
         "shared with other work, so they are noisy; each json keeps every run, not only the best. "
         "Single-GPU figures for the 7B-A1B shapes are in [gpu_cluster.md](gpu_cluster.md#4-measured-on-one-h200).",
         "",
-        "| benchmark | baseline | ratio | target | met? | machine | date |",
-        "|---|---|---|---|---|---|---|",
+        "| benchmark | baseline | ratio | target ratio | met? | target | machine | date |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for f, data in benches:
-        verdict, _ = target_met(data)
+        verdict = target_met(data)
         name = data.get("benchmark") or f.stem
         lines.append(
             f"| [{cell(name)}](#{slug(name)}) | {cell(data.get('baseline', '—'))} | "
-            f"{cell(data.get('ratio', '—'))} | {cell(data.get('target', '—'))} | **{verdict}** | "
-            f"{machine(data)} | {cell(data.get('date', '—'))} |"
+            f"{cell(data.get('ratio', '—'))} | {target_ratio(data)} | **{verdict}** | "
+            f"{cell(data.get('target', '—'))} | {machine(data)} | {cell(data.get('date', '—'))} |"
         )
     lines.append("")
     shown: set[str] = set()
     for f, data in benches:
         name = str(data.get("benchmark") or f.stem)
         details = data.get("details") if isinstance(data.get("details"), dict) else {}
-        verdict, how = target_met(data)
+        verdict = target_met(data)
         lines += [f"## {name}", "", f"Source: [`docs/benchmarks/{f.name}`](benchmarks/{f.name})", ""]
         if data.get("command"):
             lines += ["```bash", str(data["command"]), "```", ""]
         lines.append(f"- baseline: {cell(data.get('baseline', '—'))}")
-        lines.append(f"- ratio: **{cell(data.get('ratio', '—'))}**, target: {cell(data.get('target', '—'))}")
-        lines.append(f"- target **{verdict}** (decided by {how})")
+        lines.append(f"- ratio: **{cell(data.get('ratio', '—'))}**, target ratio: {target_ratio(data)}")
+        lines.append(f"- target: {cell(data.get('target', '—'))}")
+        checks = data.get("checks")
+        if isinstance(checks, dict) and checks:
+            lines.append("- other conditions: " + ", ".join(f"`{k}`: {num(v)}" for k, v in checks.items()))
+        how = (
+            "`met` in the json: ratio >= target ratio and every condition" if verdict != "n/a" else "no `met`"
+        )
+        lines.append(f"- target **{verdict}** ({how})")
         why = reasons(details)
         if verdict == "not met" and not any(k.startswith(("why", "reason")) for k, _ in why):
             lines.append("- no reason for the miss is recorded in the json")
@@ -216,6 +222,19 @@ def render() -> str:
             lines += details_section(details)
         if isinstance(details.get("gpu"), dict):
             lines += gpu_section(details["gpu"])
+    for f in sorted((BENCH_DIR / "gpu").glob("*.json")):
+        data = load(f)
+        lines += [
+            f"## GPU: {f.stem}",
+            "",
+            f"Source: [`docs/benchmarks/gpu/{f.name}`](benchmarks/gpu/{f.name})",
+            "",
+        ]
+        lines.append(f"- date: {cell(data.get('date', 'not recorded in the file'))}")
+        lines += [f"- command: `{data['command']}`" if data.get("command") else "- command: not recorded", ""]
+        rest = {k: v for k, v in data.items() if k not in ("date", "command")}
+        lines += ["| measurement | value |", "|---|---|"]
+        lines += [f"| `{k}` | {cell(v)} |" for k, v in flatten(rest).items()] + [""]
     extra = [p for p in sorted(BENCH_DIR.glob("*.png")) if p.name not in shown]
     if extra:
         lines += ["## Other plots", ""]

@@ -7,42 +7,35 @@ Prepares the task data through the data pipeline, trains both twins with the tra
 validation loss per token (diffusion: upper bound on NLL; AR: exact NLL) and task accuracy, serves
 both with Ray Serve and sweeps the load generator over the concurrency levels. Logs both sides as
 MLflow runs in one experiment, writes output.report_dir/<name>.json, .md and PNG plots, and prints
-a JSON line with the headline.
+the result line DIFFMOE_RESULT {"ok", "headline", "mlflow_run_ids", "files"}.
 """
 
-import argparse
-import json
 import shlex
 import sys
+from pathlib import Path
 
-from diffmoe.config import ConfigError, add_config_args, load
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))  # run from a checkout
+
+from diffmoe.bench import CompareConfig  # noqa: E402
+from diffmoe.jobs import run_job  # noqa: E402
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_args(parser, default="jobs/configs/benchmark_dllm_vs_ar.yaml")
-    args = parser.parse_args(argv)
-    from diffmoe.bench import CompareConfig, run_comparison
-
-    try:
-        cfg = load(CompareConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> int:
     command = "python jobs/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    result = run_comparison(cfg, command=command.strip())
-    print(
-        json.dumps(
-            {
-                "headline": result["headline"],
-                "mlflow_run_ids": result["mlflow_run_ids"],
-                "files": result["files"],
-            }
-        )
+
+    def compare(cfg: CompareConfig, _args) -> dict:
+        from diffmoe.bench import run_comparison
+
+        result = run_comparison(cfg, command=command.strip())
+        return {k: result[k] for k in ("headline", "mlflow_run_ids", "files")}
+
+    return run_job(
+        CompareConfig,
+        compare,
+        description=__doc__,
+        argv=argv,
+        default_config="jobs/configs/benchmark_dllm_vs_ar.yaml",
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,50 +4,44 @@
     ray job submit --working-dir . -- python jobs/prepare_corpus.py --config jobs/configs/sft_tiny.yaml
 
 Re-running with the same config over unchanged inputs is a no-op; the output appears only when complete.
+Last line: DIFFMOE_RESULT {"ok", "output_dir", "kind", "sequences", ...}; exit codes as in the README.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))  # run from a checkout
 
-from diffmoe.config import ConfigError, add_config_args, load  # noqa: E402
+from diffmoe.data import CorpusConfig, DatasetError, InputError, TokenizerError  # noqa: E402
+from diffmoe.jobs import run_job  # noqa: E402
+
+
+def prepare_job(cfg: CorpusConfig, args) -> dict | None:
+    if args.show_config:
+        print(cfg.model_dump_json(indent=2))
+        return None
+    from diffmoe.data import prepare, summary
+
+    manifest = prepare(cfg, log=lambda msg: print(msg, flush=True))  # joins or starts Ray itself
+    print(summary(manifest))
+    out = Path(cfg.output_dir).resolve()
+    print(f"output: {out}")
+    return {"output_dir": str(out), "kind": manifest.kind, "sequences": manifest.counts.sequences}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    return run_job(
+        CorpusConfig,
+        prepare_job,
+        description=__doc__,
+        argv=argv,
+        input_errors=(InputError, DatasetError, TokenizerError),
+        add_args=lambda p: p.add_argument(
+            "--show-config", action="store_true", help="print the resolved config and exit"
+        ),
     )
-    add_config_args(parser)
-    parser.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
-
-    from diffmoe.data import CorpusConfig, DatasetError, InputError, TokenizerError, prepare, summary
-
-    try:
-        cfg = load(CorpusConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.show_config:
-        print(cfg.model_dump_json(indent=2))
-        return 0
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster under `ray job submit` / RAY_ADDRESS, else starts a local one
-    try:
-        manifest = prepare(cfg, log=lambda msg: print(msg, flush=True))
-    except (InputError, DatasetError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(summary(manifest))
-    print(f"output: {Path(cfg.output_dir).resolve()}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ LAYERS = {
     "diffmoe.rng": 0,  # generators made on the tensors' device
     "diffmoe.model": 1,  # the model, its checkpoints and sources: torch + transformers only
     "diffmoe.data": 1,
+    "diffmoe.jobs": 1,  # the job runner: config only, no Ray
+    "diffmoe.tracking": 1,  # the MLflow helper (mlflow imported inside functions)
     "diffmoe.diffusion": 1,
     "diffmoe.generation": 2,  # decoding engine, shared by serve, evaluate and bench
     "diffmoe.parallel": 2,  # DeepSpeed-MoE beside the model, shared by train and serve

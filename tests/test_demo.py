@@ -1,15 +1,18 @@
-"""End to end: the `make demo` path (same code, smallest settings) through the real CLIs.
+"""End to end: the `make demo` path (scripts/demo.py, smallest settings) on a real local Ray head.
 
-`ray start --head` -> `ray job submit` prepare (corpus, SFT) -> pretrain -> finetune -> evaluate ->
-`serve deploy` -> an OpenAI chat request; then each stage's output is checked. Runs last (see
+`ray start --head` -> jobs submitted with Ray's JobSubmissionClient: prepare (corpus, SFT) ->
+pretrain -> finetune -> evaluate -> `serve deploy` -> an OpenAI chat request; then each stage's
+output is checked. Runs last (see
 conftest.py): it stops the session's in-process Ray first, because a second local Ray on the same
 machine would otherwise be found by `ray.init()` calls.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from diffmoe.data import verify_dataset
-from diffmoe.demo import REPO, down, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
 
 pytestmark = [pytest.mark.slow, pytest.mark.run_last]
 
@@ -29,8 +36,8 @@ def test_demo_end_to_end(tmp_path):
     if ray.is_initialized():
         ray.shutdown()
     work, temp = tmp_path / "work", Path("/tmp") / f"diffmoe-demo-{os.getpid()}"
-    ports = [free_port() for _ in range(3)]
-    cmd = [sys.executable, "-m", "diffmoe.demo", "--quick", "--workdir", str(work)]
+    ports = [demo.free_port() for _ in range(3)]
+    cmd = [sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--workdir", str(work)]
     cmd += ["--ray-port", str(ports[0]), "--dashboard-port", str(ports[1]), "--http-port", str(ports[2])]
     cmd += ["--temp-dir", str(temp)]
     log = tmp_path / "demo.log"
@@ -40,10 +47,15 @@ def test_demo_end_to_end(tmp_path):
                 cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=1800
             ).returncode
     finally:
-        down(str(temp))
+        demo.down(str(temp))
     stdout = log.read_text()
     assert code == 0, stdout[-6000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
+    # five jobs through the job API, each read back from its own result line
+    assert (
+        len(re.findall(r"^demo: job \w+ \S+ SUCCEEDED$", stdout, re.M)) == 5
+        and stdout.count('DIFFMOE_RESULT {"ok": true') == 5
+    )
 
     # data: shards + manifest that verify
     for name, kind in (("corpus_tiny", "pretrain"), ("sft_tiny", "sft")):

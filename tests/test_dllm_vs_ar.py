@@ -106,7 +106,18 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
     # Report files.
     report = tmp_path / "report"
     body = json.loads((report / "dllm_vs_ar.json").read_text())
-    assert {"benchmark", "machine", "command", "baseline", "ratio", "target", "details"} <= body.keys()
+    assert {
+        "benchmark",
+        "machine",
+        "command",
+        "baseline",
+        "ratio",
+        "target",
+        "target_ratio",
+        "met",
+        "details",
+    } <= body.keys()
+    assert body["met"] == (body["ratio"] >= body["target_ratio"])
     assert body["command"] == "pytest tests/test_dllm_vs_ar.py"
     md = (report / "dllm_vs_ar.md").read_text()
     assert "## Machine" in md and "pytest tests/test_dllm_vs_ar.py" in md and "| ar | 2 |" in md

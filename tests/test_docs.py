@@ -44,6 +44,9 @@ def test_benchmarks_page_handles_new_files(tmp_path, monkeypatch):
                 "baseline": "AR twin",
                 "ratio": 0.5,
                 "target": ">= 1.0",
+                "target_ratio": 1.0,
+                "checks": {"zero_errors": True},
+                "met": False,
                 "details": {"why_slower": "because", "gpu": {"device": "H200", "tokens_per_s": 1234.5}},
                 "date": "2026-01-01",
             }
@@ -52,10 +55,55 @@ def test_benchmarks_page_handles_new_files(tmp_path, monkeypatch):
     (tmp_path / "broken.json").write_text("{not json")
     monkeypatch.setattr(module, "BENCH_DIR", tmp_path)
     page = module.render()
-    assert "| [dllm_vs_ar](#dllm_vs_ar) | AR twin | 0.5 | >= 1.0 | **not met** |" in page
+    assert "| [dllm_vs_ar](#dllm_vs_ar) | AR twin | 0.5 | >= 1 | **not met** | >= 1.0 |" in page
+    assert "`zero_errors`: true" in page
     assert "> **why_slower**: because" in page
     assert "GPU figures" in page and "H200" in page
     assert "## broken" in page and "unreadable json" in page
+
+
+def test_benchmark_files_carry_a_met_consistent_with_their_measurement():
+    """Every ratio is ours / baseline, higher is better: met == ratio >= target_ratio and all checks."""
+    files = sorted((DOCS / "benchmarks").glob("*.json"))
+    assert files
+    for path in files:
+        data = json.loads(path.read_text())
+        ratio, target, checks, met = (data.get(k) for k in ("ratio", "target_ratio", "checks", "met"))
+        assert isinstance(ratio, int | float) and not isinstance(ratio, bool), path.name
+        assert isinstance(target, int | float) and not isinstance(target, bool) and target > 0, path.name
+        assert isinstance(met, bool), path.name
+        assert isinstance(checks, dict) and all(isinstance(v, bool) for v in checks.values()), path.name
+        assert met == (ratio >= target and all(checks.values())), path.name
+
+
+def test_benchmark_writer_computes_met_from_the_measurement(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setattr(common, "OUT_DIR", tmp_path)
+    monkeypatch.setattr(common, "machine", lambda: {"cpu": "test"})
+    cases = [(3.2, {}, True), (2.99996, {}, True), (2.9, {}, False), (3.5, {"ok": False}, False)]
+    for ratio, checks, met in cases:  # 2.99996 is stored as 3.0: met agrees with the stored ratio
+        path = common.write_result(
+            "x",
+            command="c",
+            baseline="b",
+            ratio=ratio,
+            target=">= 3",
+            target_ratio=3,
+            details={},
+            checks=checks,
+        )
+        body = json.loads(path.read_text())
+        assert body["met"] is met and body["target_ratio"] == 3.0 and body["checks"] == checks
+    assert (
+        common.write_result(
+            "x", command="c", baseline="b", ratio=float("nan"), target="t", target_ratio=1, details={}
+        )
+        .read_text()
+        .count('"met": false')
+        == 1
+    )
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")

@@ -15,19 +15,14 @@ from pathlib import Path
 
 from pydantic import Field
 
-from diffmoe.config import StrictModel, flatten
+from diffmoe.config import StrictModel
 from diffmoe.generation.config import DecodingConfig
+from diffmoe.tracking import MLflowSection
 
 
 class EvalDataSection(StrictModel):
     path: str = "data/sft_tiny"  # a dataset written by jobs/prepare_corpus.py (pretrain or sft)
     split: str = "validation"
-
-
-class EvalMlflowSection(StrictModel):
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
-    experiment: str = "diffmoe"
-    run_name: str | None = None  # default: eval-<model directory name>
 
 
 class EvalConfig(StrictModel):
@@ -40,12 +35,7 @@ class EvalConfig(StrictModel):
     decoding: DecodingConfig = DecodingConfig(gen_length=64, block_length=32, threshold=0.9, cache="dual")
     num_cpus: float = Field(1, gt=0)  # resources of the Ray task that evaluates
     num_gpus: float = Field(0, ge=0)
-    mlflow: EvalMlflowSection = EvalMlflowSection()
-
-    def tracking_uri(self) -> str:
-        import os
-
-        return self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    mlflow: MLflowSection = MLflowSection()  # run_name default: eval-<model directory name>
 
 
 class EvalError(ValueError):
@@ -162,38 +152,37 @@ def _generate(cfg: EvalConfig, model, tokenizer, eos_id: int, ids, response) -> 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Resolve the model, evaluate it in a Ray task, log an MLflow run; returns metrics + run id."""
-    import mlflow
     import ray
 
+    from diffmoe.data.manifest import verify_dataset
     from diffmoe.model.source import is_mlflow_uri, resolve
+    from diffmoe.tracking import create_run, log_metrics
 
-    uri = cfg.tracking_uri()
+    uri = cfg.mlflow.resolved_uri()
     if not is_mlflow_uri(cfg.model) and not Path(cfg.model).is_dir():
         raise EvalError(f"model: directory not found: {cfg.model}")
+    try:  # before Ray: a wrong path fails in seconds, not after a task is scheduled
+        verify_dataset(cfg.data.path)
+    except ValueError as err:
+        raise EvalError(f"data.path: {err}") from None
     if not ray.is_initialized():
         ray.init()
 
     @ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     def task(cfg_json: dict) -> dict:
         c = EvalConfig.model_validate(cfg_json)
-        return run_evaluation(c, str(resolve(c.model, c.tracking_uri())))
+        return run_evaluation(c, str(resolve(c.model, uri)))
 
     try:
         metrics = ray.get(task.remote(cfg.model_dump(mode="json")))
     except ray.exceptions.RayTaskError as err:
         cause = err.as_instanceof_cause()
         raise (EvalError(str(cause)) if isinstance(cause, ValueError) else cause) from None
-    client = mlflow.MlflowClient(uri)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
     tags = {"kind": "eval", "evaluated_model": cfg.model}
     if cfg.model.startswith("runs:/"):
         tags["evaluated_run_id"] = cfg.model.split("/")[1]
-    name = cfg.mlflow.run_name or f"eval-{Path(cfg.model.rstrip('/')).name}"
-    run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
-    for key, value in flatten(cfg).items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, key, value)
-    client.set_terminated(run.info.run_id)
-    return {"run_id": run.info.run_id, **metrics}
+    name = f"eval-{Path(cfg.model.rstrip('/')).name}"
+    client, run_id = create_run(cfg.mlflow, run_name=name, tags=tags, params=cfg.model_dump(mode="json"))
+    log_metrics(client, run_id, metrics)
+    client.set_terminated(run_id)
+    return {"run_id": run_id, **metrics}

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from diffmoe.config import StrictModel
+from diffmoe.tracking import MLflowSection
 
 
 class TaskSection(StrictModel):
@@ -65,11 +66,6 @@ class LoadSection(StrictModel):
     http_port: int = Field(0, ge=0, le=65535)  # 0: a free loopback port
 
 
-class MLflowSection(StrictModel):
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
-    experiment: str = "dllm_vs_ar"
-
-
 class OutputSection(StrictModel):
     work_dir: str = "artifacts/dllm_vs_ar"  # data, Ray Train storage, exported models
     report_dir: str | None = "docs/benchmarks"  # <name>.json/.md/*.png; null = no report files
@@ -82,7 +78,7 @@ class CompareConfig(StrictModel):
     train: TrainSection = TrainSection()
     decoding: DecodingSection = DecodingSection()
     load: LoadSection = LoadSection()
-    mlflow: MLflowSection = MLflowSection()
+    mlflow: MLflowSection = MLflowSection(experiment="dllm_vs_ar")  # run_name: prefix of benchmark-<side>
     output: OutputSection = OutputSection()
 
     @model_validator(mode="after")

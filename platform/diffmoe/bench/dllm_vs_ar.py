@@ -39,9 +39,7 @@ def _ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        from diffmoe.train.trainer import _cluster_running
-
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto" if _cluster_running() else None))
+        ray.init()  # $RAY_ADDRESS, else the cluster `ray start` left on this machine, else a local one
 
 
 def quality(cfg: CompareConfig, trained: dict[str, dict], data_dir: Path, log=print) -> dict[str, dict]:
@@ -67,45 +65,32 @@ def quality(cfg: CompareConfig, trained: dict[str, dict], data_dir: Path, log=pr
 def log_mlflow(cfg: CompareConfig, result: dict, files: list[Path]) -> dict[str, str]:
     """One run per side in ``mlflow.experiment`` (the training runs are there too); level metrics
     use the concurrency as the step, so the two runs overlay in MLflow's compare view."""
-    import mlflow
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    from diffmoe.tracking import create_run, log_metrics
 
-    from diffmoe.config import flatten
-    from diffmoe.train.config import MLflowSection
-
-    uri = MLflowSection(tracking_uri=cfg.mlflow.tracking_uri).resolved_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
-    client = MlflowClient(uri)
     run_ids = {}
-    now = int(time.time() * 1000)
     for side in SIDES:
         s = result["sides"][side]
-        run = client.create_run(
-            experiment.experiment_id,
-            run_name=f"benchmark-{side}",
-            tags={"side": side, "train_run_id": str(s["train"]["run_id"]), "benchmark": cfg.output.name},
-        )
-        rid = run_ids[side] = run.info.run_id
         params = {"side": side, "objective": s["objective"], "val_loss_kind": s["quality"]["val_loss_kind"]}
-        params.update({f"cfg.{k}": v for k, v in flatten(cfg).items()})
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(rid, params=items[i : i + 100])
+        params["cfg"] = cfg.model_dump(mode="json")
+        tags = {"side": side, "train_run_id": str(s["train"]["run_id"]), "benchmark": cfg.output.name}
+        name = f"{cfg.mlflow.run_name or 'benchmark'}-{side}"
+        section = cfg.mlflow.model_copy(update={"run_name": None})
+        client, rid = create_run(section, run_name=name, tags=tags, params=params)
+        run_ids[side] = rid
         q = s["quality"]
-        metrics = [
-            Metric(f"quality/{k}", float(q[k]), now, 0)
+        metrics = {
+            f"quality/{k}": float(q[k])
             for k in ("val_loss_per_token", "accuracy", "offline_tokens_per_s", "forwards_per_token")
-        ]
-        metrics.append(Metric("train/seconds", float(s["train"]["train_seconds"]), now, 0))
+        }
+        metrics["train/seconds"] = float(s["train"]["train_seconds"])
+        log_metrics(client, rid, metrics)
         for stats in s["load"]:
+            level = {}
             for name in LEVEL_METRICS:
                 value = level_value(stats, name)
                 if isinstance(value, (int, float)) and value == value:
-                    metrics.append(Metric(f"load/{name}", float(value), now, int(stats["concurrency"])))
-        for i in range(0, len(metrics), 500):
-            client.log_batch(rid, metrics=metrics[i : i + 500])
+                    level[f"load/{name}"] = float(value)
+            log_metrics(client, rid, level, step=int(stats["concurrency"]))
         for f in files:
             client.log_artifact(rid, str(f), "report")
         client.set_terminated(rid, "FINISHED")

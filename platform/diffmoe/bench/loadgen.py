@@ -2,7 +2,8 @@
 
 ``c`` clients each send streamed completions back to back until ``requests`` have been sent or
 ``duration_s`` has passed. Per request: latency, time to first streamed token, output tokens (from
-the usage chunk). Used by ``benchmarks/bench_serve.py`` and reusable for other servers (vLLM, ...).
+the usage chunk). Used by ``benchmarks/bench_serve.py`` and the dLLM-vs-AR load sweep; reusable
+for other servers (vLLM, ...).
 """
 
 from __future__ import annotations

@@ -1,31 +1,28 @@
-"""Command line shared by jobs/pretrain.py and jobs/finetune.py (``--config``, ``--set``)."""
+"""What jobs/pretrain.py and jobs/finetune.py run: the shared job runner around ``run_training``."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
-from diffmoe.config import ConfigError, add_config_args, load
+from diffmoe.config import ConfigError
+from diffmoe.jobs import run_job
 
 from .config import TrainJobConfig
+from .trainer import TrainConfigError, run_training
 
 
 def main(kind: str, description: str, argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load(TrainJobConfig, args.config, args.overrides)
+    def check(cfg: TrainJobConfig) -> None:
         if cfg.train.kind != kind:
             raise ConfigError(f"train.kind is {cfg.train.kind!r}; this job runs {kind!r}")
-        from .trainer import TrainConfigError, run_training
 
+    def train(cfg: TrainJobConfig, _args) -> dict:
         result = run_training(cfg)
-    except (ConfigError, TrainConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({"run_id": result.run_id, "step": result.final_step, "model_dir": result.model_dir}))
-    return 0
+        return {"run_id": result.run_id, "step": result.final_step, "model_dir": result.model_dir}
+
+    return run_job(
+        TrainJobConfig,
+        train,
+        description=description,
+        argv=argv,
+        check=check,
+        input_errors=(TrainConfigError,),
+    )

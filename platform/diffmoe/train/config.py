@@ -7,13 +7,13 @@ the key.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from diffmoe.config import StrictModel
 from diffmoe.diffusion import ObjectiveConfig
+from diffmoe.tracking import MLflowSection
 
 
 class ModelSection(StrictModel):
@@ -127,16 +127,8 @@ class ScalingSection(StrictModel):
         return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
-class MLflowSection(StrictModel):
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
-    experiment: str = "diffmoe"
-    run_name: str | None = None
-    log_system_metrics: bool = True
-
-    def resolved_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+class TrainMLflowSection(MLflowSection):
+    log_system_metrics: bool = True  # CPU/GPU/memory of rank 0 as system/* metrics
 
 
 class RunSection(StrictModel):
@@ -152,7 +144,7 @@ class TrainJobConfig(StrictModel):
     train: TrainSection = TrainSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     scaling: ScalingSection = ScalingSection()
-    mlflow: MLflowSection = MLflowSection()
+    mlflow: TrainMLflowSection = TrainMLflowSection()
     run: RunSection = RunSection()
 
     @model_validator(mode="after")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,44 +110,25 @@ def train_split_fits_in_memory(cfg: TrainJobConfig, manifest: Manifest) -> bool:
     return rows * manifest.seq_len * 4 * len(manifest.columns) <= cfg.data.cache_in_memory_mb * 2**20
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DIFFMOE_GIT_COMMIT", "unknown")
-
-
 def start_mlflow_run(
     cfg: TrainJobConfig, manifest: Manifest, model_config: LLaDAMoEConfig
 ) -> tuple[str, str]:
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from diffmoe.tracking import create_run, git_commit
 
-    uri = cfg.mlflow.resolved_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
-    client = MlflowClient(uri)
     tags = {
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "kind": cfg.train.kind,
         "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID", "local"),
         "workers": str(cfg.scaling.num_workers),
         "model": cfg.model.init_from or cfg.model.name,
     }
-    run = client.create_run(experiment.experiment_id, run_name=cfg.mlflow.run_name or cfg.run.name, tags=tags)
     params = {**flatten(cfg), **{f"model_config.{k}": v for k, v in model_config.to_diff_dict().items()}}
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    client, run_id = create_run(cfg.mlflow, run_name=cfg.run.name, tags=tags, params=params)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (Path(tmp) / "data_manifest.json").write_text(manifest.dump())
-        client.log_artifacts(run.info.run_id, tmp, "config")
-    return run.info.run_id, uri
+        client.log_artifacts(run_id, tmp, "config")
+    return run_id, cfg.mlflow.resolved_uri()
 
 
 def loss_curve_png(client, run_id: str, path: Path) -> None:
@@ -204,7 +184,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     status = "FAILED"
     try:
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto" if _cluster_running() else None))
+            ray.init()  # $RAY_ADDRESS, else the cluster `ray start` left on this machine, else a local one
         from diffmoe.data.manifest import read_split, shard_paths
 
         datasets = {}  # the train split is read by the workers themselves (sample_order.py)
@@ -263,8 +243,3 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
         )
     finally:
         client.set_terminated(run_id, status)
-
-
-def _cluster_running() -> bool:
-    """True when ``ray start`` left a cluster address on this machine (so jobs join it)."""
-    return Path(tempfile.gettempdir(), "ray", "ray_current_cluster").exists()

@@ -1,14 +1,19 @@
-"""``make demo``: a fresh clone to a served model on a local Ray head, through the real CLIs.
+"""``make demo``: a fresh clone to a served model on a local Ray head, the way a user runs it.
 
-    python -m diffmoe.demo            # ray start -> 4 x ray job submit -> serve deploy -> one chat request
-    python -m diffmoe.demo --down     # serve shutdown + ray stop  (``make down``)
+    python scripts/demo.py            # ray start -> 5 jobs via the job API -> serve deploy -> one chat request
+    python scripts/demo.py --down     # serve shutdown + ray stop  (``make down``)
 
-Every stage runs exactly as a user would run it on a cluster: ``ray job submit --working-dir .``
-with the tiny configs in jobs/configs and absolute ``--set`` paths (a job's working directory is a
-temporary copy of the repository), then ``serve deploy`` of deployments/diffmoe.yaml pointed at the
-fine-tuned model's MLflow URI (``runs:/<run_id>/model``). Stages chain through paths and MLflow run
-ids only. A rerun reuses finished stages: the data jobs are no-ops on complete output, and a
-training stage whose exported model is present is skipped (its run id is read back from MLflow).
+Every stage runs as a job would on a cluster: submitted to the head's job server with Ray's
+``JobSubmissionClient`` (working directory: this repository, so jobs/ and jobs/configs travel with
+it; absolute ``--set`` paths, as a job runs in a temporary copy), followed by its status and logs,
+and its result read from the ``DIFFMOE_RESULT`` line the job runner prints last. Then ``serve
+deploy`` of deployments/diffmoe.yaml pointed at the fine-tuned model's MLflow URI
+(``runs:/<run_id>/model``). Stages chain through paths and MLflow run ids only. A rerun reuses
+finished stages: the data jobs are no-ops on complete output, and a training stage whose exported
+model is present is skipped (its run id is read back from MLflow).
+
+It lives beside jobs/ rather than in the ``diffmoe`` package because it needs the repository's
+jobs/, configs and deployments; it imports only the installed ``diffmoe`` (editable or not).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -24,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUICK = {  # the CI end-to-end test: every stage, smallest settings
     "corpus": [
@@ -44,24 +50,12 @@ class DemoError(RuntimeError):
     """A stage failed; the message says which and how to look closer."""
 
 
-def sh(cmd: list[str], capture: bool = False, check: bool = True, env=None):
-    """Run a command from the repository root; with ``capture`` its output is shown live and
-    returned with the exit code."""
+def sh(cmd: list[str], env=None) -> None:
+    """Run a CLI from the repository root, its output shown live; fail on a non-zero exit."""
     print("$ " + " ".join(cmd), flush=True)
-    if not capture:
-        code, out = subprocess.run(cmd, cwd=REPO, env=env).returncode, ""
-    else:
-        lines = []
-        with subprocess.Popen(
-            cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        ) as proc:
-            for line in proc.stdout:
-                print(line, end="", flush=True)
-                lines.append(line)
-        code, out = proc.returncode, "".join(lines)
-    if check and code != 0:
+    code = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    if code != 0:
         raise DemoError(f"command failed with exit code {code}: {' '.join(cmd)}")
-    return (out, code) if capture else out
 
 
 class Demo:
@@ -73,8 +67,10 @@ class Demo:
         # CLIs from this environment, and `python` in job entrypoints = this interpreter
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-        # `ray start` turns on token auth (token in ~/.ray/auth_token); the CLIs send it only when told.
+        # `ray start` turns on token auth (token in ~/.ray/auth_token); the CLIs and the job client
+        # send it only when told (read when Ray is first imported, so set here, before that).
         self.env.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AUTH_MODE", self.env["RAY_AUTH_MODE"])
 
     # ---- cluster -------------------------------------------------------------------------------
     def start_ray(self) -> None:
@@ -103,28 +99,50 @@ class Demo:
             client.create_experiment("diffmoe", artifact_location=(self.work / "mlruns").as_uri())
 
     def submit(self, job: str, config: str, overrides: list[str]) -> dict:
+        """Submit ``jobs/<job>.py`` to the head's job server, show its logs while it runs, and return
+        the result its runner printed (``DIFFMOE_RESULT {...}``)."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        from diffmoe.jobs import parse_result
+        from diffmoe.tracking import git_commit
+
+        entrypoint = ["python", f"jobs/{job}.py", "--config", f"jobs/configs/{config}.yaml"]
+        for item in overrides:
+            entrypoint += ["--set", item]
         runtime_env = {
+            "working_dir": str(REPO),
             "env_vars": {
                 "MLFLOW_TRACKING_URI": self.tracking_uri,
-                "DIFFMOE_GIT_COMMIT": _git_commit(),
+                "DIFFMOE_GIT_COMMIT": git_commit(REPO),
                 "TOKENIZERS_PARALLELISM": "false",
             },
         }
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", str(REPO)]
-        cmd += ["--runtime-env-json", json.dumps(runtime_env), "--", "python", f"jobs/{job}.py"]
-        cmd += ["--config", f"jobs/configs/{config}.yaml"]
-        for item in overrides:
-            cmd += ["--set", item]
-        for _ in range(60):  # a fresh head's job agent takes a while to register
-            out, code = sh(cmd, capture=True, check=False, env=self.env)
-            if "No available agent to submit job" not in out:
+        client = JobSubmissionClient(self.dashboard)
+        print(f"submit: {shlex.join(entrypoint)}", flush=True)
+        for attempt in range(60):  # a fresh head's job agent takes a while to register
+            try:
+                job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
                 break
-            print("ray: the job agent is not up yet; retrying in 5 s", flush=True)
-            time.sleep(5)
-        if code != 0 or "succeeded" not in out:
-            raise DemoError(f"{job} did not succeed (exit code {code}); see its log above")
-        lines = [ln for ln in out.splitlines() if ln.startswith("{") and ln.endswith("}")]
-        return json.loads(lines[-1]) if lines else {}
+            except RuntimeError as err:
+                if "No available agent" not in str(err) or attempt == 59:
+                    raise DemoError(f"{job}: the job server refused the job: {err}") from None
+                print("ray: the job agent is not up yet; retrying in 5 s", flush=True)
+                time.sleep(5)
+        shown = 0
+        while True:
+            status = client.get_job_status(job_id)
+            logs = client.get_job_logs(job_id)
+            print(logs[shown:], end="", flush=True)
+            shown = len(logs)
+            if status.is_terminal():
+                break
+            time.sleep(2)
+        result = parse_result(logs)
+        if status != JobStatus.SUCCEEDED or not result or not result.get("ok"):
+            why = (result or {}).get("error") or client.get_job_info(job_id).message or "no result line"
+            raise DemoError(f"{job} ({job_id}) ended {status.value}: {why}; logs: ray job logs {job_id}")
+        print(f"demo: job {job} {job_id} {status.value}", flush=True)
+        return result
 
     # ---- stages --------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -150,8 +168,6 @@ class Demo:
                 f"mlflow.tracking_uri={self.tracking_uri}",
             ]
             result = self.submit(kind if kind == "pretrain" else "finetune", config, overrides)
-            if "run_id" not in result:
-                raise DemoError(f"{kind}: the job printed no result line")
             return result["run_id"]
         print(f"{kind}: reusing {out_dir} (delete it to train again)")
         return self.latest_run(name)
@@ -311,15 +327,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,95 @@
+"""MLflow in one place: the config section, the tracking-URI default, run creation with tags and
+batched parameter / metric logging.
+
+Training, evaluation and the benchmark log through these helpers so every run resolves its
+tracking URI the same way and parameters go in ``log_batch`` calls of at most 100 (MLflow's limit)
+instead of one request per parameter, which is slow against a remote tracking server.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from diffmoe.config import StrictModel, flatten
+
+PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
+METRICS_PER_BATCH = 1000  # and for metrics
+MAX_PARAM_CHARS = 6000  # longer values are cut (MLflow rejects them)
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` in the current directory (absolute,
+    so Ray workers with another working directory log to the same store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The checkout's commit for the ``git_commit`` tag; a job's working directory under ``ray job
+    submit`` is a copy without ``.git``, so the submitter passes it as ``$DIFFMOE_GIT_COMMIT``."""
+    import subprocess
+
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DIFFMOE_GIT_COMMIT", "unknown")
+
+
+class MLflowSection(StrictModel):
+    """The ``mlflow:`` section every job config shares."""
+
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    experiment: str = "diffmoe"
+    run_name: str | None = None  # default: chosen by the job (run.name, eval-<model>, benchmark-<side>)
+
+    def resolved_uri(self) -> str:
+        return self.tracking_uri or default_tracking_uri()
+
+
+def create_run(
+    section: MLflowSection,
+    *,
+    run_name: str,
+    tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+):
+    """Create a run in ``section.experiment`` with tags and params; returns ``(client, run_id)``.
+    The run stays open: the caller logs to it and ends it with ``client.set_terminated``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = section.resolved_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(section.experiment)
+    client = MlflowClient(uri)
+    run = client.create_run(
+        experiment.experiment_id,
+        run_name=section.run_name or run_name,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+    )
+    if params:
+        log_params(client, run.info.run_id, params)
+    return client, run.info.run_id
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Nested dicts / config models are flattened to dotted keys; one request per 100 params."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten(params).items()]
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """All of ``metrics`` at one step, in requests of at most 1000."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[i : i + METRICS_PER_BATCH])
