@@ -27,6 +27,14 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random model directory served as "tiny-served" (test_serve*.py)."""
+    from diffmoe.serve.testing import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny-served")
+
+
 def _prepare(ray_cluster, tmp_path_factory, name: str, **settings):
     from diffmoe.data.config import CorpusConfig
     from diffmoe.data.pipeline import prepare_corpus

@@ -27,13 +27,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from diffmoe.serve.testing import make_tiny_model_dir
-
-    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny-served")
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_model_dir):
     from ray import serve

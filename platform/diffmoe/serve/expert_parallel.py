@@ -168,6 +168,12 @@ class ExpertParallelModel(nn.Module):
             ]
         return SimpleNamespace(logits=logits, past_key_values=kv)
 
+    async def ping(self) -> None:
+        """Raises if a worker is dead (Ray's actor-ready probe; queued behind a running forward)."""
+        import asyncio
+
+        await asyncio.gather(*[w.__ray_ready__.remote() for w in self.workers])
+
     def shutdown(self) -> None:
         for w in self.workers:
             try:
