@@ -76,8 +76,10 @@ class ServeConfig(StrictModel):
     http_host: str = "127.0.0.1"  # loopback by default; used by ``run_app`` (YAML: top-level http_options)
     http_port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = "/"
-    api_key: str | None = None  # when set (or api_key_env names a set variable) /v1/* needs Bearer auth
-    api_key_env: str | None = None  # environment variable holding the key, so YAML files hold no secret
+    api_key: str | None = (
+        None  # when set (or via api_key_env) every route but /health and docs needs Bearer auth
+    )
+    api_key_env: str | None = None  # variable holding the key (YAML holds no secret); unset/empty: no start
     # Streamed deltas are coalesced: at most one chunk per stream_interval_s, and at most
     # stream_chunks_per_s chunks per replica in total (the HTTP proxy, not the engine, is the limit).
     stream_interval_s: float = Field(0.05, ge=0)
