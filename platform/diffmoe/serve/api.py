@@ -36,13 +36,13 @@ parallel decoding), `parallel` (false = fixed schedule), `remasking` (`low_confi
 """
 
 
-_TAGS = ("str", "int", "float", "bool", "list", "dict", "function-", "literal[", "json-or-python")
+_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # union members' tags; others contain "["
 
 
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     e = err.errors()[0]
     # Union members appear in the location as type tags ("str", "list[int]"): drop them.
-    loc = [str(x) for x in e.get("loc", ()) if x != "body" and not str(x).lower().startswith(_TAGS)]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body" and str(x) not in _TAGS and "[" not in str(x)]
     if e.get("type") == "json_invalid":
         return f"invalid JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None
     param = loc[0] if loc else None

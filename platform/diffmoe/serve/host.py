@@ -37,6 +37,12 @@ def load_tokenizer_dir(path: Path):
         raise ValueError(str(err)) from err
 
 
+def _first_field(message: str) -> str | None:
+    fields = ("block_length", "steps", "gen_length", "threshold", "cache")
+    found = [(message.find(f"{f}="), f) for f in fields if f"{f}=" in message]
+    return min(found)[1] if found else None
+
+
 class ModelHost:
     def __init__(self, cfg: ServeConfig, model_loader: ModelLoader | None = None):
         self.cfg = cfg
@@ -113,6 +119,8 @@ class ModelHost:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > cfg.max_stop:
             raise ApiError(400, f"stop: at most {cfg.max_stop} stop strings (got {len(stop)})", "stop")
+        if not all(stop):
+            raise ApiError(400, "stop: stop strings must be non-empty", "stop")
         if any(len(s) > cfg.max_stop_chars for s in stop):
             raise ApiError(400, f"stop: a stop string is longer than {cfg.max_stop_chars} characters", "stop")
         settings = dict(
@@ -136,8 +144,9 @@ class ModelHost:
             return DecodingConfig(**settings)
         except ValidationError as err:
             e = err.errors()[0]
-            param = ".".join(str(p) for p in e["loc"]) or None
             msg = e["msg"].removeprefix("Value error, ")
+            # Combination errors have no location: name the request field they start with.
+            param = ".".join(str(p) for p in e["loc"]) or _first_field(msg)
             raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
 
     def prompt_ids(self, req) -> tuple[list[int], str]:
