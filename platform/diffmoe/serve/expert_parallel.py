@@ -105,12 +105,19 @@ class ExpertParallelModel(nn.Module):
         worker_gpus: float = 0.0,
     ):
         """Start K workers in the current placement group (bundle i for rank i) and load them."""
+        import uuid
+
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         pg = ray.util.get_current_placement_group()
-        workers = []
+        workers, group = [], uuid.uuid4().hex[:8]
         for rank in range(ep_size):
-            opts: dict = {"num_cpus": worker_cpus, "num_gpus": worker_gpus}
+            # Named so an operator (or a fault test) can find one rank: diffmoe-ep-<group>-r<rank>.
+            opts: dict = {
+                "num_cpus": worker_cpus,
+                "num_gpus": worker_gpus,
+                "name": f"diffmoe-ep-{group}-r{rank}",
+            }
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank
