@@ -26,15 +26,20 @@ ModelLoader = Callable[[Path], torch.nn.Module]
 
 
 def load_tokenizer_dir(path: Path):
-    """``(tokenizer, special ids, ChatEncoder)``; the encoder is the SFT pipeline's, so prompts are
-    encoded exactly like the fine-tuning data and marker text in user content stays plain text."""
-    from diffmoe.data.tokenizer import ChatEncoder, TokenizerError, load_tokenizer, read_tokenizer_json
+    from diffmoe.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
-        tok, special = load_tokenizer(path)
-        return tok, special, ChatEncoder(read_tokenizer_json(path))
+        return load_tokenizer(path)
     except TokenizerError as err:
         raise ValueError(str(err)) from err
+
+
+def chat_encoder(path: Path):
+    """The SFT pipeline's encoder: prompts are encoded exactly like the fine-tuning data, and marker
+    text in user content stays plain text."""
+    from diffmoe.data.tokenizer import ChatEncoder, read_tokenizer_json
+
+    return ChatEncoder(read_tokenizer_json(path))
 
 
 def _first_field(message: str) -> str | None:
@@ -48,7 +53,8 @@ class ModelHost:
         self.cfg = cfg
         self.path = resolve(cfg.model, cfg.mlflow_tracking_uri)
         tok_path = resolve(cfg.tokenizer, cfg.mlflow_tracking_uri) if cfg.tokenizer else self.path
-        self.tokenizer, self.special, self.encoder = load_tokenizer_dir(tok_path)
+        self.tokenizer, self.special = load_tokenizer_dir(tok_path)
+        self.encoder = chat_encoder(tok_path)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         if cfg.ep_size > 1:
