@@ -71,6 +71,9 @@ def replica_api_key(cfg: ServeConfig) -> str | None:
     """The key this replica enforces. ``api_key_env`` naming an unset or empty variable is an error:
     a replica that silently served without auth would be an open door."""
     if cfg.api_key is not None:
+        logger.warning(
+            "diffmoe: api_key is set in the deployment args, so the Serve config shows it; prefer api_key_env"
+        )
         return cfg.api_key
     if cfg.api_key_env:
         key = os.environ.get(cfg.api_key_env, "").strip()
