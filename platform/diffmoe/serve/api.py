@@ -17,7 +17,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as p
@@ -59,9 +59,11 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _error(err: p.ApiError) -> JSONResponse:
+def _error(err: p.ApiError) -> Response:
+    """ASCII JSON (a lone surrogate in a message would break Starlette's UTF-8 JSONResponse)."""
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    return JSONResponse(json.loads(json.dumps(err.body())), status_code=err.status, headers=headers)
+    body = json.dumps(err.body())
+    return Response(body, status_code=err.status, headers=headers, media_type="application/json")
 
 
 # Documented in the OpenAPI spec for the two generation routes: what the server really answers.
