@@ -152,8 +152,20 @@ def main() -> None:
             ],
             "note": "2-core machine shared with the load generator, Serve proxy and controller; other "
             "processes may have used the cores while this ran.",
+            **previous_faults(),
         },
     )
+
+
+def previous_faults() -> dict:
+    """``details.faults`` of the current serve.json (written by bench_serve_faults.py), kept as is."""
+    import json
+
+    path = OUT_DIR / "serve.json"
+    if not path.is_file():
+        return {}
+    faults = json.loads(path.read_text()).get("details", {}).get("faults")
+    return {"faults": faults} if faults else {}
 
 
 if __name__ == "__main__":

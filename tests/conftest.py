@@ -36,6 +36,32 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random model directory served as "tiny-served" (test_serve*.py)."""
+    from diffmoe.bench.tiny_model import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny-served")
+
+
+@pytest.fixture(scope="session")
+def replica_loop():
+    """The event loop the in-process replica runs on (``serve_replica.py``)."""
+    from serve_replica import event_loop_thread
+
+    run, stop = event_loop_thread()
+    yield run
+    stop()
+
+
+@pytest.fixture(scope="session")
+def replica(tiny_model_dir):
+    """``(host, metrics, app)``: one in-process replica for test_serve_robust.py / test_serve_fuzz.py."""
+    from serve_replica import make_replica
+
+    return make_replica(tiny_model_dir)
+
+
 def _prepare(ray_cluster, tmp_path_factory, name: str, **settings):
     from diffmoe.data.config import CorpusConfig
     from diffmoe.data.pipeline import prepare_corpus

@@ -79,7 +79,43 @@ def test_expert_parallel_replica_equals_single_worker(serve_port, tiny_model_dir
     assert alone == single[:1]
     assert len(set(single)) > 3
     serve.delete("ep1")
+    _kill_a_worker_and_recover(f"{base}/ep2", bodies[0], single[0])
     serve.delete("ep2")
+
+
+def _kill_a_worker_and_recover(url: str, body: dict, want: str) -> None:
+    """Kill rank 1 of the expert-parallel replica: requests fail (500 / 503, never hang), health
+    fails, Serve replaces the replica, and the answers are correct again."""
+    import ray
+
+    ranks = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("diffmoe-ep-")
+    ]
+    rank1 = [a for a in ranks if a["name"].endswith("-r1")]
+    assert len(rank1) == 1, ranks
+    ray.kill(ray.get_actor(rank1[0]["name"], namespace=rank1[0]["namespace"]), no_restart=True)
+    t0, seen = time.monotonic(), []
+    with httpx.Client(base_url=url, timeout=60) as h:
+        while time.monotonic() - t0 < 240:
+            try:
+                r = h.post("/v1/completions", json=body)
+                seen.append(r.status_code)
+                if r.status_code == 200:
+                    break
+            except httpx.TransportError as err:
+                seen.append(type(err).__name__)
+            time.sleep(0.5)
+    assert seen[-1] == 200 and r.json()["choices"][0]["text"] == want, seen
+    assert {500, 503} & set(seen) and set(seen) <= {
+        200,
+        500,
+        502,
+        503,
+        504,
+        "ReadError",
+        "RemoteProtocolError",
+    }, seen
+    print(f"expert-parallel worker killed: first correct answer after {time.monotonic() - t0:.1f}s; {seen}")
 
 
 def _replicas(name: str) -> int:

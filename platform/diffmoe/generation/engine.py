@@ -71,6 +71,11 @@ class Engine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop_task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+        # Health, read by the server: when the running step began (a hang shows as an old value),
+        # consecutive steps in which every row failed, and the error once that reaches the limit.
+        self.step_started: float | None = None
+        self.failed_steps, self.max_failed_steps = 0, 3
+        self.failure: Exception | None = None
 
     # ---- synchronous interface -------------------------------------------------------------
     def add_request(self, prompt, config: DecodingConfig | None = None, request_id: str | None = None) -> str:
@@ -128,16 +133,39 @@ class Engine:
             batch = list(self.active.values())
         if not batch:
             return events
+        return events + self._advance(batch)
+
+    def _advance(self, batch) -> list[StreamEvent]:
+        """One denoising (or next-token) step for ``batch``, then collect."""
         if self.causal:
             self.forwards += ar_step(self.model, batch, self.mask_id, self.device)
-            return events + self._collect(batch)
+            return self._collect(batch)
         full = [s for s in batch if s.wants_full_pass()]
         cached = [s for s in batch if not s.wants_full_pass()]
         for group, is_full in ((full, True), (cached, False)):
             if group:
                 logits = self._forward_full(group) if is_full else self._forward_window(group)
                 self._commit(group, logits)
-        return events + self._collect(batch)
+        return self._collect(batch)
+
+    @torch.inference_mode()
+    def _isolate(self) -> tuple[list[StreamEvent], dict[str, Exception], bool]:
+        """After a failed batched step, step each active request alone: one that fails again leaves
+        the batch with its own error, so one bad request never fails the others. The flag says
+        whether any row still advanced."""
+        with self._lock:
+            batch = list(self.active.values())
+        events, failed, advanced = [], {}, False
+        for seq in batch:
+            try:
+                events += self._advance([seq])
+                advanced = True
+            except Exception as err:  # noqa: BLE001 - reported to that request only
+                failed[seq.id] = err
+                seq.past = None
+                with self._lock:
+                    self.active.pop(seq.id, None)
+        return events, failed, advanced
 
     def _collect(self, batch) -> list[StreamEvent]:
         """Each request's new final tokens; finished requests leave the batch (slot and cache freed)."""
@@ -273,15 +301,28 @@ class Engine:
                 if not self.has_unfinished():
                     await self._wake.wait()
                 continue
+            self.step_started = time.monotonic()
             try:
                 events = await asyncio.to_thread(self.step)
-            except Exception as err:  # a failed step fails every request in flight, not the loop
-                with self._lock:
-                    self.active.clear()
-                    self._pending.clear()
-                for queue in self._queues.values():
-                    queue.put_nowait(err)
-                continue
+                self.failed_steps = 0
+            except Exception:  # retry row by row: only the rows that fail alone are dropped
+                try:
+                    events, failed, advanced = await asyncio.to_thread(self._isolate)
+                except Exception as err:  # noqa: BLE001 - the isolation itself broke: fail everything
+                    events, failed, advanced = [], {rid: err for rid in self._queues}, False
+                    with self._lock:
+                        self.active.clear()
+                        self._pending.clear()
+                # Every row failing, several steps running, means the engine (not a request) is broken.
+                self.failed_steps = 0 if advanced else self.failed_steps + 1
+                if self.failed_steps >= self.max_failed_steps and failed:
+                    self.failure = next(iter(failed.values()))
+                for rid, err in failed.items():
+                    queue = self._queues.get(rid)
+                    if queue is not None:
+                        queue.put_nowait(err)
+            finally:
+                self.step_started = None
             for event in events:
                 queue = self._queues.get(event.request_id)
                 if queue is not None:

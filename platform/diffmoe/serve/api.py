@@ -1,23 +1,27 @@
 """The OpenAI-compatible FastAPI app of one replica: routes, auth, error bodies, streaming.
 
 Built per replica (``build_api``) so routes close over that replica's engine and settings. Every
-client error is a 4xx with OpenAI's error body; FastAPI's 422 becomes a 400 naming the field.
+client error is a 4xx with OpenAI's error body; FastAPI's 422 becomes a 400 naming the field. The
+``Guard`` middleware answers auth, content type, body size and unparseable JSON before any route.
+Admission is bounded (429 beyond ``max_batch_size + max_pending_requests``), tokenization runs in a
+thread, and every request has a deadline and is cancelled when its client goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as p
+from .guard import Guard, route_path
 from .host import ModelHost
 from .metrics import EngineMetrics
 
@@ -32,31 +36,73 @@ parallel decoding), `parallel` (false = fixed schedule), `remasking` (`low_confi
 """
 
 
+_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # union members' tags; others contain "["
+
+
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     e = err.errors()[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    # Union members appear in the location as type tags ("str", "list[int]"): drop them.
+    loc = [str(x) for x in e.get("loc", ()) if x != "body" and str(x) not in _TAGS and "[" not in str(x)]
     if e.get("type") == "json_invalid":
         return f"invalid JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None
     param = loc[0] if loc else None
     where = ".".join(loc) or "body"
-    if e.get("type") == "extra_forbidden":
-        return f"{where}: unrecognized request argument", param
     if e.get("type") == "missing":
         return f"{where}: required field is missing", param
     got = e.get("input")
-    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {_short(got)})"
     return f"{where}: {e.get('msg')}{shown}", param
 
 
-def _error(err: p.ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _error(err: p.ApiError) -> Response:
+    """ASCII JSON (a lone surrogate in a message would break Starlette's UTF-8 JSONResponse)."""
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    body = json.dumps(err.body())
+    return Response(body, status_code=err.status, headers=headers, media_type="application/json")
+
+
+# Documented in the OpenAPI spec for the two generation routes: what the server really answers.
+ERRORS = {
+    400: "invalid request (the field is named in `param`)",
+    401: "missing or wrong API key",
+    404: "`model` is not the served model",
+    413: "body larger than `max_body_bytes`",
+    415: "Content-Type is not application/json",
+    429: "replica at capacity (`max_pending_requests`); retry after `Retry-After` seconds",
+    500: "a request failed inside the engine (other requests are unaffected)",
+    503: "replica unhealthy, or Serve's queue (`max_queued_requests`) full; retry elsewhere",
+    504: "non-streaming request ran past `request_timeout_s`",
+}
+RESPONSES = {code: {"model": p.ErrorBody, "description": text} for code, text in ERRORS.items()}
 
 
 def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> FastAPI:
     cfg, engine, name = host.cfg, host.engine, host.cfg.served_name
     app = FastAPI(title="diffmoe", description=DESCRIPTION, version="1")
     created = int(time.time())
-    state: dict = {"sampler": None, "stats": {}, "streams": 0}
+    state: dict = {"sampler": None, "stats": {}, "streams": 0, "inflight": 0, "warned": set()}
+
+    def on_error(endpoint: str, status: int, latency: float) -> None:
+        kind = metrics.rejected(endpoint, status)
+        if cfg.log_requests and endpoint != "other":
+            logger.info(
+                json.dumps(
+                    {
+                        "event": "request",
+                        "endpoint": endpoint,
+                        "status": kind,
+                        "http_status": status,
+                        "latency_s": round(latency, 4),
+                    }
+                )
+            )
+
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=cfg.max_body_bytes, on_error=on_error)
 
     @app.exception_handler(p.ApiError)
     async def _api_error(_req, err: p.ApiError):
@@ -69,27 +115,21 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(req, err: StarletteHTTPException):
-        message = {404: f"no route {req.url.path}", 405: f"method {req.method} not allowed on {req.url.path}"}
+        path = route_path(req.scope)
+        message = {404: f"no route {path}", 405: f"method {req.method} not allowed on {path}"}
         return _error(p.ApiError(err.status_code, message.get(err.status_code, str(err.detail))))
 
-    @app.exception_handler(Exception)
-    async def _crash(_req, err: Exception):
-        logger.exception("diffmoe: internal error")
-        return _error(p.ApiError(500, f"internal error: {type(err).__name__}"))
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            for schema in ("CompletionRequest", "ChatCompletionRequest"):  # only the served name is valid
+                spec["components"]["schemas"][schema]["properties"]["model"]["enum"] = [name]
+            app.openapi_schema = spec
+        return app.openapi_schema
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), api_key.encode()
-            ):
-                reason = "missing Authorization header" if not header else "invalid API key"
-                return _error(
-                    p.ApiError(401, f"{reason}: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
-                )
-        return await call_next(request)
+    app.openapi = openapi
 
     async def _sampler():
         while True:
@@ -100,22 +140,60 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
         if state["sampler"] is None or state["sampler"].done():
             state["sampler"] = asyncio.get_running_loop().create_task(_sampler())
 
-    @app.get("/health")
-    async def health() -> dict:
+    @app.get("/health", responses={503: {"description": "the replica cannot serve; `reason` says why"}})
+    async def health():
         _ensure_sampler()
-        return {"status": "ok", "model": name, "engine": metrics.sample(engine), **host.info}
+        problem = await host.problem()
+        body = {"status": "unhealthy" if problem else "ok", "model": name, "engine": metrics.sample(engine)}
+        if problem:
+            body["reason"] = problem
+        return JSONResponse({**body, **host.info}, status_code=503 if problem else 200)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: RESPONSES[401]})
     async def models() -> dict:
         return p.models_body(name, created)
 
-    async def _run(req, chat: bool):
-        _ensure_sampler()
+    def _admit(req, request: Request) -> None:
+        """Cheap checks first, so overload and bad models are answered before any tokenization."""
         if req.model != name:
             raise p.ApiError(
                 404, f"model {req.model!r} not found; this server serves {name!r}", "model", "model_not_found"
             )
-        ids, dec = host.request_settings(req)
+        unknown = p.unknown_fields(req)
+        if unknown and cfg.reject_unknown_fields:
+            raise p.ApiError(400, f"{unknown[0]}: unrecognized request argument", unknown[0].split(".")[0])
+        new = [u for u in unknown if u not in state["warned"]]
+        if new and len(state["warned"]) < 1000:
+            state["warned"].update(new)
+            logger.warning("diffmoe: ignoring unknown request fields %s", ", ".join(ascii(u) for u in new))
+        if engine.failure is not None:
+            raise p.ApiError(503, "replica unhealthy; retry", None, "unhealthy", cfg.retry_after_s)
+        load = state["inflight"]
+        if load >= cfg.max_batch_size + cfg.max_pending_requests:
+            raise p.ApiError(
+                429, f"replica at capacity ({load} requests); retry", None, "overloaded", cfg.retry_after_s
+            )
+        state["inflight"] += 1  # until the Guard sees the request end, however it ends
+        request.scope["diffmoe.slot"]["release"] = lambda: state.__setitem__(
+            "inflight", state["inflight"] - 1
+        )
+
+    async def _settings(req):
+        # Tokenization off the event loop: a huge prompt never stalls other streams.
+        return await asyncio.to_thread(host.request_settings, req)
+
+    def _failed(err: Exception) -> p.ApiError:
+        if engine.failure is not None:
+            return p.ApiError(503, "replica unhealthy; retry", None, "unhealthy", cfg.retry_after_s)
+        return p.ApiError(
+            500, f"the engine failed on this request: {type(err).__name__}", None, "engine_error"
+        )
+
+    async def _run(req, chat: bool, request: Request):
+        _ensure_sampler()
+        _admit(req, request)
+        ids, dec = await _settings(req)
+        deadline = time.monotonic() + cfg.request_timeout_s
         rid = p.new_id("chatcmpl" if chat else "cmpl")
         endpoint = "chat" if chat else "completions"
         t0 = time.perf_counter()
@@ -142,11 +220,31 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                 )
 
         if not req.stream:
+            task = asyncio.ensure_future(engine.generate(ids, dec, request_id=rid))
             try:
-                out = await engine.generate(ids, dec, request_id=rid)
+                while not task.done():  # wake every second to notice a client that has gone
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise p.ApiError(
+                            504,
+                            f"request ran past request_timeout_s={cfg.request_timeout_s}",
+                            None,
+                            "timeout",
+                        )
+                    await asyncio.wait({task}, timeout=min(left, 1.0))
+                    if not task.done() and await request.is_disconnected():
+                        raise asyncio.CancelledError
+                out = task.result()
             except asyncio.CancelledError:
                 done("cancelled", 0)
                 raise
+            except p.ApiError:
+                raise
+            except Exception as err:  # this request failed in the engine; the batch goes on
+                logger.exception("diffmoe: request %s failed in the engine", rid)
+                raise _failed(err) from None
+            finally:
+                task.cancel()  # no-op when finished; otherwise the engine drops the request
             done("ok", len(out.token_ids), reason=out.finish_reason)
             use = p.usage(len(ids), len(out.token_ids))
             body = p.chat_body if chat else p.completion_body
@@ -160,7 +258,23 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
             stamp, buffer, last = int(time.time()), "", 0.0
             state["streams"] += 1
             try:
-                async for ev in events:
+                while True:
+                    left = deadline - time.monotonic()
+                    try:
+                        ev = await asyncio.wait_for(anext(events), max(left, 0.001))
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        status = "timeout"
+                        err = p.ApiError(
+                            504,
+                            f"request ran past request_timeout_s={cfg.request_timeout_s}",
+                            None,
+                            "timeout",
+                        )
+                        yield _sse(err.body())
+                        yield "data: [DONE]\n\n"
+                        return
                     tokens += len(ev.token_ids)
                     buffer += ev.text
                     now = time.perf_counter()
@@ -182,8 +296,8 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                         yield "data: [DONE]\n\n"
             except Exception as err:  # after headers: report in-band, OpenAI style
                 status = "error"
-                logger.exception("diffmoe: stream failed")
-                yield _sse(p.ApiError(500, f"internal error: {type(err).__name__}").body())
+                logger.exception("diffmoe: stream %s failed", rid)
+                yield _sse(_failed(err).body())
                 yield "data: [DONE]\n\n"
             finally:
                 state["streams"] -= 1
@@ -192,13 +306,13 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/completions")
-    async def completions(req: p.CompletionRequest):
-        return await _run(req, chat=False)
+    @app.post("/v1/completions", responses=RESPONSES)
+    async def completions(req: p.CompletionRequest, request: Request):
+        return await _run(req, False, request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: p.ChatCompletionRequest):
-        return await _run(req, chat=True)
+    @app.post("/v1/chat/completions", responses=RESPONSES)
+    async def chat_completions(req: p.ChatCompletionRequest, request: Request):
+        return await _run(req, True, request)
 
     return app
 

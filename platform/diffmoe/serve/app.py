@@ -36,14 +36,11 @@ class DiffMoEServer:
 
     def __init__(self, args: dict, model_loader: ModelLoader | str | None = None):
         self.cfg = ServeConfig.model_validate(args)
+        self.api_key = replica_api_key(self.cfg)  # before loading anything: fail closed, fast
         if isinstance(model_loader, str):
             model_loader = _import(model_loader)
         self.host = ModelHost(self.cfg, model_loader)
         self.metrics = EngineMetrics(self.cfg.served_name)
-        key = self.cfg.api_key
-        if key is None and self.cfg.api_key_env:
-            key = os.environ.get(self.cfg.api_key_env) or None
-        self.api_key = key
         logger.info(
             '{"event": "replica_ready", "model": "%s", "ep_size": %d, "source": "%s"}',
             self.cfg.served_name,
@@ -53,6 +50,12 @@ class DiffMoEServer:
 
     def __serve_build_asgi_app__(self):
         return build_api(self.host, self.metrics, self.api_key)
+
+    async def check_health(self) -> None:
+        """Serve's health check: raising makes the controller replace this replica."""
+        problem = await self.host.problem()
+        if problem:
+            raise RuntimeError(f"diffmoe replica unhealthy: {problem}")
 
     def __del__(self):
         try:
@@ -64,6 +67,25 @@ class DiffMoEServer:
         self.host.shutdown()
 
 
+def replica_api_key(cfg: ServeConfig) -> str | None:
+    """The key this replica enforces. ``api_key_env`` naming an unset or empty variable is an error:
+    a replica that silently served without auth would be an open door."""
+    if cfg.api_key is not None:
+        logger.warning(
+            "diffmoe: api_key is set in the deployment args, so the Serve config shows it; prefer api_key_env"
+        )
+        return cfg.api_key
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env, "").strip()
+        if not key:
+            raise RuntimeError(
+                f"api_key_env={cfg.api_key_env!r}: that environment variable is unset or empty on this "
+                "replica; refusing to start without the API key (set it, e.g. runtime_env.env_vars)"
+            )
+        return key
+    return None
+
+
 def deployment_options(cfg: ServeConfig) -> dict:
     """Serve deployment options derived from the config (resources, scaling, admission)."""
     gpu = cfg.replica_gpus
@@ -72,7 +94,8 @@ def deployment_options(cfg: ServeConfig) -> dict:
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
         "health_check_period_s": 5,
-        "graceful_shutdown_timeout_s": 5,
+        "health_check_timeout_s": max(30.0, cfg.step_timeout_s + 10),
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
     }
     if cfg.ep_size == 1:
         opts["ray_actor_options"] = {"num_cpus": cfg.replica_cpus, "num_gpus": gpu}

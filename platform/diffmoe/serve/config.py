@@ -52,7 +52,21 @@ class ServeConfig(StrictModel):
     ep_size: int = Field(1, ge=1)  # expert-parallel workers per replica
     max_batch_size: int = Field(32, ge=1)  # requests the engine decodes together
     max_ongoing_requests: int = Field(64, ge=1)  # Serve's per-replica admission limit
-    max_queued_requests: int = Field(-1, ge=-1)  # Serve's queue limit per handle (-1 = unbounded)
+    max_queued_requests: int = Field(128, ge=-1)  # Serve's queue limit per handle (-1 = unbounded): 503
+    # Requests a replica holds beyond the batch (tokenizing or waiting for a slot); more get a 429.
+    max_pending_requests: int = Field(64, ge=0)
+    retry_after_s: int = Field(1, ge=0)  # Retry-After header of 429 / 503 answers
+    request_timeout_s: float = Field(
+        300.0, gt=0
+    )  # per-request deadline (non-streaming: 504; streams: in-band)
+    step_timeout_s: float = Field(120.0, gt=0)  # one engine step running longer fails the health check
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)  # in-flight requests may finish this long
+    # Request-size limits: all are client errors (413 for the body, 400 for the rest).
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_messages: int = Field(256, ge=1)
+    max_stop: int = Field(4, ge=0)  # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = Field(256, ge=1)  # characters per stop string
+    reject_unknown_fields: bool = False  # False: unknown request fields are ignored with a warning
     num_replicas: int | None = Field(None, ge=1)  # fixed replica count; None = use autoscaling_config
     autoscaling_config: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     replica_cpus: float = Field(1.0, gt=0)  # CPUs of the replica actor (ingress + engine loop)
@@ -62,8 +76,10 @@ class ServeConfig(StrictModel):
     http_host: str = "127.0.0.1"  # loopback by default; used by ``run_app`` (YAML: top-level http_options)
     http_port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = "/"
-    api_key: str | None = None  # when set (or api_key_env names a set variable) /v1/* needs Bearer auth
-    api_key_env: str | None = None  # environment variable holding the key, so YAML files hold no secret
+    api_key: str | None = (
+        None  # when set (or via api_key_env) every route but /health and docs needs Bearer auth
+    )
+    api_key_env: str | None = None  # variable holding the key (YAML holds no secret); unset/empty: no start
     # Streamed deltas are coalesced: at most one chunk per stream_interval_s, and at most
     # stream_chunks_per_s chunks per replica in total (the HTTP proxy, not the engine, is the limit).
     stream_interval_s: float = Field(0.05, ge=0)
@@ -79,6 +95,8 @@ class ServeConfig(StrictModel):
             )
         if d.cfg_scale > 0:
             raise ValueError("decoding.cfg_scale > 0 is not supported by the batching engine")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key is empty: set a key, or leave it out to turn auth off")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix={self.route_prefix!r} must start with '/'")
         return self

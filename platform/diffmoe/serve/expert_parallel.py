@@ -104,12 +104,19 @@ class ExpertParallelModel(nn.Module):
         worker_gpus: float = 0.0,
     ):
         """Start K workers in the current placement group (bundle i for rank i) and load them."""
+        import uuid
+
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         pg = ray.util.get_current_placement_group()
-        workers = []
+        workers, group = [], uuid.uuid4().hex[:8]
         for rank in range(ep_size):
-            opts: dict = {"num_cpus": worker_cpus, "num_gpus": worker_gpus}
+            # Named so an operator (or a fault test) can find one rank: diffmoe-ep-<group>-r<rank>.
+            opts: dict = {
+                "num_cpus": worker_cpus,
+                "num_gpus": worker_gpus,
+                "name": f"diffmoe-ep-{group}-r{rank}",
+            }
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank
@@ -166,6 +173,12 @@ class ExpertParallelModel(nn.Module):
                 for i in range(len(outs[0][1]))
             ]
         return SimpleNamespace(logits=logits, past_key_values=kv)
+
+    async def ping(self) -> None:
+        """Raises if a worker is dead (Ray's actor-ready probe; queued behind a running forward)."""
+        import asyncio
+
+        await asyncio.gather(*[w.__ray_ready__.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -7,7 +7,9 @@ request should get (``ModelHost.request_settings`` + ``Engine.run``).
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,12 +34,27 @@ def load_tokenizer_dir(path: Path):
         raise ValueError(str(err)) from err
 
 
+def chat_encoder(path: Path):
+    """The SFT pipeline's encoder: prompts are encoded exactly like the fine-tuning data, and marker
+    text in user content stays plain text."""
+    from diffmoe.data.tokenizer import ChatEncoder, read_tokenizer_json
+
+    return ChatEncoder(read_tokenizer_json(path))
+
+
+def _first_field(message: str) -> str | None:
+    fields = ("block_length", "steps", "gen_length", "threshold", "cache")
+    found = [(message.find(f"{f}="), f) for f in fields if f"{f}=" in message]
+    return min(found)[1] if found else None
+
+
 class ModelHost:
     def __init__(self, cfg: ServeConfig, model_loader: ModelLoader | None = None):
         self.cfg = cfg
         self.path = resolve(cfg.model, cfg.mlflow_tracking_uri)
         tok_path = resolve(cfg.tokenizer, cfg.mlflow_tracking_uri) if cfg.tokenizer else self.path
         self.tokenizer, self.special = load_tokenizer_dir(tok_path)
+        self.encoder = chat_encoder(tok_path)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         if cfg.ep_size > 1:
@@ -81,6 +98,10 @@ class ModelHost:
                 400, f"{name}={max_tokens} is out of range: must be 1..{cfg.max_tokens_limit}", name
             )
         block = req.block_length or d.block_length
+        if block > cfg.max_tokens_limit:
+            raise ApiError(
+                400, f"block_length={block} exceeds the server limit {cfg.max_tokens_limit}", "block_length"
+            )
         if req.gen_length is not None:
             gen = req.gen_length
             if max_tokens is not None and gen < max_tokens:
@@ -102,6 +123,12 @@ class ModelHost:
             threshold = factor = None  # explicit steps mean the fixed LLaDA schedule
         cache = req.cache or d.cache
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > cfg.max_stop:
+            raise ApiError(400, f"stop: at most {cfg.max_stop} stop strings (got {len(stop)})", "stop")
+        if not all(stop):
+            raise ApiError(400, "stop: stop strings must be non-empty", "stop")
+        if any(len(s) > cfg.max_stop_chars for s in stop):
+            raise ApiError(400, f"stop: a stop string is longer than {cfg.max_stop_chars} characters", "stop")
         settings = dict(
             gen_length=gen,
             block_length=block,
@@ -123,12 +150,14 @@ class ModelHost:
             return DecodingConfig(**settings)
         except ValidationError as err:
             e = err.errors()[0]
-            param = ".".join(str(p) for p in e["loc"]) or None
             msg = e["msg"].removeprefix("Value error, ")
+            # Combination errors have no location: name the request field they start with.
+            param = ".".join(str(p) for p in e["loc"]) or _first_field(msg)
             raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
 
     def prompt_ids(self, req) -> tuple[list[int], str]:
-        """Token ids of the prompt (completions) or the chat rendered with the tokenizer's template."""
+        """Token ids of the prompt (completions) or of the chat in the LLaDA turn format, encoded by
+        the SFT pipeline's ``ChatEncoder``: role / end / mask markers typed by a user are plain text."""
         if isinstance(req, CompletionRequest):
             prompt, param = req.prompt, "prompt"
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -136,7 +165,7 @@ class ModelHost:
                     raise ApiError(400, f"prompt: only one prompt per request (got {len(prompt)})", param)
                 prompt = prompt[0]
             if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+                ids = self.encoder.plain.encode(prompt, add_special_tokens=False).ids if prompt else []
             else:
                 ids = list(prompt)
                 bad = [t for t in ids if not 0 <= t < self.vocab]
@@ -148,14 +177,20 @@ class ModelHost:
                     )
         else:
             param = "messages"
+            if len(req.messages) > self.cfg.max_messages:
+                raise ApiError(
+                    400,
+                    f"messages: at most {self.cfg.max_messages} messages (got {len(req.messages)})",
+                    param,
+                )
             msgs = []
             for m in req.messages:
                 text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
                 msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
             if not any(m["content"] for m in msgs):
                 raise ApiError(400, "messages: every message is empty", param)
-            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            [(ids, prompt_length)] = self.encoder.encode_batch([(msgs, "")])
+            ids = ids[:prompt_length]  # the turns plus the assistant header, without the empty answer
         if not ids:
             raise ApiError(400, f"{param}: the prompt is empty", param)
         if self.special.mask_id in ids:
@@ -183,6 +218,22 @@ class ModelHost:
                 "context_length_exceeded",
             )
         return ids, dec
+
+    async def problem(self) -> str | None:
+        """Why this replica cannot serve (engine-wide failure, a hung step, a dead expert-parallel
+        worker), or None: Serve's health check and ``/health`` both report it."""
+        engine, cfg = self.engine, self.cfg
+        if engine.failure is not None:
+            return f"engine failed: {type(engine.failure).__name__}: {engine.failure}"
+        started = engine.step_started
+        if started is not None and time.monotonic() - started > cfg.step_timeout_s:
+            return f"an engine step has run {time.monotonic() - started:.0f}s (step_timeout_s={cfg.step_timeout_s})"
+        if hasattr(self.model, "ping"):
+            try:
+                await asyncio.wait_for(self.model.ping(), cfg.step_timeout_s)
+            except Exception as err:  # noqa: BLE001 - any failure of a worker is the answer
+                return f"expert-parallel worker unreachable: {type(err).__name__}: {err}"
+        return None
 
     def shutdown(self) -> None:
         if hasattr(self.model, "shutdown"):

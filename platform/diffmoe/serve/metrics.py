@@ -43,6 +43,7 @@ class EngineMetrics:
         self._last = (time.monotonic(), 0, 0)
         self.total_tokens = 0
         self.cancelled = 0
+        self.errors: dict[str, int] = {}  # error answers by status tag, shown in /health
 
     def finished(self, endpoint: str, status: str, prompt_tokens: int, tokens: int, latency: float, ttft):
         self.requests.inc(1, {**self.tags, "endpoint": endpoint, "status": status})
@@ -55,6 +56,18 @@ class EngineMetrics:
             self.ttft.observe(ttft, self.tags)
         if status == "cancelled":
             self.cancelled += 1
+
+    def rejected(self, endpoint: str, http_status: int) -> str:
+        """Count an error answer (4xx or 5xx); returns its ``status`` tag."""
+        if http_status in (429, 503):
+            kind = "overloaded"
+        elif http_status == 504:
+            kind = "timeout"
+        else:
+            kind = "rejected" if http_status < 500 else "error"
+        self.requests.inc(1, {**self.tags, "endpoint": endpoint, "status": kind})
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        return kind
 
     def sample(self, engine) -> dict:
         """Update the gauges from the engine (called every second by the replica)."""
@@ -70,6 +83,7 @@ class EngineMetrics:
             "forwards": forwards,
             "tokens": self.total_tokens,
             "cancelled": self.cancelled,
+            "errors": dict(self.errors),
             "tokens_per_s": dk / dt if dt > 0 else 0.0,
             "forwards_per_token": df / dk if dk else 0.0,
         }

@@ -1,8 +1,9 @@
 """Request and response bodies in OpenAI's shapes, the diffusion extras, and OpenAI-style errors.
 
-Requests are strict: unknown fields, wrong JSON types (``"5"`` for an integer) and out-of-range
-values are client errors (400) with a message naming the field. OpenAI parameters this server does
-not implement are accepted by name only so that the 400 can say exactly which one is unsupported.
+Wrong JSON types (``"5"`` for an integer) and out-of-range values are client errors (400) with a
+message naming the field. Unknown fields are kept aside (``unknown_fields``): the server ignores them
+with a warning, as vLLM does, or rejects them (``reject_unknown_fields``). OpenAI parameters this
+server does not implement are accepted by name only so that the 400 can say which one is unsupported.
 """
 
 from __future__ import annotations
@@ -37,13 +38,21 @@ UNSUPPORTED_NEUTRAL: dict[str, Any] = {
 class ApiError(Exception):
     """An error answered with OpenAI's body: ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429 / 503)
 
     @property
     def type(self) -> str:
-        return {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
+        return {401: "authentication_error", 429: "rate_limit_error", 504: "timeout"}.get(
             self.status, "invalid_request_error" if self.status < 500 else "server_error"
         )
 
@@ -51,8 +60,22 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (OpenAPI documentation of the error responses)."""
+
+    error: ErrorDetail
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+    # Unknown fields are collected, not refused, here: the server decides (``unknown_fields``).
+    model_config = ConfigDict(extra="allow", strict=True, protected_namespaces=())
 
 
 class StreamOptions(_Strict):
@@ -83,7 +106,7 @@ class _Common(DiffusionParams):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="any 64-bit integer")
     user: str | None = None
     n: int | None = None
     logprobs: Any = None
@@ -121,6 +144,20 @@ class ChatCompletionRequest(_Common):
     function_call: Any = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+
+
+def unknown_fields(obj: Any, where: str = "") -> list[str]:
+    """Dotted paths of every field no model declares, in a parsed request (nested ones included)."""
+    out: list[str] = []
+    if isinstance(obj, BaseModel):
+        out += [f"{where}{k}" for k in obj.model_extra or {}]
+        for name in type(obj).model_fields:
+            out += unknown_fields(getattr(obj, name), f"{where}{name}.")
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            if isinstance(item, BaseModel):
+                out += unknown_fields(item, f"{where}{i}.")
+    return out
 
 
 def unsupported_param(req: BaseModel) -> str | None:
