@@ -2,8 +2,7 @@
 
 The reference below is written from the algorithm's description (REFERENCE.md, "Sampler"), with
 Python lists and one uncached forward per step; it shares no code with ``generate_blocks``.
-The model is a tiny random transformer with a sharpened head: the sampler is model-agnostic
-(any bidirectional model that takes a 4-D mask, positions and a KV cache).
+The model is a tiny random LLaDA2 model with a sharpened head.
 """
 
 from __future__ import annotations
@@ -12,16 +11,16 @@ import pytest
 import torch
 
 from diffmoe.generation.block_diffusion import block_causal_mask, generate_blocks, sample_tokens
-from diffmoe.model import LLaDAMoEModelLM, named_config
+from diffmoe.model import LLaDA2MoeModelLM, llada2_named_config
 from diffmoe.rng import device_generator
 
 MASK, VOCAB = 1, 48
 
 
-def tiny(seed: int = 0) -> LLaDAMoEModelLM:
+def tiny(seed: int = 0) -> LLaDA2MoeModelLM:
     torch.manual_seed(seed)
-    cfg = named_config("tiny", vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=128)
-    model = LLaDAMoEModelLM(cfg).eval()
+    cfg = llada2_named_config("llada2-tiny", vocab_size=VOCAB, mask_token_id=MASK, eos_token_id=2)
+    model = LLaDA2MoeModelLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.6)  # confident enough that thresholds are crossed
     return model
@@ -51,6 +50,7 @@ def reference(model, prompt, gen, bl, threshold, eos, editing=None, max_post=16,
                 position_ids=torch.arange(be)[None],
             )
             probs = out.logits[0, bs:be].double().softmax(-1)
+            probs[:, MASK] = -1.0  # the mask token is never predicted
             conf, pred = (t.tolist() for t in probs.max(-1))
             masked = [i for i in range(bs, be) if x[i] == MASK]
             k = 1 if ks is None else ks[min(step, len(ks) - 1)]
@@ -76,12 +76,6 @@ def reference(model, prompt, gen, bl, threshold, eos, editing=None, max_post=16,
     return [eos if t == MASK else t for t in out]
 
 
-def frequent_answer_token(model, prompt, gen, bl):
-    """A token the model writes early in its answer: used as EOS so that EOS falls inside a block."""
-    ids = generate_blocks(model, torch.tensor([prompt]), gen_length=gen, block_length=bl, mask_id=MASK)
-    return int(ids[0, len(prompt) + 2])
-
-
 CASES = [
     dict(plen=5, gen=20, bl=8, threshold=0.3),  # prompt ends inside a block
     dict(plen=16, gen=16, bl=8, threshold=0.3),  # prompt fills whole blocks
@@ -97,18 +91,12 @@ def test_equals_the_published_algorithm_cached_and_uncached(case, with_eos):
     model = tiny()
     torch.manual_seed(1)
     prompt = torch.randint(3, VOCAB, (case["plen"],)).tolist()
-    eos = frequent_answer_token(model, prompt, case["gen"], case["bl"]) if with_eos else None
-    want = reference(
-        model,
-        prompt,
-        case["gen"],
-        case["bl"],
-        case["threshold"],
-        eos,
-        case.get("editing"),
-        case.get("max_post", 16),
-        case.get("steps"),
-    )
+    settings = (case["gen"], case["bl"], case["threshold"])
+    extra = (case.get("editing"), case.get("max_post", 16), case.get("steps"))
+    eos = None
+    if with_eos:  # a token the model writes early in its answer, so EOS falls inside a block
+        eos = reference(model, prompt, *settings, None, *extra)[case["plen"] + 2]
+    want = reference(model, prompt, *settings, eos, *extra)
     kwargs = dict(
         gen_length=case["gen"],
         block_length=case["bl"],

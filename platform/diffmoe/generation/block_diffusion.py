@@ -34,17 +34,24 @@ def block_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, block_length: in
     return (k_pos[None, :] // block_length <= q_pos[:, None] // block_length)[None, None]
 
 
-def sample_tokens(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=None):
+def sample_tokens(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=None, mask_id=None):
     """Logits [..., V] -> (token ids, float64 probability of each under the sampling distribution).
 
-    Temperature 0 is top-1. Otherwise logits / T are cut to the ``top_k`` best and the smallest set
-    whose mass reaches ``top_p`` (the best token always kept), then drawn by Gumbel-max in float64.
+    Temperature 0 is top-1 (its probability under the model's softmax). Otherwise logits / T are cut
+    to the ``top_k`` best and the smallest set whose mass reaches ``top_p`` (the best token always
+    kept), then drawn by Gumbel-max in float64. ``mask_id`` is never chosen: a committed mask would
+    leave its position undecoded, and the block would never finish.
     """
     logits = logits.double()
     if temperature == 0:
         probs = logits.softmax(-1)
+        if mask_id is not None:
+            probs[..., mask_id] = -1.0
         conf, ids = probs.max(-1)
         return ids, conf
+    if mask_id is not None:
+        logits = logits.clone()
+        logits[..., mask_id] = NEG_INF
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
@@ -145,7 +152,7 @@ def generate_blocks(
             if not bool(active.any()):
                 break
             logits = run.block_logits(x, bs, be)
-            x0, conf = sample_tokens(logits, temperature, top_k, top_p, generator)
+            x0, conf = sample_tokens(logits, temperature, top_k, top_p, generator, mask_id)
             if schedule is None:
                 k = torch.ones(batch, dtype=torch.long, device=device)
             else:
