@@ -2,8 +2,9 @@
 continuous-batching engine. Imports no Ray or HTTP code: the server wraps ``Engine``."""
 
 from .config import DecodingConfig, check_prompt
+from .dispatch import generate
 from .engine import Engine
-from .sampler import add_gumbel_noise, generate, select_transfer, transfer_schedule
+from .sampler import add_gumbel_noise, select_transfer, transfer_schedule
 from .sequence import RequestOutput, StreamEvent
 from .streaming import TextStream
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .sampler import add_gumbel_noise, block_logits
+from .sampler import add_gumbel_noise, block_logits, top_k_top_p
 
 
 def stack_past(group) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], int]:
@@ -93,7 +93,10 @@ def choose(group, logits: torch.Tensor) -> list[int]:
         return logits.argmax(-1).tolist()
     out = []
     for r, s in enumerate(group):
-        row = logits[r].float().cpu()
+        row = logits[r].double()
+        if s.cfg.temperature > 0 and (s.cfg.top_k is not None or s.cfg.top_p is not None):
+            keep = top_k_top_p(row / s.cfg.temperature, s.cfg.top_k, s.cfg.top_p).isfinite()
+            row = row.masked_fill(~keep, float("-inf"))
         out.append(int(add_gumbel_noise(row, s.cfg.temperature, s.generator).argmax(-1)))
     return out
 

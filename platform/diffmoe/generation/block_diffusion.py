@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from ..rng import check_generator
-from .sampler import transfer_schedule
+from .sampler import top_k_top_p, transfer_schedule
 
 NEG_INF = float("-inf")
 
@@ -52,15 +52,7 @@ def sample_tokens(logits, temperature: float = 0.0, top_k=None, top_p=None, gene
     if mask_id is not None:
         logits = logits.clone()
         logits[..., mask_id] = NEG_INF
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, NEG_INF)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        drop = mass_before >= top_p  # the first token has mass_before 0: always kept
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), NEG_INF)
+    logits = top_k_top_p(logits / temperature, top_k, top_p)
     u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
     ids = (logits - torch.log(-torch.log(u))).argmax(-1)
     return ids, logits.softmax(-1).gather(-1, ids[..., None]).squeeze(-1)

@@ -41,6 +41,13 @@ class DecodingConfig(StrictModel):
     stop_token_ids: list[int] = Field(default_factory=list)  # extra ids that end the answer like EOS
     ignore_eos: bool = False  # keep decoding the whole canvas past EOS
     seed: int | None = None  # for temperature > 0 or random remasking; None = nondeterministic
+    top_k: int | None = Field(None, ge=1)  # sampling (temperature > 0): keep the k most likely tokens
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # sampling: keep the smallest set with this mass
+    # Block diffusion (LLaDA2.x) only: LLaDA2.1 token editing rewrites decoded tokens of the current
+    # block whose new prediction differs with probability above this; a block without masks left
+    # gets at most ``max_post_steps`` editing steps.
+    editing_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    max_post_steps: int = Field(16, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> DecodingConfig:
@@ -83,6 +90,16 @@ class DecodingConfig(StrictModel):
     @property
     def steps_per_block(self) -> int:
         return self.total_steps // self.num_blocks
+
+
+def decoding_family(model_config) -> str:
+    """How a model decodes: "autoregressive" (the causal twin), "block_diffusion" (LLaDA2.x: aligned
+    blocks, block-causal attention, exact KV cache) or "masked_diffusion" (LLaDA-MoE)."""
+    if bool(getattr(model_config, "causal", False)):
+        return "autoregressive"
+    if getattr(model_config, "model_type", None) == "llada2_moe":
+        return "block_diffusion"
+    return "masked_diffusion"
 
 
 def check_prompt(model_config, prompt_length: int, gen_length: int) -> None:

@@ -29,7 +29,8 @@ from collections.abc import AsyncIterator
 import torch
 
 from .autoregressive import ar_step, stack_past
-from .config import DecodingConfig, check_prompt
+from .block_engine import BlockSequence, BlockStepper
+from .config import DecodingConfig, check_prompt, decoding_family
 from .sampler import block_logits, predict, select_transfer
 from .sequence import RequestOutput, Sequence, StreamEvent
 from .streaming import encode_prompt
@@ -59,9 +60,11 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.max_batch_size = max_batch_size
-        self.causal = bool(getattr(config, "causal", False))  # the AR twin: next-token decoding
+        self.family = decoding_family(config)
+        self.causal = self.family == "autoregressive"  # the AR twin: next-token decoding
         self.default_config = default_config or DecodingConfig()
         self.device = next(model.parameters()).device
+        self._blocks = BlockStepper(self.model, self.device) if self.family == "block_diffusion" else None
         self.active: dict[str, Sequence] = {}
         self._pending: deque[Sequence] = deque()
         self._cancelled: set[str] = set()
@@ -90,8 +93,15 @@ class Engine:
             raise ValueError("cfg_scale > 0 is supported by generate() only, not by the batching Engine")
         if self.causal and not ids:
             raise ValueError("an autoregressive (causal) model needs a non-empty prompt")
+        if self.family == "block_diffusion":
+            if cfg.factor is not None or cfg.remasking != "low_confidence":
+                raise ValueError(
+                    "factor and remasking='random' are not used by block-diffusion (LLaDA2.x) decoding"
+                )
+        elif cfg.editing_threshold is not None:
+            raise ValueError("editing_threshold is for block-diffusion (LLaDA2.x) models only")
         rid = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(
+        seq = (BlockSequence if self.family == "block_diffusion" else Sequence)(
             rid,
             ids,
             cfg,
@@ -139,6 +149,9 @@ class Engine:
         """One denoising (or next-token) step for ``batch``, then collect."""
         if self.causal:
             self.forwards += ar_step(self.model, batch, self.mask_id, self.device)
+            return self._collect(batch)
+        if self._blocks is not None:
+            self.forwards += self._blocks.step(batch)
             return self._collect(batch)
         full = [s for s in batch if s.wants_full_pass()]
         cached = [s for s in batch if not s.wants_full_pass()]
@@ -270,7 +283,13 @@ class Engine:
             for r, s in enumerate(group):  # each request draws from its own generator: batch-invariant
                 n = s.cfg.block_length
                 ids, c = predict(
-                    logits[r : r + 1, :n], s.cfg.temperature, s.cfg.remasking, s.generator, self.mask_id
+                    logits[r : r + 1, :n],
+                    s.cfg.temperature,
+                    s.cfg.remasking,
+                    s.generator,
+                    self.mask_id,
+                    s.cfg.top_k,
+                    s.cfg.top_p,
                 )
                 x0[r, :n], conf[r, :n] = ids[0], c[0]
         x0, conf = x0.cpu(), conf.cpu()

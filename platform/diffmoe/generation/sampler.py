@@ -37,12 +37,39 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator=None) -
     return logits.double() - temperature * torch.log(-torch.log(u))
 
 
-def predict(logits: torch.Tensor, temperature: float, remasking: str, generator=None, mask_id=None):
+def top_k_top_p(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Logits with everything outside the ``top_k`` best and outside the smallest set whose
+    probability mass reaches ``top_p`` set to -inf (the best token is always kept)."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p  # the best token has mass 0 before it: kept
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), NEG_INF)
+    return logits
+
+
+def predict(
+    logits: torch.Tensor,
+    temperature: float,
+    remasking: str,
+    generator=None,
+    mask_id=None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+):
     """Block logits [R, n, V] -> (predicted ids [R, n], float64 confidence [R, n]).
 
     ``mask_id`` is never predicted: a committed mask token would leave its position undecoded after
-    the block's last scheduled step. Confidence stays the unmodified softmax of the chosen token."""
-    noisy = add_gumbel_noise(logits, temperature, generator)
+    the block's last scheduled step. ``top_k`` / ``top_p`` cut the sampling distribution
+    (temperature > 0). Confidence stays the unmodified softmax of the chosen token."""
+    filtered = logits
+    if temperature > 0 and (top_k is not None or top_p is not None):  # cut at temperature, as usual
+        keep = top_k_top_p(logits.double() / temperature, top_k, top_p).isfinite()
+        filtered = logits.double().masked_fill(~keep, NEG_INF)
+    noisy = add_gumbel_noise(filtered, temperature, generator)
     if mask_id is not None:
         noisy = noisy.clone() if noisy is logits else noisy
         noisy[..., mask_id] = NEG_INF
@@ -177,6 +204,8 @@ def generate(
     eos_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     stats: dict | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """LLaDA's ``generate``: returns [B, prompt + gen_length] with the prompt unchanged.
 
@@ -198,6 +227,8 @@ def generate(
         cache=cache,
         refresh_every=refresh_every,
         vicinity=vicinity,
+        top_k=top_k,
+        top_p=top_p,
     )
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, prompt_length], got shape {tuple(input_ids.shape)}")
@@ -258,7 +289,7 @@ def generate(
             if cfg_scale > 0:
                 cond, uncond_logits = logits.chunk(2)
                 logits = uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)
-            x0, conf = predict(logits, temperature, remasking, generator, mask_id)
+            x0, conf = predict(logits, temperature, remasking, generator, mask_id, top_k, top_p)
             transfer = select_transfer(conf, masked, count, thr, fac)
             x[:, bs:be] = torch.where(transfer, x0, x[:, bs:be])
             step += 1

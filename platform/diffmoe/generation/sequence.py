@@ -144,16 +144,11 @@ class Sequence:
     def collect(self) -> StreamEvent | None:
         """Advance the final prefix, decide whether the request is done, return what is new."""
         cfg = self.cfg
-        answer = self.x[self.plen :]
-        if self.block < cfg.num_blocks:  # the final prefix can only end inside the current block
-            tail = answer[self.final_len : self.block_span[1] - self.plen].tolist()
-            gap = tail.index(self.mask_id) if self.mask_id in tail else len(tail)
-            if gap == 0:
-                return None
-            self.final_len += gap
-        else:
-            self.final_len = cfg.gen_length
-        final = answer[: self.final_len].tolist()
+        final_len = self._final_length()
+        if final_len is None:
+            return None
+        self.final_len = final_len
+        final = self.x[self.plen : self.plen + self.final_len].tolist()
         reason = None
         end = next((i for i, t in enumerate(final) if t in self.end_ids), None)
         if end is not None:
@@ -174,6 +169,15 @@ class Sequence:
         if self.first_token is None:
             self.first_token = time.perf_counter()
         return StreamEvent(self.id, new_ids, new_text)
+
+    def _final_length(self) -> int | None:
+        """Answer positions decoded without a gap from the start; None when nothing is new."""
+        if self.block >= self.cfg.num_blocks:
+            return self.cfg.gen_length
+        # the final prefix can only end inside the current block
+        tail = self.x[self.plen + self.final_len : self.block_span[1]].tolist()
+        gap = tail.index(self.mask_id) if self.mask_id in tail else len(tail)
+        return None if gap == 0 else self.final_len + gap
 
     def finish(self, reason: str, new_ids=(), new_text: str = "") -> StreamEvent:
         self.finish_reason = reason

@@ -1,0 +1,196 @@
+"""Block diffusion (LLaDA2.x) inside the continuous-batching ``Engine``.
+
+Each request is a ``BlockSequence``: its canvas is the prompt plus [MASK] up to a block boundary,
+blocks aligned to absolute positions (the prompt's last partial block is its first answer block).
+Per engine step every active request, whatever block it is in, takes one denoising step of its
+current block in one padded forward:
+
+- it feeds its current block, plus the finished block (or, on admission, the prompt's whole blocks)
+  whose keys/values are not cached yet: those are computed exactly once, folded into that forward;
+- it attends to its own cache of finished positions (caches right-padded to the longest and the
+  padding masked) and, inside what it feeds, block-causally (a position sees its block and earlier);
+- the step's commits follow ``block_diffusion.commit_block`` (threshold, k per step, editing).
+
+A finished block never changes again, so streaming (``collect``) emits each block when it is final,
+editing included. Decoding is per row: at temperature 0 a request decodes the same tokens alone, in
+any batch, and as ``generate_blocks`` does for it alone.
+
+Cache layout: per request, per layer one (k, v) of its finished positions, grown by one block when a
+block finishes. A step stacks the rows' caches into one padded batch; that stack is kept and reused
+while the same rows keep the same cache lengths (every step inside a block), so the copy happens when
+a row finishes a block or the batch changes, not on every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .block_diffusion import commit_block, sample_tokens
+from .sampler import block_logits, transfer_schedule
+from .sequence import Sequence
+
+
+class BlockSequence(Sequence):
+    """A request decoded by block diffusion (see the module docstring)."""
+
+    def __init__(self, request_id, prompt, cfg, **kwargs):
+        super().__init__(request_id, prompt, cfg, **kwargs)
+        bl = cfg.block_length
+        total = -(-(self.plen + cfg.gen_length) // bl) * bl
+        self.x = torch.cat([self.x, torch.full((total - self.x.shape[0],), self.mask_id, dtype=torch.long)])
+        self.block = self.plen // bl  # absolute index of the block being decoded
+        self.num_blocks = total // bl
+        self.pending = (0, self.block * bl)  # positions fed once and then cached: the prompt's whole blocks
+        self.cached = 0  # positions whose keys/values are in ``past``
+        self.post = 0  # editing steps after the block's last mask
+        self.schedule = self._schedule()
+
+    @property
+    def block_span(self) -> tuple[int, int]:
+        bl = self.cfg.block_length
+        return self.block * bl, (self.block + 1) * bl
+
+    def _schedule(self):
+        """Tokens to commit at least, per step of this block (LLaDA2.0 ``steps``); None: one."""
+        if self.cfg.steps is None or self.block >= self.num_blocks:
+            return None
+        bs, be = self.block_span
+        return transfer_schedule((self.x[bs:be] == self.mask_id).sum()[None], self.cfg.steps_per_block)[0]
+
+    def fed_span(self) -> tuple[int, int]:
+        start = self.pending[0] if self.pending is not None else self.block_span[0]
+        return start, self.block_span[1]
+
+    def min_commits(self) -> int:
+        if self.schedule is None:
+            return 1
+        return int(self.schedule[min(self.step_in_block, self.schedule.shape[0] - 1)])
+
+    def apply(self, x0, conf, threshold: float) -> None:
+        """Commit this step's predictions for the current block; move on when the block is final."""
+        cfg = self.cfg
+        bs, be = self.block_span
+        block = self.x[bs:be][None]
+        fixed = (torch.arange(bs, be) < self.plen)[None]
+        k = torch.tensor([self.min_commits()])
+        new, change = commit_block(
+            block, fixed, x0[None], conf[None], self.mask_id, threshold, k, cfg.editing_threshold
+        )
+        self.x[bs:be] = new[0]
+        self.step_in_block += 1
+        if bool((new == self.mask_id).any()):
+            return
+        if cfg.editing_threshold is not None and bool(change.any()):
+            self.post += 1  # the next step would be a post-decoding editing step
+            if self.post <= cfg.max_post_steps:
+                return
+        self.pending = (bs, be)  # final: cached by the next forward
+        self.block += 1
+        self.step_in_block, self.post = 0, 0
+        self.schedule = self._schedule()
+
+    def _final_length(self) -> int | None:
+        """Answer positions in finished blocks (they never change again)."""
+        done = min(self.cfg.gen_length, max(0, self.block * self.cfg.block_length - self.plen))
+        if self.block >= self.num_blocks:
+            done = self.cfg.gen_length
+        return None if done == self.final_len and done < self.cfg.gen_length else done
+
+
+class BlockStepper:
+    """Runs one denoising step for a batch of ``BlockSequence``s and keeps the stacked cache."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self._stack_key = None
+        self._stack = None
+
+    def _stacked_past(self, group):
+        key = tuple((s.id, s.cached) for s in group)
+        if key == self._stack_key:
+            return self._stack
+        width = max(s.cached for s in group)
+        if width == 0:
+            past = None
+        else:
+            ref = next(s.past for s in group if s.past is not None)
+            past = []
+            for layer in range(len(ref)):
+                kv = []
+                for i in (0, 1):
+                    parts = []
+                    for s in group:
+                        p = s.past[layer][i] if s.past is not None else ref[layer][i][:, :, :0]
+                        parts.append(F.pad(p, (0, 0, 0, width - p.shape[2])) if p.shape[2] != width else p)
+                    kv.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+                past.append(tuple(kv))
+        self._stack_key, self._stack = key, (past, width)
+        return self._stack
+
+    def step(self, group) -> int:
+        """One step for every row of ``group``; returns the number of forwards (1)."""
+        rows = len(group)
+        past, past_width = self._stacked_past(group)
+        spans = [s.fed_span() for s in group]
+        width = max(e - b for b, e in spans)
+        ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)
+        pos = torch.zeros(rows, width, dtype=torch.long)
+        mask = torch.zeros(rows, 1, width, past_width + width, dtype=torch.bool)
+        for r, (s, (b, e)) in enumerate(zip(group, spans)):
+            n = e - b
+            ids[r, :n] = s.x[b:e]
+            absolute = torch.arange(b, b + width)
+            pos[r] = absolute
+            mask[r, 0, :, : s.cached] = True
+            block = absolute // s.cfg.block_length
+            mask[r, 0, :, past_width:] = (block[None, :] <= block[:, None]) & (torch.arange(width) < n)[None]
+        block_width = max(s.cfg.block_length for s in group)
+        starts = torch.tensor([s.block_span[0] - b for s, (b, _) in zip(group, spans)])
+        ends = torch.tensor([e - b - 1 for b, e in spans])
+        index = torch.minimum(starts[:, None] + torch.arange(block_width)[None], ends[:, None])
+        refresh = any(s.pending is not None for s in group)
+        logits, kv = block_logits(
+            self.model,
+            ids.to(self.device),
+            index.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=pos.to(self.device),
+            past_key_values=past,
+            use_cache=refresh,
+        )
+        for r, (s, (b, _)) in enumerate(zip(group, spans)):
+            s.steps += 1
+            s.tokens_fed += spans[r][1] - b
+            if s.pending is not None:  # keep the keys/values of the positions fed once
+                upto = s.block_span[0] - b
+                new = [(k[r : r + 1, :, :upto], v[r : r + 1, :, :upto]) for k, v in kv]
+                s.past = (
+                    new
+                    if s.past is None
+                    else [
+                        (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                        for (pk, pv), (k, v) in zip(s.past, new)
+                    ]
+                )
+                s.cached += upto
+                s.pending = None
+        self._choose_and_commit(group, logits)
+        return 1
+
+    def _choose_and_commit(self, group, logits) -> None:
+        greedy = all(s.cfg.temperature == 0 for s in group)
+        if greedy:
+            x0, conf = sample_tokens(logits, 0.0, mask_id=group[0].mask_id)
+            x0, conf = x0.cpu(), conf.cpu()
+        for r, s in enumerate(group):
+            n = s.cfg.block_length
+            if greedy:
+                ids, c = x0[r, :n], conf[r, :n]
+            else:
+                cfg = s.cfg
+                ids, c = sample_tokens(
+                    logits[r, :n], cfg.temperature, cfg.top_k, cfg.top_p, s.generator, s.mask_id
+                )
+                ids, c = ids.cpu(), c.cpu()
+            s.apply(ids, c, float("inf") if s.cfg.threshold is None else s.cfg.threshold)
