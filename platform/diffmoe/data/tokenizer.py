@@ -195,6 +195,26 @@ def load_tokenizer(path: str | Path):
     return tok, ids
 
 
+def own_chat_template(path: str | Path) -> str | None:
+    """The chat template a tokenizer directory ships (chat_template.jinja, or tokenizer_config.json's
+    ``chat_template``: a string or the "default" of a named list), or None."""
+    path = Path(path)
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    file = path / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    try:
+        value = json.loads(file.read_text()).get("chat_template")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise TokenizerError(f"{file}: invalid JSON object: {err}") from err
+    if isinstance(value, list):
+        value = next(
+            (t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    return value if isinstance(value, str) and value else None
+
+
 class ChatEncoder:
     """Token ids of a chat with the prompt/response boundary, built piece by piece.
 
@@ -228,3 +248,19 @@ class ChatEncoder:
                 ids += self.header(m["role"]) + next(encoded) + self.marker(ROLE_END)
             prompts.append(ids + self.header("assistant"))
         return [(p + next(encoded) + self.marker(ROLE_END), len(p)) for p in prompts]
+
+    def encode_templated(self, render, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of ``messages`` with a model's own chat template (``render``: messages -> text,
+        generation prompt included). The template's text is parsed with special tokens; each message
+        content is encoded with them off, exactly as ``encode_batch`` does, so no content can inject
+        a control token whatever the template."""
+        sentinels = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        text = render([{**m, "content": s} for m, s in zip(messages, sentinels)])
+        ids: list[int] = []
+        for m, sentinel in zip(messages, sentinels):
+            head, found, text = text.partition(sentinel)
+            if not found or sentinel in text:
+                raise ValueError("the chat template must render every message content exactly once, in order")
+            ids += self.control.encode(head, add_special_tokens=False).ids if head else []
+            ids += self.plain.encode(m["content"], add_special_tokens=False).ids if m["content"] else []
+        return ids + (self.control.encode(text, add_special_tokens=False).ids if text else [])

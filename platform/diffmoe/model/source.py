@@ -39,17 +39,26 @@ def resolve(source: str, tracking_uri: str | None = None) -> Path:
 
 
 def load_model(path: Path, device: str | None = None):
-    """Default loader: the serving-time ``LLaDAMoEModelLM`` in eval mode; on the GPU (bf16) when
+    """Default loader: the family's model (``LLaDA2MoeModelLM`` for model_type "llada2_moe", else
+    ``LLaDAMoEModelLM``) in eval mode; on the GPU (bf16) when
     this process was given one, else on the CPU in fp32."""
+    import json
+
     import torch
 
+    from .llada2 import LLaDA2MoeModelLM
     from .modeling import LLaDAMoEModelLM  # the package __init__ (Auto-class registration) has run
 
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path} has no config.json (not a Hugging Face model directory)")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ModelSourceError(f"{path / 'config.json'}: not a JSON object: {err}") from None
+    cls = LLaDA2MoeModelLM if model_type == "llada2_moe" else LLaDAMoEModelLM
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return LLaDAMoEModelLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    return cls.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
 def load_state(path: Path) -> tuple[dict, object]:

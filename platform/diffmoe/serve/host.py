@@ -42,6 +42,23 @@ def chat_encoder(path: Path):
     return ChatEncoder(read_tokenizer_json(path))
 
 
+def own_template_renderer(tokenizer, path: Path):
+    """messages -> prompt text with the model's own chat template (LLaDA2's, from
+    tokenizer_config.json), or None when it ships none or ours (the SFT turn format)."""
+    from diffmoe.data.tokenizer import CHAT_TEMPLATE, own_chat_template
+
+    template = own_chat_template(path)
+    if template is None or template == CHAT_TEMPLATE:
+        return None
+
+    def render(messages):
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+
+    return render
+
+
 def _first_field(message: str) -> str | None:
     fields = ("block_length", "steps", "gen_length", "threshold", "cache")
     found = [(message.find(f"{f}="), f) for f in fields if f"{f}=" in message]
@@ -55,6 +72,7 @@ class ModelHost:
         tok_path = resolve(cfg.tokenizer, cfg.mlflow_tracking_uri) if cfg.tokenizer else self.path
         self.tokenizer, self.special = load_tokenizer_dir(tok_path)
         self.encoder = chat_encoder(tok_path)
+        self.render_chat = own_template_renderer(self.tokenizer, tok_path)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         if cfg.ep_size > 1:
@@ -145,7 +163,28 @@ class ModelHost:
             stop_token_ids=list(d.stop_token_ids),
             ignore_eos=req.ignore_eos,
             seed=req.seed if req.seed is not None else d.seed,
+            top_k=req.top_k if req.top_k is not None else d.top_k,
+            top_p=req.top_p if req.top_p is not None else d.top_p,
+            editing_threshold=req.editing_threshold
+            if req.editing_threshold is not None
+            else d.editing_threshold,
+            max_post_steps=req.max_post_steps if req.max_post_steps is not None else d.max_post_steps,
         )
+        blocks = self.engine.family == "block_diffusion"
+        if not blocks and req.editing_threshold is not None:
+            raise ApiError(
+                400,
+                "editing_threshold: only block-diffusion (LLaDA2.x) models edit tokens",
+                "editing_threshold",
+            )
+        if blocks and settings["remasking"] != "low_confidence":
+            raise ApiError(
+                400, "remasking: block-diffusion (LLaDA2.x) models remask by confidence only", "remasking"
+            )
+        if blocks and settings["factor"] is not None:
+            settings["factor"] = None  # a server-wide factor default is LLaDA-MoE's; LLaDA2 uses threshold
+        if not blocks:
+            settings["editing_threshold"] = None
         try:
             return DecodingConfig(**settings)
         except ValidationError as err:
@@ -156,8 +195,9 @@ class ModelHost:
             raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
 
     def prompt_ids(self, req) -> tuple[list[int], str]:
-        """Token ids of the prompt (completions) or of the chat in the LLaDA turn format, encoded by
-        the SFT pipeline's ``ChatEncoder``: role / end / mask markers typed by a user are plain text."""
+        """Token ids of the prompt (completions) or of the chat, in the model's own chat template when
+        it ships one (LLaDA2) or else the LLaDA turn format, encoded by the SFT pipeline's
+        ``ChatEncoder``: role / end / mask markers typed by a user are plain text either way."""
         if isinstance(req, CompletionRequest):
             prompt, param = req.prompt, "prompt"
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -189,8 +229,14 @@ class ModelHost:
                 msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
             if not any(m["content"] for m in msgs):
                 raise ApiError(400, "messages: every message is empty", param)
-            [(ids, prompt_length)] = self.encoder.encode_batch([(msgs, "")])
-            ids = ids[:prompt_length]  # the turns plus the assistant header, without the empty answer
+            if self.render_chat is not None:  # the model's own template, contents still plain text
+                try:
+                    ids = self.encoder.encode_templated(self.render_chat, msgs)
+                except Exception as err:  # noqa: BLE001 - a template error is about these messages
+                    raise ApiError(400, f"messages: the model's chat template failed: {err}", param) from None
+            else:
+                [(ids, prompt_length)] = self.encoder.encode_batch([(msgs, "")])
+                ids = ids[:prompt_length]  # the turns plus the assistant header, without the empty answer
         if not ids:
             raise ApiError(400, f"{param}: the prompt is empty", param)
         if self.special.mask_id in ids:

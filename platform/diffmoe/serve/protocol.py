@@ -25,7 +25,6 @@ UNSUPPORTED_NEUTRAL: dict[str, Any] = {
     "logit_bias": None,
     "presence_penalty": 0,
     "frequency_penalty": 0,
-    "top_p": 1,
     "tools": None,
     "tool_choice": None,
     "functions": None,
@@ -96,6 +95,16 @@ class DiffusionParams(_Strict):
     parallel: bool | None = Field(None, description="false: fixed schedule (ignore the default threshold)")
     remasking: Literal["low_confidence", "random"] | None = None
     cache: Literal["none", "prefix", "dual"] | None = Field(None, description="KV cache mode")
+    editing_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="block-diffusion (LLaDA2.1) token editing: rewrite a decoded token above this",
+    )
+    max_post_steps: int | None = Field(
+        None, ge=0, le=64, description="block diffusion: editing steps after a block's last mask"
+    )
+    top_k: int | None = Field(None, ge=1, description="sampling: keep the k most likely tokens")
     ignore_eos: bool = False
 
 
@@ -114,7 +123,7 @@ class _Common(DiffusionParams):
     logit_bias: dict[str, Any] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    top_p: float | None = None
+    top_p: float | None = Field(None, gt=0, le=1)
 
 
 class CompletionRequest(_Common):
