@@ -67,21 +67,16 @@ class BlockSequence(Sequence):
             return 1
         return int(self.schedule[min(self.step_in_block, self.schedule.shape[0] - 1)])
 
-    def apply(self, x0, conf, threshold: float) -> None:
-        """Commit this step's predictions for the current block; move on when the block is final."""
+    def advance(self, block: torch.Tensor, still_masked: bool, changed: bool) -> None:
+        """Write this step's block; move on to the next block when this one is final (no mask left
+        and, with editing, nothing rewritten or the post-decoding steps used up)."""
         cfg = self.cfg
         bs, be = self.block_span
-        block = self.x[bs:be][None]
-        fixed = (torch.arange(bs, be) < self.plen)[None]
-        k = torch.tensor([self.min_commits()])
-        new, change = commit_block(
-            block, fixed, x0[None], conf[None], self.mask_id, threshold, k, cfg.editing_threshold
-        )
-        self.x[bs:be] = new[0]
+        self.x[bs:be] = block
         self.step_in_block += 1
-        if bool((new == self.mask_id).any()):
+        if still_masked:
             return
-        if cfg.editing_threshold is not None and bool(change.any()):
+        if cfg.editing_threshold is not None and changed:
             self.post += 1  # the next step would be a post-decoding editing step
             if self.post <= cfg.max_post_steps:
                 return
@@ -135,16 +130,17 @@ class BlockStepper:
         spans = [s.fed_span() for s in group]
         width = max(e - b for b, e in spans)
         ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)
-        pos = torch.zeros(rows, width, dtype=torch.long)
-        mask = torch.zeros(rows, 1, width, past_width + width, dtype=torch.bool)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
-            n = e - b
-            ids[r, :n] = s.x[b:e]
-            absolute = torch.arange(b, b + width)
-            pos[r] = absolute
-            mask[r, 0, :, : s.cached] = True
-            block = absolute // s.cfg.block_length
-            mask[r, 0, :, past_width:] = (block[None, :] <= block[:, None]) & (torch.arange(width) < n)[None]
+            ids[r, : e - b] = s.x[b:e]
+        begin = torch.tensor([b for b, _ in spans])
+        fed = torch.tensor([e - b for b, e in spans])
+        pos = begin[:, None] + torch.arange(width)[None]  # absolute positions
+        block = pos // torch.tensor([s.cfg.block_length for s in group])[:, None]
+        current = (block[:, None, :] <= block[:, :, None]) & (torch.arange(width)[None] < fed[:, None])[
+            :, None, :
+        ]
+        cached = torch.arange(past_width)[None] < torch.tensor([s.cached for s in group])[:, None]
+        mask = torch.cat([cached[:, None, :].expand(-1, width, -1), current], -1)[:, None]
         block_width = max(s.cfg.block_length for s in group)
         starts = torch.tensor([s.block_span[0] - b for s, (b, _) in zip(group, spans)])
         ends = torch.tensor([e - b - 1 for b, e in spans])
@@ -179,18 +175,35 @@ class BlockStepper:
         return 1
 
     def _choose_and_commit(self, group, logits) -> None:
-        greedy = all(s.cfg.temperature == 0 for s in group)
-        if greedy:
-            x0, conf = sample_tokens(logits, 0.0, mask_id=group[0].mask_id)
-            x0, conf = x0.cpu(), conf.cpu()
+        """Predict per row (batched at temperature 0), then commit all rows in one call."""
+        mask_id, n = group[0].mask_id, logits.shape[1]
+        if all(s.cfg.temperature == 0 for s in group):
+            x0, conf = sample_tokens(logits, 0.0, mask_id=mask_id)
+        else:
+            picks = [
+                sample_tokens(logits[r], s.cfg.temperature, s.cfg.top_k, s.cfg.top_p, s.generator, mask_id)
+                for r, s in enumerate(group)
+            ]
+            x0, conf = torch.stack([p[0] for p in picks]), torch.stack([p[1] for p in picks])
+        x0, conf = x0.cpu(), conf.cpu()
+        rows = len(group)
+        blocks = torch.full((rows, n), mask_id, dtype=torch.long)
+        fixed = torch.ones(rows, n, dtype=torch.bool)  # columns past a shorter block: never written
         for r, s in enumerate(group):
-            n = s.cfg.block_length
-            if greedy:
-                ids, c = x0[r, :n], conf[r, :n]
-            else:
-                cfg = s.cfg
-                ids, c = sample_tokens(
-                    logits[r, :n], cfg.temperature, cfg.top_k, cfg.top_p, s.generator, s.mask_id
-                )
-                ids, c = ids.cpu(), c.cpu()
-            s.apply(ids, c, float("inf") if s.cfg.threshold is None else s.cfg.threshold)
+            bs, be = s.block_span
+            blocks[r, : be - bs] = s.x[bs:be]
+            fixed[r, : be - bs] = torch.arange(bs, be) < s.plen
+        padded = torch.arange(n)[None] >= torch.tensor([s.cfg.block_length for s in group])[:, None]
+        conf = conf.masked_fill(padded, -1.0)  # padding columns are never chosen
+        blocks = blocks.masked_fill(padded, -1)  # not a mask, and fixed: never written
+        inf = float("inf")
+        threshold = torch.tensor([[inf if s.cfg.threshold is None else s.cfg.threshold] for s in group])
+        editing = torch.tensor(
+            [[inf if s.cfg.editing_threshold is None else s.cfg.editing_threshold] for s in group]
+        )
+        k = torch.tensor([s.min_commits() for s in group])
+        new, change = commit_block(blocks, fixed, x0, conf, mask_id, threshold, k, editing)
+        still_masked = (new == mask_id).any(-1).tolist()
+        changed = change.any(-1).tolist()
+        for r, s in enumerate(group):
+            s.advance(new[r, : s.cfg.block_length], still_masked[r], changed[r])
