@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import StrictModel
+from ..config import StrictModel
 
 
 class ObjectiveConfig(StrictModel):
