@@ -40,6 +40,31 @@ def stack_past(group) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int
     return past, lengths, width
 
 
+class PastStack:
+    """The stacked caches of a batch, rebuilt only when some row holds a different cache object.
+
+    Inside a block a diffusion row's cache does not change from step to step, so restacking every
+    row's keys/values (a copy of all of them) on every step is waste; this keeps the last stack
+    (its memory: one more copy of the batch's caches) and reuses it while the rows are the same."""
+
+    def __init__(self):
+        self._rows: list | None = None
+        self._value = None
+
+    def get(self, group, build):
+        rows = [s.past for s in group]
+        if (
+            self._rows is None
+            or len(rows) != len(self._rows)
+            or any(a is not b for a, b in zip(rows, self._rows))
+        ):
+            self._value, self._rows = build(group), rows
+        return self._value
+
+    def clear(self) -> None:
+        self._rows = self._value = None
+
+
 def prefill(model, group, pad_id: int, device) -> torch.Tensor:
     """One padded pass over the prompts; keep each row's cache; logits [R, V] of the next token."""
     lengths = [s.plen for s in group]

@@ -17,8 +17,9 @@ any batch, and as ``generate_blocks`` does for it alone.
 
 Cache layout: per request, per layer one (k, v) of its finished positions, grown by one block when a
 block finishes. A step stacks the rows' caches into one padded batch; that stack is kept and reused
-while the same rows keep the same cache lengths (every step inside a block), so the copy happens when
-a row finishes a block or the batch changes, not on every step.
+while every row holds the same cache (every step inside a block), so the copy happens when a row
+finishes a block or the batch changes, not on every step. It is not a preallocated or paged cache:
+the model's attention still concatenates the stack with the fed positions' keys each forward.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .autoregressive import PastStack
 from .block_diffusion import commit_block, sample_tokens
 from .sampler import block_logits, transfer_schedule
 from .sequence import Sequence
@@ -98,35 +100,31 @@ class BlockStepper:
 
     def __init__(self, model, device):
         self.model, self.device = model, device
-        self._stack_key = None
-        self._stack = None
+        self._past = PastStack()
 
-    def _stacked_past(self, group):
-        key = tuple((s.id, s.cached) for s in group)
-        if key == self._stack_key:
-            return self._stack
+    @staticmethod
+    def _stack(group):
+        """(per layer (k, v) of all rows right-padded to the longest cache, or None; that width)."""
         width = max(s.cached for s in group)
         if width == 0:
-            past = None
-        else:
-            ref = next(s.past for s in group if s.past is not None)
-            past = []
-            for layer in range(len(ref)):
-                kv = []
-                for i in (0, 1):
-                    parts = []
-                    for s in group:
-                        p = s.past[layer][i] if s.past is not None else ref[layer][i][:, :, :0]
-                        parts.append(F.pad(p, (0, 0, 0, width - p.shape[2])) if p.shape[2] != width else p)
-                    kv.append(torch.cat(parts) if len(parts) > 1 else parts[0])
-                past.append(tuple(kv))
-        self._stack_key, self._stack = key, (past, width)
-        return self._stack
+            return None, 0
+        ref = next(s.past for s in group if s.past is not None)
+        past = []
+        for layer in range(len(ref)):
+            kv = []
+            for i in (0, 1):
+                parts = []
+                for s in group:
+                    p = s.past[layer][i] if s.past is not None else ref[layer][i][:, :, :0]
+                    parts.append(F.pad(p, (0, 0, 0, width - p.shape[2])) if p.shape[2] != width else p)
+                kv.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+            past.append(tuple(kv))
+        return past, width
 
     def step(self, group) -> int:
         """One step for every row of ``group``; returns the number of forwards (1)."""
         rows = len(group)
-        past, past_width = self._stacked_past(group)
+        past, past_width = self._past.get(group, self._stack)
         spans = [s.fed_span() for s in group]
         width = max(e - b for b, e in spans)
         ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)

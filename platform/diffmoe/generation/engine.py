@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from .autoregressive import ar_step, stack_past
+from .autoregressive import PastStack, ar_step, stack_past
 from .block_engine import BlockSequence, BlockStepper
 from .config import DecodingConfig, check_prompt, decoding_family
 from .sampler import block_logits, predict, select_transfer
@@ -64,6 +64,7 @@ class Engine:
         self.causal = self.family == "autoregressive"  # the AR twin: next-token decoding
         self.default_config = default_config or DecodingConfig()
         self.device = next(model.parameters()).device
+        self._window_past = PastStack()  # cached steps reuse the stacked caches inside a block
         self._blocks = BlockStepper(self.model, self.device) if self.family == "block_diffusion" else None
         self.active: dict[str, Sequence] = {}
         self._pending: deque[Sequence] = deque()
@@ -236,7 +237,7 @@ class Engine:
         """Each row feeds only its window at its true positions and attends to its cached rest."""
         windows = [s.window for s in group]
         fed = [we - ws for ws, we in windows]
-        past, pasts, past_width = stack_past(group)
+        past, pasts, past_width = self._window_past.get(group, stack_past)
         rows, width = len(group), max(fed)
         ids = torch.full((rows, width), self.mask_id, dtype=torch.long)
         position_ids = torch.zeros(rows, width, dtype=torch.long)
