@@ -272,3 +272,20 @@ def test_text_stream_holds_back_partial_stop_strings_and_characters():
     assert stream.update([104, 105] + euro + [69, 78], final=False)[1] == "€"  # "EN" may start "END"
     ids, text, stopped = stream.update([104, 105] + euro + [69, 78, 68, 33], final=False)
     assert stopped and text == "" and stream.text == "hi€"
+
+
+def test_incremental_detokenisation_equals_decoding_the_whole_answer(tiny_model_dir):
+    """TextStream decodes only the new tail each step; the text equals a full decode at every step
+    (byte-level BPE, multi-byte characters split across tokens, special tokens skipped)."""
+    from diffmoe.data.tokenizer import load_tokenizer
+    from diffmoe.generation import TextStream
+
+    tok, _ = load_tokenizer(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    texts = ["héllo wörld — ünïcode ✓ 数据", "def f(x):\n    return x  # ok", "<|endoftext|>a b  c"]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        ids = ids + torch.randint(0, len(tok), (40,), generator=g).tolist()
+        stream = TextStream(tok)
+        for n in range(1, len(ids) + 1):
+            assert stream._text_of(ids[:n]) == tok.decode(ids[:n], skip_special_tokens=True), (text, n)

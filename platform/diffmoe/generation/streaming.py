@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"  # what byte-level tokenizers decode an incomplete UTF-8 sequence to
+CONTEXT = 4  # tokens decoded again before the new ones, so merges / leading spaces come out right
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
@@ -34,11 +35,37 @@ class TextStream:
         self.sent_chars = 0
         self.text = ""  # everything released so far
         self.token_ids: list[int] = []  # tokens released so far
+        self._anchor, self._anchor_text = 0, ""  # decode(ids[:anchor]), settled text
 
     def _decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _text_of(self, ids: Sequence[int]) -> str:
+        """``decode(ids)`` for an answer that only grows between calls, decoding only its new tail
+        (plus ``CONTEXT`` tokens before it) instead of the whole answer every step."""
+        if self.tokenizer is None:
+            return ""
+        if len(ids) < self._anchor:  # not a continuation: start over
+            self._anchor, self._anchor_text = 0, ""
+        start = max(0, self._anchor - CONTEXT)
+        context = self._decode(ids[start : self._anchor])
+        tail = self._decode(ids[start:])
+        if not tail.startswith(context):
+            return self._decode(ids)
+        text = self._anchor_text + tail[len(context) :]
+        anchor = len(ids) - CONTEXT  # settle all but the last few tokens, unless mid-character
+        if anchor > self._anchor:
+            settled = self._decode(ids[start:anchor])
+            if (
+                settled.startswith(context)
+                and not settled.endswith(REPLACEMENT)
+                and text.startswith(self._anchor_text + settled[len(context) :])
+            ):
+                self._anchor_text += settled[len(context) :]
+                self._anchor = anchor
+        return text
 
     def _tokens_within(self, ids: Sequence[int], chars: int) -> int:
         """Largest t >= sent_tokens whose text fits in ``chars`` characters."""
@@ -50,7 +77,7 @@ class TextStream:
     def update(self, ids: Sequence[int], final: bool) -> tuple[list[int], str, bool]:
         """``ids``: all final answer tokens (already cut at EOS / max_tokens). ``final``: no more will
         come. Returns (new token ids, new text, hit a stop string)."""
-        text = self._decode(ids)
+        text = self._text_of(ids)
         stopped = False
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
