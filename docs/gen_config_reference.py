@@ -229,7 +229,7 @@ def render() -> str:
         "Every job takes `--config FILE` and any number of `--set dotted.key=value` overrides; values "
         "are parsed as YAML scalars (`--set scaling.num_workers=[2,4]`, `--set model.init_from=null`). "
         "Unknown keys and wrong types fail before any cluster resource is claimed, with the dotted key "
-        "named. `jobs/prepare_corpus.py --show-config` prints the resolved corpus config.",
+        "named. Every job's `--show-config` prints its resolved, validated config as JSON and exits.",
         "",
         "Columns: the dotted key as written in YAML or `--set`; its type (with bounds); the default when "
         "the key is absent; the description from the model's source.",

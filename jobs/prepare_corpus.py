@@ -19,9 +19,6 @@ from diffmoe.jobs import run_job  # noqa: E402
 
 
 def prepare_job(cfg: CorpusConfig, args) -> dict | None:
-    if args.show_config:
-        print(cfg.model_dump_json(indent=2))
-        return None
     from diffmoe.data import prepare, summary
 
     manifest = prepare(cfg, log=lambda msg: print(msg, flush=True))  # joins or starts Ray itself
@@ -38,9 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         argv=argv,
         input_errors=(InputError, DatasetError, TokenizerError),
-        add_args=lambda p: p.add_argument(
-            "--show-config", action="store_true", help="print the resolved config and exit"
-        ),
     )
 
 

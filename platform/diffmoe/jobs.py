@@ -10,7 +10,8 @@ README):
   unknown flag): fix the command, rerunning it unchanged fails again;
 - 1: the job failed while running (a crash, a lost worker, an exhausted retry budget).
 
-Every run that gets past ``--help`` prints exactly one result line on stdout, last:
+``--show-config`` prints the resolved, validated config as JSON and exits 0 (no result line).
+Every other run that gets past ``--help`` prints exactly one result line on stdout, last:
 ``DIFFMOE_RESULT {"ok": true, ...}`` with the job's result, or ``{"ok": false, "exit_code": N,
 "error": "..."}``, so ``ray job logs`` / ``JobSubmissionClient.get_job_logs`` can be read by a
 program. Imports no Ray: ``--help`` and validation work without a cluster.
@@ -83,6 +84,9 @@ def run_job(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_args(parser, default=default_config)
+    parser.add_argument(
+        "--show-config", action="store_true", help="print the resolved, validated config as JSON and exit"
+    )
     if add_args:
         add_args(parser)
     try:
@@ -98,6 +102,9 @@ def run_job(
             check(cfg)
     except bad_input as err:
         return _fail(EXIT_BAD_INPUT, err)
+    if args.show_config:  # a query, not a run: plain JSON on stdout, for piping
+        print(cfg.model_dump_json(indent=2))
+        return EXIT_OK
     try:
         result = fn(cfg, args)
     except bad_input as err:
