@@ -422,6 +422,8 @@ def run_backbone(
     x = embeddings(input_ids)
     cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
     mask = build_attention_mask(attention_mask, b, n, past_len, causal, x.device)
+    if mask is not None:  # additive once for every layer: SDPA on CPU runs about 2x faster than on bool
+        mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))
     want_router = cfg.output_router_logits if output_router_logits is None else output_router_logits
 
     new_cache: KVCache = []
