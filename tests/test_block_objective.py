@@ -102,3 +102,37 @@ def test_mask_parts_and_documents():
     assert not torch.allclose(a[0, :6], b[0, :6], atol=1e-5)
     with pytest.raises(ValueError, match="t_min"):
         block_diffusion_loss(model, x, mask_id=MASK, objective=BlockObjectiveConfig(t_min=0.9, t_max=0.2))
+
+
+def test_validation_loss_of_a_block_diffusion_model_is_the_blockwise_bound():
+    """``validation_loss_sum`` dispatches on the model's family: for LLaDA2 it is sum CE / p over the
+    masked tokens, each block seeing only the clean blocks before it (checked block by block)."""
+    from diffmoe.config import model_family
+    from diffmoe.diffusion import sample_mask_prob, validation_loss_sum
+
+    model = tiny()
+    model.config.block_length = 4
+    assert model_family(model.config) == "block_diffusion"
+    x = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        nats, tokens = validation_loss_sum(model, x, mask_id=MASK, generator=device_generator("cpu", 9))
+    g = device_generator("cpu", 9)
+    p = sample_mask_prob(2, 1e-3, True, g)
+    masked = torch.rand(x.shape, generator=g) < p[:, None]
+    noisy = torch.where(masked, torch.full_like(x, MASK), x)
+    want = 0.0
+    with torch.no_grad():
+        for r in range(2):
+            for start in range(0, 10, 4):
+                end = min(start + 4, 10)
+                seq = torch.cat([x[r, :start], noisy[r, start:end]])[None]
+                m = torch.tensor([[k // 4 <= q // 4 for k in range(end)] for q in range(end)])[None, None]
+                logits = model(seq, attention_mask=m, position_ids=torch.arange(end)[None]).logits[0]
+                for i in range(start, end):
+                    if masked[r, i]:
+                        want += float(F.cross_entropy(logits[i][None].float(), x[r, i : i + 1])) / float(p[r])
+    assert tokens == 20 and float(nats) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="block_diffusion_loss"):
+        from diffmoe.diffusion import training_loss
+
+        training_loss(model, x, mask_id=MASK)

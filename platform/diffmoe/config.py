@@ -119,3 +119,17 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = None)
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.lr=1e-3 (repeatable)",
     )
+
+
+# How a model is trained and decoded: the seam between model families and the engine, the
+# training objective, validation and the benchmarks. A model config states its own (``.family``).
+MASKED_DIFFUSION, BLOCK_DIFFUSION, AUTOREGRESSIVE = "masked_diffusion", "block_diffusion", "autoregressive"
+
+
+def model_family(model_config) -> str:
+    """``config.family``: "masked_diffusion" (LLaDA-MoE), "block_diffusion" (LLaDA2.x) or
+    "autoregressive" (the causal twin); a config without one is LLaDA-MoE-like."""
+    family = getattr(model_config, "family", None)
+    if family is None:
+        return AUTOREGRESSIVE if bool(getattr(model_config, "causal", False)) else MASKED_DIFFUSION
+    return family

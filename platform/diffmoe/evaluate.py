@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from diffmoe.config import StrictModel
+from diffmoe.config import StrictModel, model_family
 from diffmoe.generation.config import DecodingConfig
 from diffmoe.tracking import MLflowSection
 
@@ -92,7 +92,7 @@ def run_evaluation(cfg: EvalConfig, model_dir: str) -> dict:
     total, weight = loss_per_token(model, ids, response, cfg.batch_size, gen, device)
     if not weight:
         raise EvalError(f"data.path: split {cfg.data.split!r} has no scored tokens")
-    causal = bool(getattr(model.config, "causal", False))
+    causal = model_family(model.config) == "autoregressive"
     metrics = {
         "eval/loss_per_token": total / weight,
         "eval/rows": float(len(ids)),

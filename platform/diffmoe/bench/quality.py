@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from diffmoe.config import model_family
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.generation.tasks import TASKS, make_examples, score, write_char_tokenizer, write_jsonl
 from diffmoe.rng import device_generator
@@ -154,7 +155,7 @@ def validation_loss(model, ids, response, draws: int, batch: int = 64, seed: int
     the AR twin's exact NLL."""
     from diffmoe.diffusion import validation_loss_sum
 
-    causal = bool(getattr(model.config, "causal", False))
+    causal = model_family(model.config) == "autoregressive"
     gen = device_generator(ids.device, seed)
     total, tokens = 0.0, 0
     for i in range(0, len(ids), batch):

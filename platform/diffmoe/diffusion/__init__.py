@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import StrictModel
+from ..config import AUTOREGRESSIVE, BLOCK_DIFFUSION, StrictModel, model_family
+from .blocks import block_validation_nats
+from .noise import forward_process, sample_mask_prob
 
 
 class ObjectiveConfig(StrictModel):
@@ -23,30 +25,6 @@ class ObjectiveConfig(StrictModel):
     random_length_prob: float = 0.01  # share of pretraining batches cropped to a random length
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
-
-
-def sample_mask_prob(batch: int, eps: float = 1e-3, antithetic: bool = True, generator=None, device=None):
-    """Per-sequence mask probability p [B] in [eps, 1]."""
-    if antithetic:
-        u = torch.rand(1, generator=generator, device=device)
-        t = (u + torch.arange(batch, device=device) / batch) % 1.0
-    else:
-        t = torch.rand(batch, generator=generator, device=device)
-    return (1.0 - eps) * t + eps
-
-
-def forward_process(input_ids, mask_id: int, p, maskable=None, generator=None):
-    """Mask each token with its row's probability p. ``maskable`` False positions (e.g. the SFT
-    prompt, padding) are never masked. Returns (noisy_ids, masked bool [B, L])."""
-    if p.shape != input_ids.shape[:1]:
-        raise ValueError(f"p has shape {tuple(p.shape)}, expected ({input_ids.shape[0]},)")
-    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-    masked = draw < p[:, None]
-    if maskable is not None:
-        if maskable.shape != input_ids.shape:
-            raise ValueError(f"maskable has shape {tuple(maskable.shape)}, expected {tuple(input_ids.shape)}")
-        masked &= maskable.bool()
-    return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked
 
 
 def random_length(length: int, prob: float, generator=None) -> int:
@@ -175,8 +153,15 @@ def next_token_loss(
 
 
 def training_loss(model, input_ids, *, mask_id: int, **kwargs) -> LossTerms:
-    """Diffusion loss for the LLaDA-MoE model, next-token loss for its causal (AR) twin."""
-    if getattr(model.config, "causal", False):
+    """Diffusion loss for the LLaDA-MoE model, next-token loss for its causal (AR) twin (the
+    model's ``family``). Block-diffusion (LLaDA2.x) models train with ``diffusion.blocks``."""
+    family = model_family(model.config)
+    if family == BLOCK_DIFFUSION:
+        raise ValueError(
+            "block-diffusion (LLaDA2.x) models train with diffusion.blocks.block_diffusion_loss; "
+            "the training jobs do not run that objective yet"
+        )
+    if family == AUTOREGRESSIVE:
         kwargs.pop("generator", None)
         return next_token_loss(model, input_ids, **kwargs)
     return diffusion_loss(model, input_ids, mask_id=mask_id, **kwargs)
@@ -212,12 +197,20 @@ def validation_loss_sum(
     bound: for each of ``draws`` mask draws (p per row as in training, never a random-length crop),
     sum over masked scored tokens of CE / p, averaged over the draws; its expectation upper-bounds
     the NLL of the scored tokens. For the causal AR twin (``config.causal``) they are the exact
-    next-token NLL of the scored tokens after position 0 (the first token has no context).
+    next-token NLL of the scored tokens after position 0 (the first token has no context). For a
+    block-diffusion model they are the block-diffusion bound (``blocks.block_validation_nats``).
     ``model`` is an LLaDAMoEModelLM (``.model`` + ``.lm_head``); call under ``torch.no_grad()``.
     """
     obj = objective or ObjectiveConfig()
     scored = scored_tokens(input_ids, response_mask, attention_mask)
-    if getattr(model.config, "causal", False):
+    family = model_family(model.config)
+    if family == BLOCK_DIFFUSION:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("block-diffusion validation takes a 2-D padding mask (or none)")
+        return block_validation_nats(model, input_ids, mask_id, scored, generator, draws, obj.eps), int(
+            scored.sum()
+        )
+    if family == AUTOREGRESSIVE:
         target = scored[:, 1:]
         out = model.model(input_ids, attention_mask=attention_mask, output_router_logits=False)
         logits = model.lm_head(out.last_hidden_state[:, :-1][target])

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from diffmoe.config import StrictModel
+from diffmoe.config import StrictModel, model_family
 
 
 class DecodingConfig(StrictModel):
@@ -94,12 +94,9 @@ class DecodingConfig(StrictModel):
 
 def decoding_family(model_config) -> str:
     """How a model decodes: "autoregressive" (the causal twin), "block_diffusion" (LLaDA2.x: aligned
-    blocks, block-causal attention, exact KV cache) or "masked_diffusion" (LLaDA-MoE)."""
-    if bool(getattr(model_config, "causal", False)):
-        return "autoregressive"
-    if getattr(model_config, "model_type", None) == "llada2_moe":
-        return "block_diffusion"
-    return "masked_diffusion"
+    blocks, block-causal attention, exact KV cache) or "masked_diffusion" (LLaDA-MoE); the model's
+    config says which (``diffmoe.config.model_family``)."""
+    return model_family(model_config)
 
 
 def check_prompt(model_config, prompt_length: int, gen_length: int) -> None:

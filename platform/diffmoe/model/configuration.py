@@ -156,6 +156,11 @@ class LLaDAMoEConfig(PretrainedConfig):
                 return dict(value)
         return {}
 
+    @property
+    def family(self) -> str:
+        """How this model trains and decodes (``diffmoe.config.model_family``)."""
+        return "autoregressive" if self.causal else "masked_diffusion"
+
     def router_options(self) -> RouterOptions:
         """The router settings under this family's published field names."""
         n_group = self.router_num_group or 1

@@ -163,6 +163,11 @@ class LLaDA2MoeConfig(PretrainedConfig):
         if problems:
             raise ValueError("invalid LLaDA2MoeConfig: " + "; ".join(problems))
 
+    @property
+    def family(self) -> str:
+        """How this model trains and decodes (``diffmoe.config.model_family``): block diffusion."""
+        return "block_diffusion"
+
     def router_options(self) -> RouterOptions:
         return RouterOptions(
             num_experts=self.num_experts,
