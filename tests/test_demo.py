@@ -82,3 +82,12 @@ def test_demo_end_to_end(tmp_path):
     assert summary["finish_reason"] in ("stop", "length")
     assert summary["usage"]["prompt_tokens"] > 0
     assert "MLflow UI:" in stdout and "make down" in stdout
+    # training jobs show progress users can read in the job logs (rank 0, at least the last step)
+    assert (
+        len(
+            re.findall(
+                r"progress: step (\d+)/\1 \(100%\) loss [\d.]+ tokens/s [\d,]+ elapsed \S+ eta 0m00s", stdout
+            )
+        )
+        >= 2
+    )

@@ -180,3 +180,15 @@ def test_sample_order_is_exactly_once_per_epoch_across_a_resize(tmp_path):
     trained = first + second
     assert sorted(trained[:21]) == list(range(21)) and trained[:21] == epoch0
     assert len(set(trained[21:])) == len(trained[21:])  # epoch 1 so far: no repeats
+
+
+def test_progress_line_reports_step_loss_rate_and_eta():
+    from diffmoe.train.metrics import progress_line
+
+    line = progress_line(60, 100, 10, 100.0, 2.34567, 12345.6)
+    # 50 steps in this session took 100 s: 40 steps to go is 80 s
+    assert line == "progress: step 60/100 (60%) loss 2.3457 tokens/s 12,346 elapsed 1m40s eta 1m20s"
+    assert "eta ?" in progress_line(10, 100, 10, 0.0, None, None)
+    assert "eta 0m00s" in progress_line(100, 100, 0, 3725.0, 1.0, 1.0) and "elapsed 1h02m" in progress_line(
+        100, 100, 0, 3725.0, 1.0, 1.0
+    )

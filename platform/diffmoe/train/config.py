@@ -51,6 +51,7 @@ class TrainSection(StrictModel):
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
     log_every: int = Field(1, ge=1)
+    progress_every_s: float = Field(30.0, gt=0)  # rank 0 prints step, loss, tokens/s and ETA this often
     val_every: int = Field(25, ge=1)
     val_batches: int = Field(4, ge=1)  # validation batches per worker
     checkpoint_every: int = Field(25, ge=1)  # a checkpoint is also written at max_steps

@@ -35,7 +35,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
-from .metrics import MetricsLogger, expert_load_metrics
+from .metrics import MetricsLogger, expert_load_metrics, progress_line
 from .nonfinite import NonFiniteLossError, handle_nonfinite, loss_is_finite
 from .sample_order import SampleOrder, ShardReader, TrainStream, record_samples, resume_position
 from .schedule import lr_multiplier
@@ -215,6 +215,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if val is not None:
             logger.log({"val/loss": val}, step)
     tokens, busy, waited = 0, 0.0, 0.0
+    started, start_step, last_progress = time.perf_counter(), step, time.perf_counter()
+    last_loss, last_rate = None, None
     nonfinite = state.get("nonfinite_skipped", 0)  # micro-batches dropped for a NaN/inf loss
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
@@ -273,6 +275,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics["train/grad_norm"] = float(grad_norm)
                 metrics.update(expert_load_metrics(model))
                 logger.log(metrics, step)
+                last_loss, last_rate = metrics["train/loss"], metrics["train/tokens_per_s"]
+            now = time.perf_counter()
+            if rank == 0 and (
+                now - last_progress >= cfg.train.progress_every_s or step == cfg.train.max_steps
+            ):
+                line = progress_line(
+                    step, cfg.train.max_steps, start_step, now - started, last_loss, last_rate
+                )
+                print(line, flush=True)
+                last_progress = now
             if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
                 val = validate(engine, val_shard, cfg, device)
                 if val is not None:

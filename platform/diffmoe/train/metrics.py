@@ -77,3 +77,24 @@ class MetricsLogger:
         if self.enabled:
             self.mlflow.flush_async_logging()
             self.mlflow.end_run()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, max_steps: int, start_step: int, elapsed_s: float, loss, tokens_per_s) -> str:
+    """One human line for the job log: step, loss, tokens/s, elapsed and ETA (from this session's
+    steps per second, so a resumed run does not count the steps it skipped)."""
+    done = max(step - start_step, 0)
+    eta = "?" if done == 0 else _duration(elapsed_s / done * max(max_steps - step, 0))
+    loss_text = "?" if loss is None else f"{loss:.4f}"
+    rate = "?" if tokens_per_s is None else f"{tokens_per_s:,.0f}"
+    pct = 100.0 * step / max_steps
+    return (
+        f"progress: step {step}/{max_steps} ({pct:.0f}%) loss {loss_text} tokens/s {rate} "
+        f"elapsed {_duration(elapsed_s)} eta {eta}"
+    )
