@@ -31,6 +31,7 @@ from .modeling import (
     apply_rope,
     run_backbone,
 )
+from .published_io import PublishedLayoutIO
 from .router import Routing, route
 
 
@@ -135,7 +136,7 @@ class LLaDA2DecoderLayer(nn.Module):
         return x + mlp_out, new_kv, routing
 
 
-class LLaDA2MoePreTrainedModel(PreTrainedModel):
+class LLaDA2MoePreTrainedModel(PublishedLayoutIO, PreTrainedModel):
     config_class = LLaDA2MoeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -160,18 +161,6 @@ class LLaDA2MoePreTrainedModel(PreTrainedModel):
                 module.weight.normal_(0.0, std)
                 if hasattr(module, "expert_bias"):
                     module.expert_bias.zero_()
-
-    # Checkpoint I/O in the published layout, shared with LLaDA-MoE (checkpoint.py).
-    def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB", **kwargs):
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
 
 class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from .configuration import LLaDAMoEConfig
 from .grouped_mm import dispatch, grouped_mm, unsort, weighted_swiglu
+from .published_io import PublishedLayoutIO
 from .router import Routing, route, router_losses
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -243,7 +244,7 @@ class DecoderLayer(nn.Module):
         return x + mlp_out, new_kv, routing
 
 
-class LLaDAMoEPreTrainedModel(PreTrainedModel):
+class LLaDAMoEPreTrainedModel(PublishedLayoutIO, PreTrainedModel):
     config_class = LLaDAMoEConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -266,18 +267,6 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
                 module.down_proj.normal_(0.0, std)
             elif isinstance(module, MoE) and hasattr(module, "expert_bias"):
                 module.expert_bias.zero_()
-
-    # Checkpoint I/O in the published layout lives beside the model (checkpoint.py).
-    def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB", **kwargs):
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
 
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
