@@ -215,11 +215,20 @@ def test_finetune_from_pretrained_directory_scores_only_responses(ep2_run, tiny_
         "sft",
         model={"init_from": pre.model_dir},
         train={"kind": "sft", "max_steps": 6, "checkpoint_every": 6, "val_every": 6},
+        run={"register_as": "tiny-chat", "register_alias": "candidate"},
     )
     result = run_training(cfg)
     assert result.final_step == 6
-    run = MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(result.run_id)
     assert run.data.tags["kind"] == "sft" and "val/loss" in run.data.metrics
+    # registered in the Model Registry, linked to the run; the alias resolves to the exported model
+    version = client.get_model_version_by_alias("tiny-chat", "candidate")
+    assert version.run_id == result.run_id and result.registered == f"models:/tiny-chat/{version.version}"
+    from diffmoe.model.source import resolve
+
+    served = resolve("models:/tiny-chat@candidate", cfg.mlflow.tracking_uri)
+    assert (served / "config.json").read_text() == (Path(result.model_dir) / "config.json").read_text()
 
     rows = pq.read_table(next((tiny_sft / "train").glob("*.parquet"))).slice(0, 4).to_pydict()
     batch = {k: torch.tensor(rows[k]) for k in ("input_ids", "response_mask")}

@@ -93,3 +93,21 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     for i in range(0, len(items), METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=items[i : i + METRICS_PER_BATCH])
+
+
+def register_model(client, run_id: str, artifact_path: str, name: str, alias: str | None = None) -> str:
+    """Register the run's ``artifact_path`` directory as a new version of ``name`` in the MLflow Model
+    Registry (created if missing), linked to the run; point ``alias`` at it. Returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id).version
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    client.set_tag(run_id, "registered_model", f"models:/{name}/{version}")
+    return str(version)

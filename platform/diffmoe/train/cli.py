@@ -16,7 +16,10 @@ def main(kind: str, description: str, argv: list[str] | None = None) -> int:
 
     def train(cfg: TrainJobConfig, _args) -> dict:
         result = run_training(cfg)
-        return {"run_id": result.run_id, "step": result.final_step, "model_dir": result.model_dir}
+        out = {"run_id": result.run_id, "step": result.final_step, "model_dir": result.model_dir}
+        if result.registered:
+            out["registered"] = result.registered
+        return out
 
     return run_job(
         TrainJobConfig,

@@ -136,6 +136,10 @@ class RunSection(StrictModel):
     name: str = "pretrain-tiny"
     storage_path: str = "runs"  # Ray Train checkpoints and results (shared storage on a cluster)
     output_dir: str = "artifacts/pretrain-tiny"  # the exported Hugging Face model
+    # Register the exported model in the MLflow Model Registry under this name (a new version
+    # linked to the run; serve it as models:/<name>/<version> or models:/<name>@<alias>).
+    register_as: str | None = None
+    register_alias: str | None = None  # also point this alias (e.g. "candidate") at the new version
 
 
 class TrainJobConfig(StrictModel):

@@ -35,6 +35,7 @@ class TrainResult:
     checkpoint_path: str
     model_dir: str
     metrics: dict
+    registered: str | None = None  # models:/<name>/<version> when run.register_as is set
 
 
 def resolve_model_config(cfg: TrainJobConfig, manifest: Manifest) -> LLaDAMoEConfig:
@@ -233,13 +234,23 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
             state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
             model_dir = export_hf_model(Path(ckpt), Path(cfg.data.path), Path(cfg.run.output_dir))
         client.log_artifacts(run_id, str(model_dir), "model")
+        version = None
+        if cfg.run.register_as:
+            from diffmoe.tracking import register_model
+
+            version = register_model(client, run_id, "model", cfg.run.register_as, cfg.run.register_alias)
         with tempfile.TemporaryDirectory() as tmp:
             png = Path(tmp) / "loss_curve.png"
             loss_curve_png(client, run_id, png)
             client.log_artifact(run_id, str(png))
         status = "FINISHED"
         return TrainResult(
-            run_id, state["step"], result.checkpoint.path, str(model_dir), dict(result.metrics or {})
+            run_id,
+            state["step"],
+            result.checkpoint.path,
+            str(model_dir),
+            dict(result.metrics or {}),
+            None if version is None else f"models:/{cfg.run.register_as}/{version}",
         )
     finally:
         client.set_terminated(run_id, status)
