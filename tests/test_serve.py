@@ -401,3 +401,37 @@ def test_killed_replica_is_replaced_and_serves_again(server):
     assert seen[-1] == 200, seen
     assert all(s in (200, 500, 502, 503, 504) or isinstance(s, str) for s in seen), seen
     print(f"first success {time.monotonic() - t0:.1f}s after the kill; answers: {seen}")
+
+
+def test_fuzzed_requests_over_real_serve_never_get_5xx(server):
+    """The fuzz test's generated requests, through Ray Serve's HTTP proxy this time (300 of them;
+    the 2000-request run drives the in-process replica, test_serve_fuzz.py)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from serve_replica import assert_openai_error
+    from test_serve_fuzz import requests as fuzzed
+
+    url, _ = server
+    statuses: dict[int, int] = {}
+
+    @settings(
+        max_examples=30,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(cases=st.lists(fuzzed(), min_size=10, max_size=10))
+    def check(cases):
+        with httpx.Client(timeout=60) as c:
+            for path, content, ctype in cases:
+                headers = {"Authorization": f"Bearer {KEY}", **({"Content-Type": ctype} if ctype else {})}
+                r = c.post(url + path, content=content, headers=headers)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                assert r.status_code < 500, (path, content[:200], r.text)
+                if r.status_code >= 400:
+                    assert_openai_error(r)
+
+    check()
+    assert sum(statuses.values()) == 300 and statuses.get(200, 0) > 20 and len(statuses) > 2, statuses
