@@ -21,6 +21,7 @@ KINDS = {
     "sft": CorpusConfig,
     "pretrain": TrainJobConfig,
     "finetune": TrainJobConfig,
+    "convert": TrainJobConfig,
     "evaluate": EvalConfig,
     "benchmark": CompareConfig,
 }

@@ -150,7 +150,7 @@ def test_expert_load_metrics_count_the_chosen_experts():
 
     cfg = _config(hidden_size=8, num_experts=4, num_experts_per_tok=1, moe_router_enable_expert_bias=True)
     gate = LLaDAGate(cfg)
-    gate.expert_bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    gate.routing_bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
     gate.route(torch.randn(12, 8))
     assert (gate.routing.expert_idx == 2).all()
     # every token on one of four experts: max/mean load 4, whatever the plain top-k would say

@@ -192,3 +192,48 @@ def test_progress_line_reports_step_loss_rate_and_eta():
     assert "eta 0m00s" in progress_line(100, 100, 0, 3725.0, 1.0, 1.0) and "elapsed 1h02m" in progress_line(
         100, 100, 0, 3725.0, 1.0, 1.0
     )
+
+
+def test_block_schedule_picks_each_phase_and_keeps_the_last():
+    from diffmoe.diffusion import ObjectiveConfig
+
+    obj = ObjectiveConfig(block_schedule=[(2, 1), (3, 8), (1, 4)])
+    assert [obj.block_length_at(s) for s in range(7)] == [1, 1, 8, 8, 8, 4, 4]
+    assert ObjectiveConfig().block_length_at(5) == 32  # no schedule: block.block_length
+    assert ObjectiveConfig(balance="expert_bias").router_loss_coefs == (0.0, 0.0)
+
+
+def test_expert_bias_moves_towards_underloaded_experts():
+    from diffmoe.train.balance import bias_step
+
+    bias = torch.zeros(4)
+    bias_step(bias, torch.tensor([6.0, 2.0, 4.0, 4.0]), 0.1)
+    assert bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
+
+
+def test_block_diffusion_objective_module_honours_documents_and_block_length():
+    """A LLaDA2 model trains with the block objective: documents become the [2L, 2L] mask's document
+    term (no 4-D mask), the step's block length is used, and aux-free balancing adds no router loss."""
+    from diffmoe.model import LLaDA2MoeModelLM, llada2_named_config
+
+    torch.manual_seed(0)
+    lm = LLaDA2MoeModelLM(llada2_named_config("llada2-tiny", vocab_size=128))
+    cfg = TrainJobConfig.model_validate(
+        {
+            "train": {
+                "document_mask": True,
+                "objective": {"balance": "expert_bias", "block": {"confidence_beta": 1.0}},
+            }
+        }
+    )
+    module = ObjectiveModule(lm, cfg)
+    batch = _packed_batch()
+    terms = module(batch, torch.Generator().manual_seed(1), block_length=8)
+    assert terms.aux_loss is None and terms.num_masked > 0
+    assert torch.isfinite(terms.total) and float(terms.confidence) >= 0
+    terms.total.backward()
+    # same draws, other block length: another mask, so another loss
+    other = module(batch, torch.Generator().manual_seed(1), block_length=16)
+    assert float(other.diffusion) != pytest.approx(float(terms.diffusion))
+    aux = ObjectiveModule(lm, TrainJobConfig())(batch, torch.Generator().manual_seed(1), block_length=8)
+    assert aux.aux_loss is not None and float(aux.total) > float(aux.diffusion)

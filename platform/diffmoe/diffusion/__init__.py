@@ -8,12 +8,14 @@ whole noisy sequence; CE on masked tokens weighted by 1/p upper-bounds the negat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..config import AUTOREGRESSIVE, BLOCK_DIFFUSION, StrictModel, model_family
-from .blocks import block_validation_nats
+from .blocks import BlockObjectiveConfig, block_diffusion_loss, block_validation_nats
 from .noise import forward_process, sample_mask_prob
 
 
@@ -25,6 +27,33 @@ class ObjectiveConfig(StrictModel):
     random_length_prob: float = 0.01  # share of pretraining batches cropped to a random length
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
+    # MoE balance. aux_loss: the two terms above. expert_bias: LLaDA2's auxiliary-loss-free way,
+    # after every optimizer step each MoE layer's selection-only expert bias moves by
+    # bias_update_rate towards under-loaded experts (sign of mean load - load); no aux/z terms.
+    balance: Literal["aux_loss", "expert_bias"] = "aux_loss"
+    bias_update_rate: float = Field(1e-3, gt=0)
+    # Block diffusion (LLaDA2.x models and conversion from an AR model); ignored by other families.
+    block: BlockObjectiveConfig = BlockObjectiveConfig()
+    # Block-size schedule of a conversion run: [[steps, block_length], ...] phases in order, e.g. a
+    # warm-up ladder [[50, 1], [50, 4], [200, 32], [50, 8]]; the steps add up to train.max_steps.
+    # Empty: block.block_length throughout.
+    block_schedule: list[tuple[int, int]] = []
+
+    def block_length_at(self, step: int) -> int:
+        """Block length of optimizer step ``step`` (0-based) under ``block_schedule``."""
+        done = 0
+        for steps, length in self.block_schedule:
+            done += steps
+            if step < done:
+                return length
+        return self.block_schedule[-1][1] if self.block_schedule else self.block.block_length
+
+    @property
+    def router_loss_coefs(self) -> tuple[float, float]:
+        """(aux, z) loss coefficients in effect: none under expert-bias balancing."""
+        if self.balance == "expert_bias":
+            return 0.0, 0.0
+        return self.aux_loss_coef, self.z_loss_coef
 
 
 def random_length(length: int, prob: float, generator=None) -> int:
@@ -107,7 +136,8 @@ def diffusion_loss(
     padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     maskable = response_mask if response_mask is not None else padding
     noisy, masked = forward_process(input_ids, mask_id, p, maskable, generator)
-    want_router = obj.aux_loss_coef > 0 or obj.z_loss_coef > 0
+    aux_coef, z_coef = obj.router_loss_coefs
+    want_router = aux_coef > 0 or z_coef > 0
     if hasattr(model, "lm_head") and hasattr(model, "model"):
         out = model.model(noisy, attention_mask=attention_mask, output_router_logits=want_router)
         logits = model.lm_head(out.last_hidden_state[masked])
@@ -120,7 +150,7 @@ def diffusion_loss(
         loss, ce = sft_loss(logits, input_ids, masked, p, response_mask)
     total = loss
     if out.aux_loss is not None:
-        total = total + obj.aux_loss_coef * out.aux_loss + obj.z_loss_coef * out.z_loss
+        total = total + aux_coef * out.aux_loss + z_coef * out.z_loss
     masked_ce = ce.mean() if ce.numel() else ce.sum()
     return LossTerms(total, loss, masked_ce, int(masked.sum()), out.aux_loss, out.z_loss)
 
@@ -136,7 +166,8 @@ def next_token_loss(
     """The autoregressive twin's objective (``config.causal``): mean next-token NLL, on response
     tokens only for SFT. Exact NLL per token, comparable to the diffusion bound above."""
     obj = objective or ObjectiveConfig()
-    want_router = obj.aux_loss_coef > 0 or obj.z_loss_coef > 0
+    aux_coef, z_coef = obj.router_loss_coefs
+    want_router = aux_coef > 0 or z_coef > 0
     out = model.model(input_ids, attention_mask=attention_mask, output_router_logits=want_router)
     scored = torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
     if response_mask is not None:
@@ -148,18 +179,35 @@ def next_token_loss(
     loss = ce.mean() if ce.numel() else ce.sum()
     total = loss
     if out.aux_loss is not None:
-        total = total + obj.aux_loss_coef * out.aux_loss + obj.z_loss_coef * out.z_loss
+        total = total + aux_coef * out.aux_loss + z_coef * out.z_loss
     return LossTerms(total, loss, loss.detach(), int(scored.sum()), out.aux_loss, out.z_loss)
 
 
-def training_loss(model, input_ids, *, mask_id: int, **kwargs) -> LossTerms:
-    """Diffusion loss for the LLaDA-MoE model, next-token loss for its causal (AR) twin (the
-    model's ``family``). Block-diffusion (LLaDA2.x) models train with ``diffusion.blocks``."""
+def training_loss(model, input_ids, *, mask_id: int, block_length: int | None = None, **kwargs):
+    """The model family's objective: masked diffusion (LLaDA-MoE), next-token loss (its causal AR
+    twin) or block diffusion (LLaDA2.x: ``blocks.block_diffusion_loss`` with ``objective.block``,
+    its block length replaced by ``block_length`` when given, e.g. from a conversion schedule).
+    Block diffusion takes packed documents as ``document_ids`` instead of a 4-D ``attention_mask``."""
     family = model_family(model.config)
+    document_ids = kwargs.pop("document_ids", None)
     if family == BLOCK_DIFFUSION:
-        raise ValueError(
-            "block-diffusion (LLaDA2.x) models train with diffusion.blocks.block_diffusion_loss; "
-            "the training jobs do not run that objective yet"
+        obj = kwargs.get("objective") or ObjectiveConfig()
+        block = (
+            obj.block if block_length is None else obj.block.model_copy(update={"block_length": block_length})
+        )
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError("block diffusion takes document_ids, not an attention_mask")
+        aux_coef, z_coef = obj.router_loss_coefs
+        return block_diffusion_loss(
+            model,
+            input_ids,
+            mask_id=mask_id,
+            objective=block,
+            response_mask=kwargs.get("response_mask"),
+            document_ids=document_ids,
+            generator=kwargs.get("generator"),
+            aux_loss_coef=aux_coef,
+            z_loss_coef=z_coef,
         )
     if family == AUTOREGRESSIVE:
         kwargs.pop("generator", None)

@@ -68,6 +68,8 @@ class BlockLossTerms:
     masked_ce: torch.Tensor  # plain mean CE over masked tokens
     confidence: torch.Tensor  # CAP entropy term (before confidence_beta); 0 when nothing is right
     num_masked: int
+    aux_loss: torch.Tensor | None = None  # router losses when requested (aux_loss_coef / z_loss_coef)
+    z_loss: torch.Tensor | None = None
 
 
 def block_diffusion_loss(
@@ -79,9 +81,14 @@ def block_diffusion_loss(
     response_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    aux_loss_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
 ) -> BlockLossTerms:
     """One forward over ``[x_t ; x_0]`` and the loss on the noisy half's masked tokens. SFT when
-    ``response_mask`` is given: the prompt is never masked and only the response is scored."""
+    ``response_mask`` is given: the prompt is never masked and only the response is scored. With
+    router loss coefficients > 0 the MoE load-balancing and z-losses (over all 2L tokens) are added.
+    A model with ``.model`` + ``.lm_head`` gets the head only at masked positions (most of a large
+    vocabulary's cost)."""
     obj = objective or BlockObjectiveConfig()
     if not 0 < obj.t_min <= obj.t_max <= 1:
         raise ValueError(f"need 0 < t_min <= t_max <= 1 (t_min={obj.t_min}, t_max={obj.t_max})")
@@ -92,8 +99,14 @@ def block_diffusion_loss(
     ids = torch.cat([noisy, input_ids], 1)
     positions = torch.arange(length, device=input_ids.device).repeat(2)[None].expand(b, -1)
     mask = block_diffusion_mask(length, obj.block_length, document_ids, input_ids.device)
-    out = model(ids, attention_mask=mask.expand(b, -1, -1, -1), position_ids=positions)
-    logits = out.logits[:, :length][masked].float()
+    want_router = aux_loss_coef > 0 or z_loss_coef > 0
+    kwargs = dict(attention_mask=mask.expand(b, -1, -1, -1), position_ids=positions)
+    if hasattr(model, "lm_head") and hasattr(model, "model"):
+        out = model.model(ids, output_router_logits=want_router, **kwargs)
+        logits = model.lm_head(out.last_hidden_state[:, :length][masked]).float()
+    else:
+        out = model(ids, output_router_logits=want_router, **kwargs)
+        logits = out.logits[:, :length][masked].float()
     targets = input_ids[masked]
     ce = F.cross_entropy(logits, targets, reduction="none")
     scored = response_mask.sum() if response_mask is not None else torch.tensor(masked.numel())
@@ -109,8 +122,13 @@ def block_diffusion_loss(
     else:
         confidence = logits.sum() * 0.0
     total = loss + obj.confidence_beta * confidence if obj.confidence_beta else loss
+    aux = getattr(out, "aux_loss", None)
+    if want_router and aux is not None:
+        total = total + aux_loss_coef * aux + z_loss_coef * out.z_loss
     masked_ce = ce.mean() if ce.numel() else ce.sum()
-    return BlockLossTerms(total, loss, masked_ce, confidence, int(masked.sum()))
+    return BlockLossTerms(
+        total, loss, masked_ce, confidence, int(masked.sum()), aux, getattr(out, "z_loss", None)
+    )
 
 
 def block_validation_nats(

@@ -38,6 +38,20 @@ def _register() -> None:
 
 _register()
 
+
+def lm_class(config) -> type:
+    """The LM class that builds ``config``'s family (checkpoint adapters and training ask here)."""
+    return LLaDA2MoeModelLM if isinstance(config, LLaDA2MoeConfig) else LLaDAMoEModelLM
+
+
+def config_from_dict(data: dict) -> LLaDAMoEConfig | LLaDA2MoeConfig:
+    """A model config from ``config.to_dict()`` / config.json contents, by its ``model_type``."""
+    fields = {k: v for k, v in data.items() if k != "model_type"}
+    if data.get("model_type") == LLaDA2MoeConfig.model_type:
+        return LLaDA2MoeConfig.from_dict(fields)
+    return LLaDAMoEConfig.from_dict(fields)
+
+
 __all__ = [
     "NAMED_CONFIGS",
     "LLaDA2MoeConfig",
@@ -50,7 +64,9 @@ __all__ = [
     "LLaDAMoEOutput",
     "RouterOptions",
     "Routing",
+    "config_from_dict",
     "count_parameters",
+    "lm_class",
     "llada2_named_config",
     "named_config",
     "route",

@@ -5,8 +5,9 @@ Both training (``diffmoe.train``: every Ray Train worker) and expert-parallel se
 so serving never imports the training package and both compute the serving model's function.
 ``diffmoe.model`` stays free of DeepSpeed; this package is where DeepSpeed meets it.
 
-- ``build_training_model``: an ``LLaDAMoEModelLM`` whose MoE layers are DeepSpeed expert-parallel
-  (``ExpertParallelMoE`` = DeepSpeed ``MoE`` + our gate ``LLaDAGate`` + ``StackedExperts``).
+- ``build_training_model``: an ``LLaDAMoEModelLM`` or ``LLaDA2MoeModelLM`` whose MoE layers are
+  DeepSpeed expert-parallel (``ExpertParallelMoE`` = DeepSpeed ``MoE`` + our gate ``LLaDAGate`` +
+  ``StackedExperts``; ``ExpertParallelSharedMoE`` adds LLaDA2's shared experts); ``gates`` lists them.
 - ``load_published_state`` / ``published_state`` / ``export_model``: weights in and out of the
   published Hugging Face key layout (all experts), from and to this rank's local experts.
 - ``init_distributed``: ``deepspeed.init_distributed`` without its CPU shared-memory op build.
@@ -18,6 +19,7 @@ from .moe import (
     StackedExperts,
     build_training_model,
     export_model,
+    gates,
     init_distributed,
     load_published_state,
     published_state,
@@ -29,6 +31,7 @@ __all__ = [
     "StackedExperts",
     "build_training_model",
     "export_model",
+    "gates",
     "init_distributed",
     "load_published_state",
     "published_state",

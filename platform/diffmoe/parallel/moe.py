@@ -1,6 +1,7 @@
-"""DeepSpeed-MoE expert parallelism for LLaDA-MoE, beside the model rather than inside it.
+"""DeepSpeed-MoE expert parallelism for both model families, beside the models rather than inside them.
 
-``build_training_model`` takes a plain ``LLaDAMoEModelLM`` and swaps each MoE layer for a
+``build_training_model`` takes a plain ``LLaDAMoEModelLM`` or ``LLaDA2MoeModelLM`` and swaps each MoE
+layer's routed experts for a
 ``deepspeed.moe.layer.MoE`` whose gate is ours (``LLaDAGate``): the model's own router (model/router.py),
 so top-k weights are not renormalised and no token is dropped (capacity = the largest expert load
 in the expert-parallel group). DeepSpeed then provides what it is for: expert-parallel process
@@ -9,7 +10,9 @@ With an expert-parallel group of one there is nothing to exchange, and the layer
 model's sorted grouped-matmul kernel on the same DeepSpeed-owned parameters instead of DeepSpeed's
 capacity-padded dispatch (measured ~2x faster per MoE layer on CPU, same outputs and gradients).
 The local experts' weights are stacked (``StackedExperts``) while their state dict keeps
-DeepSpeed's per-expert names.
+DeepSpeed's per-expert names. LLaDA2's shared experts stay beside the DeepSpeed layer, replicated
+like any dense weight (``ExpertParallelSharedMoE``); the router settings (sigmoid, groups, scaling,
+selection-only bias) come from each config's ``router_options()``, so one gate serves both.
 Weights convert both ways with the published key layout, so training-time and serving-time
 forwards compute the same function (``tests/test_train.py::test_training_time_forward_equals_exported_model``).
 """
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
-from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
+from diffmoe.model import LLaDA2MoeConfig, LLaDAMoEConfig, LLaDAMoEModelLM, lm_class
 from diffmoe.model.modeling import Experts
 from diffmoe.model.router import Routing, route
 
@@ -47,15 +50,25 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
-class LLaDAGate(nn.Module):
-    """A DeepSpeed MOELayer gate with LLaDA-MoE semantics (sparse-route return format)."""
+def expert_width(config) -> int:
+    """Hidden width of one routed expert under either family's field name."""
+    if isinstance(config, LLaDA2MoeConfig):
+        return config.moe_intermediate_size
+    return config.expert_intermediate_size
 
-    def __init__(self, config: LLaDAMoEConfig):
+
+class LLaDAGate(nn.Module):
+    """A DeepSpeed MOELayer gate with the model's router semantics (sparse-route return format)."""
+
+    def __init__(self, config: LLaDAMoEConfig | LLaDA2MoeConfig):
         super().__init__()
         self.config = config
+        self.options = config.router_options()
         self.wg = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         if config.moe_router_enable_expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+            # the published ``expert_bias``, renamed: DeepSpeed's MoE checkpointing takes every key
+            # containing "expert" under the MoE layer for an expert weight (and fails on this one)
+            self.register_buffer("routing_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         self.ep_group = None
         self.routing: Routing | None = None  # last forward's routing, for the losses and metrics
 
@@ -65,9 +78,7 @@ class LLaDAGate(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         """x [N, H] -> Routing(fp32 logits [N, E], expert ids [N, k], fp32 weights [N, k]), as
         ``modeling.MoE.route``; keeps it for the z-loss and expert-load metrics."""
-        self.routing = route(
-            self.config.router_options(), x, self.wg.weight, getattr(self, "expert_bias", None)
-        )
+        self.routing = route(self.options, x, self.wg.weight, getattr(self, "routing_bias", None))
         return self.routing
 
     def forward(self, x, used_token=None, sparse_routes=True, use_tutel=False):
@@ -105,9 +116,7 @@ class StackedExperts(nn.Module):
     def __init__(self, config: LLaDAMoEConfig, num_local_experts: int, group_name: str):
         super().__init__()
         self.num_local_experts = num_local_experts
-        self.deepspeed_experts = Experts(
-            num_local_experts, config.hidden_size, config.expert_intermediate_size
-        )
+        self.deepspeed_experts = Experts(num_local_experts, config.hidden_size, expert_width(config))
         for param in self.deepspeed_experts.parameters():
             param.allreduce = False
             param.group_name = group_name
@@ -157,16 +166,39 @@ class ExpertParallelMoE(nn.Module):
         return y.view(b, n, h), routing
 
 
-def build_training_model(config: LLaDAMoEConfig, ep_size: int) -> LLaDAMoEModelLM:
-    """An LLaDAMoEModelLM whose MoE layers are DeepSpeed expert-parallel (torch.distributed must be up)."""
+class ExpertParallelSharedMoE(ExpertParallelMoE):
+    """LLaDA2's sparse block: routed experts expert-parallel, shared experts replicated (the
+    published ``mlp.shared_experts.*`` keys, so no renaming)."""
+
+    def __init__(self, config: LLaDA2MoeConfig, ep_size: int, shared_experts: nn.Module):
+        super().__init__(config, ep_size)
+        self.shared_experts = shared_experts
+
+    def forward(self, x):
+        y, routing = super().forward(x)
+        return y + self.shared_experts(x), routing
+
+
+def build_training_model(config, ep_size: int):
+    """The config family's LM whose MoE layers are DeepSpeed expert-parallel (torch.distributed must
+    be up)."""
     if config.num_experts % ep_size:
         raise ValueError(f"ep_size={ep_size} does not divide num_experts={config.num_experts}")
-    model = LLaDAMoEModelLM(config)
+    model = lm_class(config)(config)
     for layer in model.model.layers:
         if layer.is_moe:
-            layer.mlp = ExpertParallelMoE(config, ep_size)
+            shared = getattr(layer.mlp, "shared_experts", None)
+            if shared is not None:
+                layer.mlp = ExpertParallelSharedMoE(config, ep_size, shared)
+            else:
+                layer.mlp = ExpertParallelMoE(config, ep_size)
             layer.mlp.moe.set_deepspeed_parallelism()
     return model
+
+
+def gates(model: nn.Module) -> list[LLaDAGate]:
+    """The training model's MoE gates, in layer order."""
+    return [m for m in model.modules() if isinstance(m, LLaDAGate)]
 
 
 def _ep_rank_and_size(model: nn.Module) -> tuple[int, int, object]:
@@ -191,8 +223,8 @@ def load_published_state(model: LLaDAMoEModelLM, state: dict[str, torch.Tensor])
                 own[".".join(parts[:3] + [_EXPERTS, str(j - ep_rank * local)] + parts[6:])] = value
         elif key.endswith("mlp.gate.weight") and "layers" in key:
             own[key.replace("mlp.gate.weight", _GATE + ".wg.weight")] = value
-        elif key.endswith("mlp.expert_bias"):
-            own[key.replace("mlp.expert_bias", _GATE + ".expert_bias")] = value
+        elif key.endswith(("mlp.expert_bias", "mlp.gate.expert_bias")):  # LLaDA-MoE, LLaDA2
+            own[key.rsplit("mlp.", 1)[0] + _GATE + ".routing_bias"] = value
         else:
             own[key] = value
     missing, unexpected = model.load_state_dict(own, strict=False)
@@ -208,6 +240,7 @@ def published_state(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor] | None:
     ep_rank, ep_size, group = _ep_rank_and_size(model)
     cfg = model.config
     local = cfg.num_experts // ep_size
+    bias_key = "mlp.gate.expert_bias" if isinstance(cfg, LLaDA2MoeConfig) else "mlp.expert_bias"
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         value = value.detach()  # gathered on its own device (NCCL takes CUDA tensors only), kept on the CPU
@@ -223,15 +256,17 @@ def published_state(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor] | None:
             continue
         value = value.cpu()
         if _GATE in key:
-            out[key.replace(_GATE + ".wg.weight", "mlp.gate.weight").replace(_GATE + ".", "mlp.")] = value
+            out[
+                key.replace(_GATE + ".wg.weight", "mlp.gate.weight").replace(_GATE + ".routing_bias", bias_key)
+            ] = value
         else:
             out[key] = value
     return out
 
 
-def export_model(model: LLaDAMoEModelLM) -> LLaDAMoEModelLM:
-    """A plain ``LLaDAMoEModelLM`` (serving-time model) holding the training model's weights."""
+def export_model(model):
+    """The plain serving-time model of the config's family holding the training model's weights."""
     state = published_state(model)
-    plain = LLaDAMoEModelLM(model.config)
+    plain = lm_class(model.config)(model.config)
     plain.load_state_dict(state, strict=True)
     return plain.eval()

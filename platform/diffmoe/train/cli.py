@@ -10,8 +10,14 @@ from .trainer import TrainConfigError, run_training
 
 
 def main(kind: str, description: str, argv: list[str] | None = None) -> int:
+    """``kind``: "pretrain" or "sft" (train.kind must match), or "convert" (model.convert_to must be
+    set; pretraining or SFT data)."""
+
     def check(cfg: TrainJobConfig) -> None:
-        if cfg.train.kind != kind:
+        if kind == "convert":
+            if not cfg.model.convert_to:
+                raise ConfigError("model.convert_to is not set: this job converts a causal (AR) checkpoint")
+        elif cfg.train.kind != kind:
             raise ConfigError(f"train.kind is {cfg.train.kind!r}; this job runs {kind!r}")
 
     def train(cfg: TrainJobConfig, _args) -> dict:

@@ -19,7 +19,12 @@ from diffmoe.tracking import MLflowSection
 class ModelSection(StrictModel):
     name: str = "tiny"  # a named size (diffmoe.model.NAMED_CONFIGS), e.g. tiny, llada-moe-7b-a1b
     overrides: dict[str, Any] = Field(default_factory=dict)  # LLaDAMoEConfig fields to change
-    init_from: str | None = None  # HF directory (ours or a real LLaDA-MoE download) to start from
+    init_from: str | None = None  # HF directory (ours, a real LLaDA-MoE or LLaDA2.x download) to start from
+    # AR -> diffusion conversion (jobs/convert.py): init_from must be a causal (AR) checkpoint.
+    # block_diffusion: its weights in the LLaDA2 layout, trained with the block-diffusion objective
+    # (train.objective.block, block_schedule) and exported as a LLaDA2 directory. masked_diffusion:
+    # the same LLaDA-MoE network made bidirectional, trained with the masked-diffusion objective.
+    convert_to: Literal["block_diffusion", "masked_diffusion"] | None = None
     gradient_checkpointing: bool = False
 
 
@@ -160,4 +165,18 @@ class TrainJobConfig(StrictModel):
         ep = self.deepspeed.ep_size
         if isinstance(s.num_workers, int) and s.num_workers % ep:
             raise ValueError(f"deepspeed.ep_size={ep} does not divide scaling.num_workers={s.num_workers}")
+        if self.model.convert_to and not self.model.init_from:
+            raise ValueError("model.convert_to needs model.init_from: the causal (AR) checkpoint to convert")
+        schedule = self.train.objective.block_schedule
+        if schedule:
+            if any(steps < 1 or length < 1 for steps, length in schedule):
+                raise ValueError(
+                    f"train.objective.block_schedule={schedule}: steps and block lengths must be >= 1"
+                )
+            total = sum(steps for steps, _ in schedule)
+            if total != self.train.max_steps:
+                raise ValueError(
+                    f"train.objective.block_schedule phases add up to {total} steps but "
+                    f"train.max_steps={self.train.max_steps}"
+                )
         return self

@@ -21,12 +21,15 @@ import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
+from diffmoe.config import BLOCK_DIFFUSION, model_family
 from diffmoe.diffusion import training_loss, validation_loss_sum
-from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM
+from diffmoe.model import config_from_dict, lm_class
 from diffmoe.model.checkpoint import read_weights
+from diffmoe.model.convert import llada2_state_from
 from diffmoe.parallel import build_training_model, init_distributed, load_published_state
 from diffmoe.rng import device_generator
 
+from .balance import update_expert_bias
 from .checkpointing import (
     check_fingerprint,
     load_weights_before_engine,
@@ -44,21 +47,32 @@ PROBE_SEED = 1234  # fixed batch whose logits the run saves, for parity checks a
 
 
 class ObjectiveModule(nn.Module):
-    """Wraps the LM so the DeepSpeed engine's forward is the whole objective (diffusion, or
-    next-token for the causal AR twin)."""
+    """Wraps the LM so the DeepSpeed engine's forward is the whole objective of its family
+    (masked diffusion, next-token for the causal AR twin, block diffusion for LLaDA2.x)."""
 
-    def __init__(self, lm: LLaDAMoEModelLM, cfg: TrainJobConfig):
+    def __init__(self, lm: nn.Module, cfg: TrainJobConfig):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator, validation: bool = False):
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        validation: bool = False,
+        block_length: int | None = None,
+    ):
         """The training loss terms, or with ``validation`` the shared validation loss as
-        (nats summed over scored tokens, token count)."""
+        (nats summed over scored tokens, token count). ``block_length``: this step's block size
+        (block diffusion; default ``train.objective.block.block_length``)."""
         ids = batch["input_ids"].long()
         response = batch["response_mask"].bool() if "response_mask" in batch else None
-        mask = None
-        if response is None and self.cfg.train.document_mask and "segment_ids" in batch:
+        documents = response is None and self.cfg.train.document_mask and "segment_ids" in batch
+        block = model_family(self.lm.config) == BLOCK_DIFFUSION
+        mask, document_ids = None, None
+        if documents and block:
+            document_ids = batch["segment_ids"]  # the block objective builds its own [2L, 2L] mask
+        elif documents:
             seg = batch["segment_ids"]
             mask = (seg[:, None, :, None] == seg[:, None, None, :]).contiguous()
         if validation:
@@ -71,6 +85,7 @@ class ObjectiveModule(nn.Module):
                 generator=generator,
                 objective=self.cfg.train.objective,
             )
+        extra = {"document_ids": document_ids, "block_length": block_length} if block else {}
         return training_loss(
             self.lm,
             ids,
@@ -79,6 +94,7 @@ class ObjectiveModule(nn.Module):
             response_mask=response,
             attention_mask=mask,
             generator=generator,
+            **extra,
         )
 
 
@@ -149,12 +165,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_niceness(cfg.scaling.worker_niceness)
     init_distributed("nccl" if use_cuda else "gloo")
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_cuda)
-    model_config = LLaDAMoEConfig.from_dict(loop_config["model_config"])
+    model_config = config_from_dict(loop_config["model_config"])
     ep_size = effective_ep_size(cfg.deepspeed.ep_size, world, model_config.num_experts)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    init = LLaDAMoEModelLM(model_config).state_dict()
     if cfg.model.init_from:
         init = read_weights(Path(cfg.model.init_from))
+        if cfg.model.convert_to == "block_diffusion":  # the AR twin's weights in the LLaDA2 layout
+            init = llada2_state_from(init, model_config.num_experts)
+    else:
+        init = lm_class(model_config)(model_config).state_dict()
     model = build_training_model(model_config, ep_size)
     load_published_state(model, init)
     del init
@@ -237,7 +256,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             gen = device_generator(
                 device, cfg.train.seed * 1_000_003 + rank * 7919 + consumed + epoch * 10**6
             )
-            terms = engine(batch, gen)
+            terms = engine(batch, gen, block_length=cfg.train.objective.block_length_at(step))
             if not loss_is_finite(terms.total):
                 try:
                     nonfinite = handle_nonfinite(
@@ -257,6 +276,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 t0 = time.perf_counter()
                 continue
             step += 1
+            if cfg.train.objective.balance == "expert_bias":
+                update_expert_bias(model, cfg.train.objective.bias_update_rate)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 metrics = {
                     "train/loss": _mean_across_ranks(terms.diffusion.item(), device),
@@ -270,6 +291,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if terms.aux_loss is not None:
                     metrics["train/aux_loss"] = terms.aux_loss.item()
                     metrics["train/z_loss"] = terms.z_loss.item()
+                if hasattr(terms, "confidence"):  # block diffusion: the CAP term, before its weight
+                    metrics["train/confidence"] = _mean_across_ranks(terms.confidence.item(), device)
+                    metrics["train/block_length"] = cfg.train.objective.block_length_at(step - 1)
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)

@@ -18,7 +18,7 @@ def expert_load_metrics(model) -> dict[str, float]:
         if isinstance(module, LLaDAGate) and module.routing is not None:
             logits = module.routing.logits.detach()
             counts = expert_counts(module.routing.expert_idx, logits.shape[-1])
-            probs = score_distribution(logits, module.config.moe_router_score_function)
+            probs = score_distribution(logits, module.options.score_function)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
             out[f"moe/layer{layer}/max_mean_load"] = float(counts.max() / counts.mean().clamp_min(1e-9))
             out[f"moe/layer{layer}/router_entropy"] = float(entropy)

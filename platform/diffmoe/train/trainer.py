@@ -16,12 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from diffmoe.config import flatten
+from diffmoe.config import AUTOREGRESSIVE, BLOCK_DIFFUSION, flatten, model_family
 from diffmoe.data.manifest import Manifest, verify_dataset
-from diffmoe.model import LLaDAMoEConfig, named_config
+from diffmoe.model import LLaDA2MoeConfig, LLaDAMoEConfig, llada2_named_config, named_config
 from diffmoe.model.checkpoint import load_config
+from diffmoe.model.convert import llada2_config_from
 
 from .config import TrainJobConfig
+
+ModelConfig = LLaDAMoEConfig | LLaDA2MoeConfig
 
 
 class TrainConfigError(ValueError):
@@ -38,15 +41,35 @@ class TrainResult:
     registered: str | None = None  # models:/<name>/<version> when run.register_as is set
 
 
-def resolve_model_config(cfg: TrainJobConfig, manifest: Manifest) -> LLaDAMoEConfig:
-    """The model's config: from ``init_from`` (fine-tuning) or a named size, with ids and vocabulary
-    taken from the dataset's tokenizer so the two can never disagree silently."""
+def converted_config(config: ModelConfig, cfg: TrainJobConfig) -> ModelConfig:
+    """``model.convert_to``: the causal checkpoint's config turned into the target family's."""
+    if model_family(config) != AUTOREGRESSIVE:
+        raise TrainConfigError(
+            f"model.convert_to={cfg.model.convert_to!r} converts a causal (AR) checkpoint, but "
+            f"model.init_from holds a {model_family(config)} model (a config with causal: true is AR)"
+        )
+    if cfg.model.convert_to == "masked_diffusion":
+        config.causal = False
+        return config
+    try:
+        converted = llada2_config_from(config)
+    except ValueError as err:
+        raise TrainConfigError(f"model.init_from: {err}") from None
+    return converted
+
+
+def resolve_model_config(cfg: TrainJobConfig, manifest: Manifest) -> ModelConfig:
+    """The model's config: from ``init_from`` (fine-tuning, conversion) or a named size (LLaDA-MoE,
+    or ``llada2-*`` for LLaDA2.x), with ids and vocabulary taken from the dataset's tokenizer so the
+    two can never disagree silently."""
     tok = manifest.tokenizer
     if cfg.model.init_from:
         try:
             config = load_config(Path(cfg.model.init_from))
         except (FileNotFoundError, ValueError) as err:
             raise TrainConfigError(f"model.init_from: {err}") from None
+        if cfg.model.convert_to:
+            config = converted_config(config, cfg)
         if config.vocab_size < tok.vocab_size:
             raise TrainConfigError(
                 f"model.init_from has vocab_size {config.vocab_size} but the dataset's tokenizer has "
@@ -69,8 +92,11 @@ def resolve_model_config(cfg: TrainJobConfig, manifest: Manifest) -> LLaDAMoECon
         **cfg.model.overrides,
     }
     try:
-        config = named_config(cfg.model.name, **overrides)
-    except (KeyError, ValueError) as err:
+        if cfg.model.name.startswith("llada2-"):
+            config = llada2_named_config(cfg.model.name, **overrides)
+        else:
+            config = named_config(cfg.model.name, **overrides)
+    except (KeyError, ValueError, TypeError) as err:
         raise TrainConfigError(f"model: {err}") from None
     # Keep the named context (fine-tuning may use longer rows than pretraining); grow it when the
     # data's rows are longer, unless the user pinned it.
@@ -79,7 +105,30 @@ def resolve_model_config(cfg: TrainJobConfig, manifest: Manifest) -> LLaDAMoECon
     return config
 
 
-def preflight(cfg: TrainJobConfig) -> tuple[LLaDAMoEConfig, Manifest]:
+def check_objective(cfg: TrainJobConfig, config: ModelConfig, seq_len: int) -> None:
+    """What the model family's objective needs from the data and the model."""
+    obj = cfg.train.objective
+    if model_family(config) == BLOCK_DIFFUSION:
+        lengths = {length for _, length in obj.block_schedule} or {obj.block.block_length}
+        for length in sorted(lengths):
+            if seq_len % length:
+                raise TrainConfigError(
+                    f"block length {length} (train.objective.block / block_schedule) does not divide "
+                    f"the data's seq_len {seq_len}"
+                )
+    elif obj.block_schedule:
+        raise TrainConfigError(
+            f"train.objective.block_schedule is set but the model is {model_family(config)}, not block "
+            "diffusion (set model.convert_to: block_diffusion or a llada2-* model.name)"
+        )
+    if obj.balance == "expert_bias" and not config.moe_router_enable_expert_bias:
+        raise TrainConfigError(
+            "train.objective.balance=expert_bias needs a router expert bias: set "
+            "model.overrides.moe_router_enable_expert_bias: true"
+        )
+
+
+def preflight(cfg: TrainJobConfig) -> tuple[ModelConfig, Manifest]:
     try:
         manifest = verify_dataset(cfg.data.path)
     except ValueError as err:
@@ -96,6 +145,9 @@ def preflight(cfg: TrainJobConfig) -> tuple[LLaDAMoEConfig, Manifest]:
         raise TrainConfigError(
             f"deepspeed.ep_size={ep} does not divide num_experts={model_config.num_experts}"
         )
+    check_objective(cfg, model_config, manifest.seq_len)
+    if model_family(model_config) == BLOCK_DIFFUSION:  # validation and the exported config use the final one
+        model_config.block_length = cfg.train.objective.block_length_at(cfg.train.max_steps - 1)
     if manifest.seq_len > model_config.max_position_embeddings:
         raise TrainConfigError(
             f"data seq_len {manifest.seq_len} exceeds the model's max_position_embeddings "
@@ -111,9 +163,7 @@ def train_split_fits_in_memory(cfg: TrainJobConfig, manifest: Manifest) -> bool:
     return rows * manifest.seq_len * 4 * len(manifest.columns) <= cfg.data.cache_in_memory_mb * 2**20
 
 
-def start_mlflow_run(
-    cfg: TrainJobConfig, manifest: Manifest, model_config: LLaDAMoEConfig
-) -> tuple[str, str]:
+def start_mlflow_run(cfg: TrainJobConfig, manifest: Manifest, model_config: ModelConfig) -> tuple[str, str]:
     from diffmoe.tracking import create_run, git_commit
 
     tags = {
