@@ -1,12 +1,14 @@
-"""A LLaDA2.x (block-diffusion) model served by the real Ray Serve app: the OpenAI client gets chat
-(in the model's own chat template), completion and streamed answers, 16 concurrent requests get
-exactly their offline answers, and LLaDA2-only settings are checked per family."""
+"""A LLaDA2.x (block-diffusion) model served by the real Ray Serve app, expert-parallel over two
+workers (experts and shared experts as in training): the OpenAI client gets chat (in the model's own
+chat template), completion and streamed answers, 16 concurrent requests get exactly the answers of
+an offline single-process host, and LLaDA2-only settings are checked per family."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
+import httpx
 import pytest
 
 from diffmoe.serve.config import ServeConfig
@@ -39,6 +41,8 @@ def server(ray_cluster, llada2_dir):
         "model": str(llada2_dir),
         "http_port": free_port(),
         "replica_cpus": 1,
+        "ep_size": 2,
+        "worker_cpus": 0.5,
         "max_tokens_limit": 64,
         "stream_interval_s": 0.0,
         "decoding": {"gen_length": 32, "block_length": 8, "threshold": 0.9},
@@ -50,7 +54,8 @@ def server(ray_cluster, llada2_dir):
 
 @pytest.fixture(scope="module")
 def offline(server):
-    return ModelHost(server[1])
+    """The same settings in one process: the expert-parallel replica must answer exactly this."""
+    return ModelHost(server[1].model_copy(update={"ep_size": 1}))
 
 
 def expect(host: ModelHost, req) -> str:
@@ -78,6 +83,8 @@ def test_openai_client_chat_completion_stream_and_concurrency(server, offline):
     import openai
 
     url, _ = server
+    health = httpx.get(url + "/health", timeout=30).json()
+    assert health["ep_size"] == 2 and health["experts_per_worker"] == [4, 4]  # 8 experts split in two
     c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
     msgs = [{"role": "user", "content": "what is a list?"}]
     chat = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0)
