@@ -130,9 +130,10 @@ def t_tokens(cfg: CompareConfig) -> int:
 
 
 def load_model(model_dir: str):
-    from diffmoe.model import LLaDAMoEModelLM
+    """The directory's model (either family) on the CPU in fp32, eval mode."""
+    from diffmoe.model.source import load_model as load_family_model
 
-    return LLaDAMoEModelLM.from_pretrained(model_dir).eval()
+    return load_family_model(Path(model_dir), device="cpu")
 
 
 def validation_rows(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,13 +187,18 @@ def eval_prompts(cfg: CompareConfig, tokenizer, n: int | None = None):
     return examples, ids
 
 
-def decoding_for(cfg: CompareConfig, prompt_len: int, stop_ids: list[int]) -> DecodingConfig:
+def decoding_for(
+    cfg: CompareConfig, prompt_len: int, stop_ids: list[int], block_length: int | None = None
+) -> DecodingConfig:
     """Both sides: the answer canvas is the rest of a training row (the SFT layout), one block.
-    The diffusion side uses threshold decoding; the AR side ignores the diffusion settings."""
+    The diffusion side uses threshold decoding; the AR side ignores the diffusion settings. A
+    block-diffusion model decodes in blocks of ``block_length`` (canvas rounded up to whole blocks)."""
     gen = cfg.task.seq_len - prompt_len
+    if block_length:
+        gen = -(-gen // block_length) * block_length
     return DecodingConfig(
         gen_length=gen,
-        block_length=gen,
+        block_length=block_length or gen,
         threshold=cfg.decoding.threshold,
         cache=cfg.decoding.cache,
         temperature=cfg.decoding.temperature,
@@ -206,8 +212,9 @@ def stop_ids(tokenizer) -> list[int]:
     return [role_end] if isinstance(role_end, int) and role_end != tokenizer.unk_token_id else []
 
 
-def accuracy(cfg: CompareConfig, model, tokenizer, special) -> dict:
-    """Exact match on held-out prompts, decoded offline by the same Engine the server runs."""
+def accuracy(cfg: CompareConfig, model, tokenizer, special, block_length: int | None = None) -> dict:
+    """Exact match on held-out prompts, decoded offline by the same Engine the server runs
+    (``block_length``: a block-diffusion model's decoding block)."""
     examples, prompts = eval_prompts(cfg, tokenizer)
     stops = stop_ids(tokenizer)
     engine = Engine(
@@ -217,7 +224,7 @@ def accuracy(cfg: CompareConfig, model, tokenizer, special) -> dict:
         mask_id=special.mask_id,
         eos_id=special.eos_id,
     )
-    configs = [decoding_for(cfg, len(p), stops) for p in prompts]
+    configs = [decoding_for(cfg, len(p), stops, block_length) for p in prompts]
     start = time.perf_counter()
     outs = engine.run(prompts, configs)
     seconds = time.perf_counter() - start

@@ -257,7 +257,9 @@ def published_state(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor] | None:
         value = value.cpu()
         if _GATE in key:
             out[
-                key.replace(_GATE + ".wg.weight", "mlp.gate.weight").replace(_GATE + ".routing_bias", bias_key)
+                key.replace(_GATE + ".wg.weight", "mlp.gate.weight").replace(
+                    _GATE + ".routing_bias", bias_key
+                )
             ] = value
         else:
             out[key] = value

@@ -1,0 +1,143 @@
+"""AR -> block-diffusion conversion against diffusion from scratch: accuracy vs training tokens.
+
+Four sides, same task (reverse digits, chat SFT rows of 48 tokens), backbone, batch and training
+job (diffmoe.bench.conversion): (a) the AR twin, (b) a block-diffusion model converted from (a)'s
+final weights, (c) masked diffusion from scratch, (d) block diffusion from scratch (same job as (b)
+from (a)'s untrained weights). Target (issue 18): (b) reaches >= 0.95 of (a)'s final accuracy using
+<= 25% of the tokens (d) needs to get there, i.e. ratio = tokens(d) / tokens(b) at that accuracy >= 4.
+Writes docs/benchmarks/ar_to_diffusion.json and ar_to_diffusion.png.
+
+    .venv/bin/python benchmarks/bench_ar_to_diffusion.py [--set conversion.convert_checkpoints=[0,100] ...]
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from common import ROOT, write_result
+
+BASELINE = "block diffusion from scratch (same backbone, data, batch and job)"
+
+
+def plot(curves: dict, level: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {
+        "ar": "(a) AR twin",
+        "converted": "(b) converted from (a) [conversion tokens]",
+        "mdlm": "(c) masked diffusion, scratch",
+        "block_scratch": "(d) block diffusion, scratch",
+    }
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for side, curve in curves.items():
+        xs = [max(p["tokens"], 1) for p in curve]
+        ax.plot(xs, [p["accuracy"] for p in curve], marker="o", label=labels[side])
+    ax.axhline(level, color="grey", linestyle=":", label=f"target {level:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens (log; 0 steps drawn at 1)")
+    ax.set_ylabel("exact match, held-out prompts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarise(result: dict, share: float) -> tuple[float, dict, dict]:
+    from diffmoe.bench.conversion import first_crossing
+
+    curves = result["curves"]
+    ar_final = curves["ar"][-1]["accuracy"]
+    level = share * ar_final
+    converted = first_crossing(curves["converted"], level)
+    scratch = first_crossing(curves["block_scratch"], level)
+    lower_bound = scratch is None  # (d) never got there: its last budget bounds the ratio from below
+    scratch_tokens = curves["block_scratch"][-1]["tokens"] if lower_bound else scratch["tokens"]
+    step_tokens = result["tokens_per_step"]
+    if converted is None or ar_final == 0:
+        ratio = 0.0  # nothing to compare: the AR twin learned nothing, or conversion never got there
+    else:  # reached at 0 conversion steps: count one step, so the ratio stays finite
+        ratio = scratch_tokens / max(converted["tokens"], step_tokens)
+    crossings = {
+        side: (lambda p: None if p is None else {"steps": p["steps"], "tokens": p["tokens"]})(
+            first_crossing(curve, 0.9)
+        )
+        for side, curve in curves.items()
+    }
+    summary = {
+        "target_level": round(level, 4),
+        "ar_final_accuracy": ar_final,
+        "converted_at_target": converted,
+        "scratch_at_target": scratch,
+        "ratio_is_lower_bound": lower_bound,
+        "first_point_at_90pct": crossings,
+    }
+    checks = {
+        "ar_twin_learned_the_task": ar_final > 0,
+        "converted_reaches_target_share_of_ar": converted is not None,
+    }
+    return ratio, summary, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffmoe.bench.conversion import ConversionBenchConfig
+    from diffmoe.jobs import run_job
+
+    def bench(cfg: ConversionBenchConfig, args) -> dict:
+        import ray
+
+        from diffmoe.bench.conversion import run_conversion_benchmark
+
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        try:
+            result = run_conversion_benchmark(cfg)
+        finally:
+            ray.shutdown()
+        share = cfg.conversion.target_accuracy_share
+        ratio, summary, checks = summarise(result, share)
+        png = ROOT / "docs" / "benchmarks" / "ar_to_diffusion.png"
+        plot(result["curves"], summary["target_level"], png)
+        sets = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
+        write_result(
+            "ar_to_diffusion",
+            command=f".venv/bin/python benchmarks/bench_ar_to_diffusion.py {sets}".rstrip(),
+            baseline=BASELINE,
+            ratio=ratio,
+            target=(
+                f"the converted model reaches {share:.2f} x the AR twin's accuracy using <= 25% of the "
+                "tokens block diffusion from scratch needs (ratio = scratch tokens / conversion tokens)"
+            ),
+            target_ratio=4.0,
+            checks=checks,
+            details={
+                **summary,
+                "curves": result["curves"],
+                "tokens_per_step": result["tokens_per_step"],
+                "train_rows": result["train_rows"],
+                "seconds": result["seconds"],
+                "settings": cfg.model_dump(
+                    mode="json", include={"task", "model", "train", "decoding", "conversion"}
+                ),
+                "notes": (
+                    "converted tokens count the conversion run only; the AR twin's own tokens are "
+                    "curve (a). Accuracy is exact match on task.eval_examples held-out prompts, "
+                    "decoded by the serving Engine at temperature 0."
+                ),
+                "plot": "ar_to_diffusion.png",
+            },
+        )
+        return {"benchmark": "ar_to_diffusion", "ratio": ratio}
+
+    os.chdir(ROOT)
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_job(ConversionBenchConfig, bench, description=__doc__, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

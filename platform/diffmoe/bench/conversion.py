@@ -1,0 +1,188 @@
+"""AR -> diffusion conversion, measured: accuracy against training tokens for four sides.
+
+Same task data (the comparison's SFT set), backbone and batch for every side, each trained by the
+platform's own training job (Ray Train + DeepSpeed + MLflow):
+
+- ``ar``: the causal twin (next-token loss);
+- ``converted``: ``ar``'s final weights in the LLaDA2 layout (``model.convert_to: block_diffusion``),
+  trained on under a block-size ladder that ends at the serving block length;
+- ``mdlm``: masked diffusion from scratch (the LLaDA-MoE recipe);
+- ``block_scratch``: block diffusion from scratch: the same conversion job started from the causal
+  twin's *initial* (untrained) weights, so backbone, init and objective match ``converted``.
+
+A side trains in segments that end at its checkpoints; each segment resumes the same run (same run
+name and storage), so a curve is one training run observed along the way, not several runs.
+Learning rates are constant after warm-up, so where a run pauses changes nothing. Accuracy is exact
+match on held-out prompts decoded by the serving Engine (threshold decoding for the diffusion sides,
+block diffusion in blocks of ``serving_block_length``). Conversion at 0 steps is measured too:
+the AR weights decoded by the block sampler before any diffusion training.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from diffmoe.config import StrictModel
+from diffmoe.tracking import MLflowSection
+
+from .config import CompareConfig, OutputSection
+from .quality import accuracy, load_model, prepare_data, train_config
+
+SIDES = ("ar", "converted", "mdlm", "block_scratch")
+
+
+class ConversionSection(StrictModel):
+    # steps at which each side's accuracy is measured (each point is a pause of one training run)
+    ar_checkpoints: list[int] = Field(default_factory=lambda: [500, 1500])
+    convert_checkpoints: list[int] = Field(default_factory=lambda: [0, 100, 200, 400])
+    scratch_checkpoints: list[int] = Field(default_factory=lambda: [500, 1000, 1500])
+    # conversion's warm-up ladder [[steps, block_length], ...] before the serving block length
+    ladder: list[tuple[int, int]] = Field(default_factory=lambda: [(25, 1), (25, 4)])
+    serving_block_length: int = Field(8, ge=1)
+    convert_lr: float = Field(1e-3, gt=0)  # continued training: below the from-scratch lr
+    target_accuracy_share: float = Field(0.95, gt=0, le=1)  # converted must reach this share of AR's
+
+
+class ConversionBenchConfig(CompareConfig):
+    conversion: ConversionSection = ConversionSection()
+    mlflow: MLflowSection = MLflowSection(experiment="ar_to_diffusion")
+    output: OutputSection = OutputSection(work_dir="artifacts/ar_to_diffusion", name="ar_to_diffusion")
+
+    @model_validator(mode="after")
+    def _check_conversion(self) -> ConversionBenchConfig:
+        c = self.conversion
+        for name in ("ar_checkpoints", "convert_checkpoints", "scratch_checkpoints"):
+            points = getattr(c, name)
+            if not points or points != sorted(set(points)) or points[0] < 0:
+                raise ValueError(f"conversion.{name}={points}: need increasing step counts >= 0")
+        if self.task.seq_len % c.serving_block_length or any(self.task.seq_len % b for _, b in c.ladder):
+            raise ValueError(f"every block length must divide task.seq_len={self.task.seq_len}")
+        return self
+
+
+def schedule_upto(ladder: list[tuple[int, int]], steps: int, final: int) -> list[tuple[int, int]]:
+    """The ladder's phases cut at ``steps``, the rest at ``final``: a prefix of one long schedule."""
+    out, done = [], 0
+    for phase_steps, length in ladder:
+        take = min(phase_steps, steps - done)
+        if take > 0:
+            out.append((take, length))
+            done += take
+    if steps > done:
+        out.append((steps - done, final))
+    return out
+
+
+def side_job(cfg: ConversionBenchConfig, side: str, data_dir: Path, steps: int, init_from: str | None):
+    """The training job of ``side`` stopped at ``steps`` (a segment of one run)."""
+    from diffmoe.train.config import TrainJobConfig
+
+    c = cfg.conversion
+    job = train_config(cfg, "ar" if side == "ar" else "dllm", data_dir).model_dump()
+    job["optim"].update(schedule="constant")
+    job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
+    job["mlflow"]["run_name"] = job["run"]["name"] = f"conversion-{side}"
+    job["run"]["output_dir"] = str(Path(job["run"]["output_dir"]).with_name(side))
+    if side in ("converted", "block_scratch"):
+        job["model"].update(init_from=init_from, convert_to="block_diffusion", overrides={})
+        ladder = c.ladder if side == "converted" else []
+        job["train"]["objective"].update(
+            block_schedule=schedule_upto(ladder, steps, c.serving_block_length), balance="aux_loss"
+        )
+        if side == "converted":
+            job["optim"].update(lr=c.convert_lr)
+    return TrainJobConfig.model_validate(job)
+
+
+def save_initial_twin(cfg: ConversionBenchConfig, data_dir: Path, out: Path) -> Path:
+    """The causal twin's untrained weights (the training job's init, same seed) as a directory."""
+    import torch
+
+    from diffmoe.model import LLaDAMoEModelLM
+    from diffmoe.train.trainer import preflight
+
+    model_config, _ = preflight(train_config(cfg, "ar", data_dir))
+    torch.manual_seed(cfg.train.seed)
+    LLaDAMoEModelLM(model_config).save_pretrained(out)
+    for f in (data_dir / "tokenizer").iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def converted_in_memory(ar_dir: str):
+    """The AR twin's weights as a LLaDA2 model, untrained: the 0-step point of the converted curve."""
+    from diffmoe.model import LLaDA2MoeModelLM
+    from diffmoe.model.checkpoint import load_config, read_weights
+    from diffmoe.model.convert import llada2_config_from, llada2_state_from
+
+    config = llada2_config_from(load_config(Path(ar_dir)))
+    model = LLaDA2MoeModelLM(config)
+    model.load_state_dict(llada2_state_from(read_weights(Path(ar_dir)), config.num_experts), strict=True)
+    return model.eval()
+
+
+def measure(cfg: ConversionBenchConfig, model, tokenizer_dir: str, block: bool) -> dict:
+    from diffmoe.data import load_tokenizer
+
+    tok, special = load_tokenizer(tokenizer_dir)
+    q = accuracy(cfg, model, tok, special, cfg.conversion.serving_block_length if block else None)
+    return {k: q[k] for k in ("accuracy", "correct", "total", "forwards_per_token") if k in q}
+
+
+def run_side(
+    cfg, side: str, data_dir: Path, points: list[int], init_from: str | None, tokens_per_step: int, log
+):
+    """Train ``side`` through its checkpoints; accuracy at each. Returns the curve."""
+    curve, seconds = [], 0.0
+    storage = Path(cfg.output.work_dir).resolve() / "runs" / f"conversion-{side}"
+    shutil.rmtree(storage, ignore_errors=True)  # a fresh run, never a resume of an older benchmark
+    from diffmoe.train.trainer import run_training
+
+    block = side in ("converted", "block_scratch")
+    for steps in points:
+        if steps == 0:
+            model, tok_dir = converted_in_memory(init_from), init_from
+        else:
+            start = time.perf_counter()
+            result = run_training(side_job(cfg, side, data_dir, steps, init_from))
+            seconds += time.perf_counter() - start
+            model, tok_dir = load_model(result.model_dir), result.model_dir
+        point = {"steps": steps, "tokens": steps * tokens_per_step, "train_seconds": round(seconds, 1)}
+        point.update(measure(cfg, model, tok_dir, block))
+        log(f"{side} @ {steps} steps: accuracy {point['accuracy']:.3f}")
+        curve.append(point)
+    return curve, (None if not points or points[-1] == 0 else result.model_dir)
+
+
+def first_crossing(curve: list[dict], level: float) -> dict | None:
+    """The first measured point at or above ``level`` accuracy (None: never reached)."""
+    return next((p for p in curve if p["accuracy"] >= level), None)
+
+
+def run_conversion_benchmark(cfg: ConversionBenchConfig, log=print) -> dict:
+    start = time.perf_counter()
+    prepared = prepare_data(cfg, log=log)
+    data = prepared.data_dir
+    t = cfg.train
+    tokens_per_step = t.micro_batch_size * t.num_workers * cfg.task.seq_len
+    c = cfg.conversion
+    curves = {}
+    curves["ar"], ar_dir = run_side(cfg, "ar", data, c.ar_checkpoints, None, tokens_per_step, log)
+    curves["converted"], _ = run_side(
+        cfg, "converted", data, c.convert_checkpoints, ar_dir, tokens_per_step, log
+    )
+    curves["mdlm"], _ = run_side(cfg, "mdlm", data, c.scratch_checkpoints, None, tokens_per_step, log)
+    init = save_initial_twin(cfg, data, Path(cfg.output.work_dir).resolve() / "models" / "ar-init")
+    curves["block_scratch"], _ = run_side(
+        cfg, "block_scratch", data, c.scratch_checkpoints, str(init), tokens_per_step, log
+    )
+    return {
+        "curves": curves,
+        "tokens_per_step": tokens_per_step,
+        "train_rows": prepared.train_rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
