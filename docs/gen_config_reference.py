@@ -40,6 +40,7 @@ def sections() -> list[dict]:
     from diffmoe.data.config import CorpusConfig
     from diffmoe.evaluate import EvalConfig
     from diffmoe.generation.config import DecodingConfig
+    from diffmoe.harness.job import LmEvalConfig
     from diffmoe.serve.config import ServeConfig
     from diffmoe.train.config import TrainJobConfig
 
@@ -50,15 +51,20 @@ def sections() -> list[dict]:
             "used_by": "`jobs/prepare_corpus.py --config jobs/configs/corpus*.yaml | sft_tiny.yaml`",
         },
         {
-            "title": "Training (pretraining and SFT)",
+            "title": "Training (pretraining, SFT and AR -> diffusion conversion)",
             "model": TrainJobConfig,
-            "used_by": "`jobs/pretrain.py` and `jobs/finetune.py` with `jobs/configs/pretrain_*.yaml`, "
-            "`finetune_tiny.yaml`",
+            "used_by": "`jobs/pretrain.py`, `jobs/finetune.py` and `jobs/convert.py` with "
+            "`jobs/configs/pretrain_*.yaml`, `finetune_tiny.yaml`, `convert_tiny.yaml`",
         },
         {
             "title": "Evaluation",
             "model": EvalConfig,
             "used_by": "`jobs/evaluate.py --config jobs/configs/evaluate_tiny.yaml`",
+        },
+        {
+            "title": "lm-evaluation-harness",
+            "model": LmEvalConfig,
+            "used_by": "`jobs/lm_eval.py --config jobs/configs/lm_eval_tiny.yaml` (extra `lm-eval`)",
         },
         {
             "title": "Serving",

@@ -33,6 +33,7 @@ LAYERS = {
     "diffmoe.train": 3,
     "diffmoe.serve": 3,
     "diffmoe.evaluate": 3,
+    "diffmoe.harness": 3,  # lm-evaluation-harness model, tasks and job
     "diffmoe.bench": 4,
     "diffmoe.demo": 4,
 }

@@ -12,6 +12,7 @@ from diffmoe.bench import CompareConfig
 from diffmoe.config import ConfigError, apply_overrides, load
 from diffmoe.data.config import CorpusConfig
 from diffmoe.evaluate import EvalConfig
+from diffmoe.harness.job import LmEvalConfig
 from diffmoe.train.config import HOST_MALLOC_ENV, TrainJobConfig, effective_ep_size
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -23,6 +24,7 @@ KINDS = {
     "finetune": TrainJobConfig,
     "convert": TrainJobConfig,
     "evaluate": EvalConfig,
+    "lm_eval": LmEvalConfig,
     "benchmark": CompareConfig,
 }
 

@@ -403,6 +403,42 @@ def test_killed_replica_is_replaced_and_serves_again(server):
     print(f"first success {time.monotonic() - t0:.1f}s after the kill; answers: {seen}")
 
 
+def test_lm_eval_local_completions_scores_the_served_endpoint(server, offline, tmp_path):
+    """lm-eval's own OpenAI-completions client (``local-completions``) evaluates the endpoint: each
+    logged response is the answer the replica must give for that prompt."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from diffmoe.generation.tasks import ReverseTask
+    from diffmoe.harness.tasks import write_builtin_tasks
+
+    url, _ = server
+    tasks = write_builtin_tasks(tmp_path, "reverse", 4, 7)
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": url + "/v1/completions",
+            "model": "tiny-served",
+            "tokenizer_backend": "none",
+            "tokenized_requests": False,
+            "header": {"Authorization": f"Bearer {KEY}"},
+            "max_retries": 1,
+        },
+        tasks=["diffmoe_reverse"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    samples = out["samples"]["diffmoe_reverse"]
+    assert len(samples) == 4 and "exact_match,none" in out["results"]["diffmoe_reverse"]
+    budget = ReverseTask().max_answer_chars + 2  # the task's max_gen_toks
+    for sample in samples:
+        req = CompletionRequest(
+            model="tiny-served", prompt=sample["doc"]["prompt"], max_tokens=budget, temperature=0
+        )
+        assert sample["resps"][0][0] == expect(offline, req)
+
+
 def test_fuzzed_requests_over_real_serve_never_get_5xx(server):
     """The fuzz test's generated requests, through Ray Serve's HTTP proxy this time (300 of them;
     the 2000-request run drives the in-process replica, test_serve_fuzz.py)."""

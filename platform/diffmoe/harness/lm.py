@@ -1,0 +1,147 @@
+"""lm-eval's ``diffmoe`` model: any platform model source, evaluated the way it is served.
+
+- ``generate_until``: every request goes through the serving ``Engine`` with the family's decoding
+  (``decoding``: threshold / block settings as served; temperature from the task), stop strings as
+  ``DecodingConfig.stop`` and the tokenizer's end markers as stop tokens.
+- ``loglikelihood``: minus the platform's one validation loss (``diffusion.validation_loss_sum``)
+  of the continuation given the context: for a diffusion model a Monte-Carlo estimate of the ELBO
+  (mask ratio p per draw, continuation tokens masked with p, sum of CE / p; ``mc_num`` draws), a
+  lower bound on the log-likelihood as LLaDA's evaluation uses it; for a block-diffusion model the
+  block bound; for the causal AR twin the exact log-likelihood. ``is_greedy`` is exact for the AR
+  twin and, for diffusion models, whether one forward with the whole continuation masked predicts
+  it (an approximation of greedy decoding).
+- ``loglikelihood_rolling``: the same over the whole text (after one end token as context).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from diffmoe.config import AUTOREGRESSIVE, model_family
+from diffmoe.diffusion import validation_loss_sum
+from diffmoe.generation import DecodingConfig, Engine
+from diffmoe.rng import device_generator
+
+
+@register_model("diffmoe")
+class DiffmoeLM(LM):
+    def __init__(
+        self,
+        pretrained: str,
+        tracking_uri: str | None = None,
+        mc_num: int = 8,
+        batch_size: int = 16,
+        decoding: DecodingConfig | dict | None = None,
+        seed: int = 0,
+        device: str | None = None,
+        **_ignored,
+    ):
+        super().__init__()
+        from diffmoe.data import load_tokenizer
+        from diffmoe.model.source import load_model, resolve
+
+        path = resolve(pretrained, tracking_uri)
+        self.model = load_model(Path(path), device=device)
+        self.tokenizer, self.special = load_tokenizer(path)
+        self.mc_num, self.seed = int(mc_num), int(seed)
+        base = decoding if isinstance(decoding, DecodingConfig) else DecodingConfig(**(decoding or {}))
+        self.base = base
+        self.family = model_family(self.model.config)
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            max_batch_size=int(batch_size),
+            mask_id=self.special.mask_id,
+            eos_id=self.special.eos_id,
+        )
+        role_end = self.tokenizer.convert_tokens_to_ids("<|role_end|>")
+        self.stop_ids = (
+            [role_end] if isinstance(role_end, int) and role_end != self.tokenizer.unk_token_id else []
+        )
+        self.pretrained = pretrained
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.pretrained).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def tok_encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- generation --------------------------------------------------------------------------
+    def decoding_for(self, gen_kwargs: dict) -> DecodingConfig:
+        """The served decoding settings with the task's length, stops and sampling."""
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else [s for s in until if s]
+        max_new = int(gen_kwargs.get("max_gen_toks", self.base.gen_length))
+        block = min(self.base.block_length, max_new)
+        gen = -(-max_new // block) * block  # a canvas of whole blocks
+        sample = bool(gen_kwargs.get("do_sample", False))
+        return self.base.model_copy(
+            update={
+                "gen_length": gen,
+                "block_length": block,
+                "steps": None if self.base.steps is None else gen,
+                "stop": until,
+                "stop_token_ids": self.stop_ids,
+                "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
+                "seed": self.seed,
+            }
+        )
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        prompts = [self.tok_encode(r.args[0]) for r in requests]
+        configs = [self.decoding_for(dict(r.args[1] or {})) for r in requests]
+        return [out.text for out in self.engine.run(prompts, configs)]
+
+    # ---- likelihoods -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        if not context:  # nothing to condition on: one end token, as lm-eval's HF models do
+            context = [self.special.eos_id]
+        ids = torch.tensor([context + continuation], device=self.device)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        scored[:, len(context) :] = True
+        gen = device_generator(self.device, self.seed)
+        nats, _ = validation_loss_sum(
+            self.model,
+            ids,
+            mask_id=self.model.config.mask_token_id,
+            response_mask=scored,
+            generator=gen,
+            draws=self.mc_num,
+        )
+        return -float(nats), self._greedy(ids, len(context))
+
+    def _greedy(self, ids: torch.Tensor, start: int) -> bool:
+        target = ids[0, start:]
+        if self.family == AUTOREGRESSIVE:
+            logits = self.model(ids).logits[0, start - 1 : -1]
+        else:
+            masked = ids.clone()
+            masked[0, start:] = self.model.config.mask_token_id
+            logits = self.model(masked).logits[0, start:]
+        return bool((logits.argmax(-1) == target).all())
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return [self._score(self.tok_encode(c), self.tok_encode(x)) for c, x in (r.args for r in requests)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        return [self._score([], self.tok_encode(r.args[0]))[0] for r in requests]
