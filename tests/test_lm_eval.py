@@ -77,7 +77,7 @@ def _evaluate(model_dir: Path, tasks: list[str], task_dir: Path, mc_num: int = 4
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
-        task_manager=TaskManager(include_path=str(task_dir)),
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         log_samples=True,
         bootstrap_iters=0,
     )
@@ -110,21 +110,34 @@ def test_job_logs_every_task_metric_and_the_samples_to_mlflow(ray_cluster, tmp_p
     from mlflow.tracking import MlflowClient
 
     from diffmoe.harness.job import LmEvalConfig, LmEvalError, evaluate_with_lm_eval
+    from diffmoe.tracking import MLflowSection, create_run, register_model
 
+    # a registered version, evaluated through its alias: the scores land on that version too
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    section = MLflowSection(tracking_uri=uri, experiment="tests")
+    client, train_run = create_run(section, run_name="train")
+    client.log_artifacts(train_run, str(tiny_model_dir), "model")
+    version = register_model(client, train_run, "model", "tiny-lm", "candidate")
     cfg = LmEvalConfig.model_validate(
         {
-            "model": str(tiny_model_dir),
+            "model": "models:/tiny-lm@candidate",
             "limit": 3,
             "builtin": {"examples": 8},
             "mc_num": 1,
-            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
+            "mlflow": {"tracking_uri": uri, "experiment": "tests"},
         }
     )
     result = evaluate_with_lm_eval(cfg)
     client = MlflowClient(cfg.mlflow.tracking_uri)
     run = client.get_run(result["run_id"])
     assert {"lm_eval/diffmoe_reverse/exact_match", "lm_eval/diffmoe_reverse_mc/acc"} <= set(run.data.metrics)
-    assert run.data.tags["kind"] == "lm_eval" and run.data.tags["evaluated_model"] == str(tiny_model_dir)
+    assert (
+        run.data.tags["kind"] == "lm_eval" and run.data.tags["evaluated_model"] == "models:/tiny-lm@candidate"
+    )
+    assert run.data.tags["evaluated_model_version"] == f"models:/tiny-lm/{version}"
+    tags = client.get_model_version("tiny-lm", version).tags
+    assert tags["lm_eval_run_id"] == result["run_id"]
+    assert float(tags["lm_eval/diffmoe_reverse_mc/acc"]) == run.data.metrics["lm_eval/diffmoe_reverse_mc/acc"]
     files = {a.path for a in client.list_artifacts(result["run_id"], "lm_eval")}
     assert {"lm_eval/results.json", "lm_eval/samples_diffmoe_reverse.jsonl"} <= files
     with pytest.raises(LmEvalError, match="unknown"):

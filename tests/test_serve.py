@@ -425,7 +425,7 @@ def test_lm_eval_local_completions_scores_the_served_endpoint(server, offline, t
             "max_retries": 1,
         },
         tasks=["diffmoe_reverse"],
-        task_manager=TaskManager(include_path=str(tasks)),
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
         log_samples=True,
         bootstrap_iters=0,
     )

@@ -156,7 +156,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from diffmoe.data.manifest import verify_dataset
     from diffmoe.model.source import is_mlflow_uri, resolve
-    from diffmoe.tracking import create_run, log_metrics
+    from diffmoe.tracking import create_run, log_metrics, tag_model_version
 
     uri = cfg.mlflow.resolved_uri()
     if not is_mlflow_uri(cfg.model) and not Path(cfg.model).is_dir():
@@ -184,5 +184,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     name = f"eval-{Path(cfg.model.rstrip('/')).name}"
     client, run_id = create_run(cfg.mlflow, run_name=name, tags=tags, params=cfg.model_dump(mode="json"))
     log_metrics(client, run_id, metrics)
+    version = tag_model_version(client, cfg.model, {**metrics, "eval_run_id": run_id})
+    if version:
+        client.set_tag(run_id, "evaluated_model_version", version)
     client.set_terminated(run_id)
     return {"run_id": run_id, **metrics}

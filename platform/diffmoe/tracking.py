@@ -111,3 +111,20 @@ def register_model(client, run_id: str, artifact_path: str, name: str, alias: st
         client.set_registered_model_alias(name, alias, version)
     client.set_tag(run_id, "registered_model", f"models:/{name}/{version}")
     return str(version)
+
+
+def tag_model_version(client, source: str, tags: dict[str, Any]) -> str | None:
+    """Evaluation results beside the model: for a ``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>`` source set ``tags`` on that registered version (an alias is pinned to
+    the version it points at now). Returns ``models:/<name>/<version>``, or None for other sources."""
+    import re
+
+    m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))/?$", source)
+    if m is None:
+        return None
+    name, alias, version = m.groups()
+    if alias:
+        version = client.get_model_version_by_alias(name, alias).version
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    return f"models:/{name}/{version}"

@@ -77,8 +77,16 @@ def schedule_upto(ladder: list[tuple[int, int]], steps: int, final: int) -> list
     return out
 
 
-def side_job(cfg: ConversionBenchConfig, side: str, data_dir: Path, steps: int, init_from: str | None):
-    """The training job of ``side`` stopped at ``steps`` (a segment of one run)."""
+def side_job(
+    cfg: ConversionBenchConfig,
+    side: str,
+    data_dir: Path,
+    steps: int,
+    init_from: str | None,
+    confidence_beta: float = 0.0,
+):
+    """The training job of ``side`` stopped at ``steps`` (a segment of one run); ``confidence_beta``
+    turns on CAP for a block-diffusion side."""
     from diffmoe.train.config import TrainJobConfig
 
     c = cfg.conversion
@@ -87,13 +95,15 @@ def side_job(cfg: ConversionBenchConfig, side: str, data_dir: Path, steps: int, 
     job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
     job["mlflow"]["run_name"] = job["run"]["name"] = f"conversion-{side}"
     job["run"]["output_dir"] = str(Path(job["run"]["output_dir"]).with_name(side))
-    if side in ("converted", "block_scratch"):
+    if side.startswith("converted") or side == "block_scratch":
         job["model"].update(init_from=init_from, convert_to="block_diffusion", overrides={})
-        ladder = c.ladder if side == "converted" else []
+        ladder = c.ladder if side.startswith("converted") else []
         job["train"]["objective"].update(
-            block_schedule=schedule_upto(ladder, steps, c.serving_block_length), balance="aux_loss"
+            block_schedule=schedule_upto(ladder, steps, c.serving_block_length),
+            balance="aux_loss",
+            block={"confidence_beta": confidence_beta},
         )
-        if side == "converted":
+        if side.startswith("converted"):
             job["optim"].update(lr=c.convert_lr)
     return TrainJobConfig.model_validate(job)
 
@@ -130,25 +140,35 @@ def measure(cfg: ConversionBenchConfig, model, tokenizer_dir: str, block: bool) 
 
     tok, special = load_tokenizer(tokenizer_dir)
     q = accuracy(cfg, model, tok, special, cfg.conversion.serving_block_length if block else None)
-    return {k: q[k] for k in ("accuracy", "correct", "total", "forwards_per_token") if k in q}
+    return {
+        k: q[k] for k in ("accuracy", "correct", "total", "forwards_per_token", "tokens_per_step") if k in q
+    }
 
 
 def run_side(
-    cfg, side: str, data_dir: Path, points: list[int], init_from: str | None, tokens_per_step: int, log
+    cfg,
+    side: str,
+    data_dir: Path,
+    points: list[int],
+    init_from: str | None,
+    tokens_per_step: int,
+    log,
+    confidence_beta: float = 0.0,
 ):
-    """Train ``side`` through its checkpoints; accuracy at each. Returns the curve."""
+    """Train ``side`` through its checkpoints (CAP with ``confidence_beta``); accuracy at each.
+    Returns the curve and the last exported model directory."""
     curve, seconds = [], 0.0
     storage = Path(cfg.output.work_dir).resolve() / "runs" / f"conversion-{side}"
     shutil.rmtree(storage, ignore_errors=True)  # a fresh run, never a resume of an older benchmark
     from diffmoe.train.trainer import run_training
 
-    block = side in ("converted", "block_scratch")
+    block = side.startswith("converted") or side == "block_scratch"
     for steps in points:
         if steps == 0:
             model, tok_dir = converted_in_memory(init_from), init_from
         else:
             start = time.perf_counter()
-            result = run_training(side_job(cfg, side, data_dir, steps, init_from))
+            result = run_training(side_job(cfg, side, data_dir, steps, init_from, confidence_beta))
             seconds += time.perf_counter() - start
             model, tok_dir = load_model(result.model_dir), result.model_dir
         point = {"steps": steps, "tokens": steps * tokens_per_step, "train_seconds": round(seconds, 1)}
@@ -186,3 +206,36 @@ def run_conversion_benchmark(cfg: ConversionBenchConfig, log=print) -> dict:
         "train_rows": prepared.train_rows,
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+class CapSection(StrictModel):
+    """CAP (confidence-aware parallel training) on top of conversion: same run with the confidence
+    term on, compared at equal steps for accuracy and tokens decoded per forward."""
+
+    confidence_beta: float = Field(1.0, gt=0)
+    checkpoints: list[int] = Field(default_factory=lambda: [200, 400])
+    ar_model: str | None = None  # a trained AR twin to convert (skips training one)
+
+
+class CapBenchConfig(ConversionBenchConfig):
+    cap: CapSection = CapSection()
+    output: OutputSection = OutputSection(work_dir="artifacts/cap", name="cap")
+
+
+def run_cap_benchmark(cfg: CapBenchConfig, log=print) -> dict:
+    """The AR twin (trained, or ``cap.ar_model``) converted twice, without and with CAP."""
+    start = time.perf_counter()
+    data = prepare_data(cfg, log=log).data_dir
+    t = cfg.train
+    tokens_per_step = t.micro_batch_size * t.num_workers * cfg.task.seq_len
+    ar_dir = cfg.cap.ar_model
+    curves = {}
+    if ar_dir is None:
+        points = cfg.conversion.ar_checkpoints
+        curves["ar"], ar_dir = run_side(cfg, "ar", data, points, None, tokens_per_step, log)
+    points = cfg.cap.checkpoints
+    curves["converted"], _ = run_side(cfg, "converted", data, points, ar_dir, tokens_per_step, log)
+    curves["converted_cap"], _ = run_side(
+        cfg, "converted_cap", data, points, ar_dir, tokens_per_step, log, cfg.cap.confidence_beta
+    )
+    return {"curves": curves, "ar_model": ar_dir, "seconds": round(time.perf_counter() - start, 1)}

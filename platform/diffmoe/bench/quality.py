@@ -235,5 +235,7 @@ def accuracy(cfg: CompareConfig, model, tokenizer, special, block_length: int | 
         offline_seconds=round(seconds, 3),
         offline_tokens_per_s=tokens / seconds,
         forwards_per_token=engine.forwards / max(tokens, 1),
+        # per request: answer tokens (EOS included) per forward it took part in (parallel decoding)
+        tokens_per_step=sum(len(o.token_ids) + 1 for o in outs) / max(sum(o.steps for o in outs), 1),
     )
     return result

@@ -4,7 +4,8 @@ The Ray task (``num_cpus`` / ``num_gpus``: it lands on a GPU node when asked) lo
 runs ``lm_eval.simple_evaluate`` with the ``diffmoe`` model and returns the results and the logged
 samples. The driver logs every numeric task metric as ``lm_eval/<task>/<metric>``, the results JSON
 and one samples JSONL per task as artifacts, tagged with the evaluated model (and its run for a
-``runs:/`` source), so the scores sit beside the training runs in the MLflow UI.
+``runs:/`` source), so the scores sit beside the training runs in the MLflow UI. A registered model
+(``models:/<name>/<version>`` or ``@<alias>``) also gets the metrics as tags on its version.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class LmEvalConfig(StrictModel):
     model: str = "artifacts/finetune-tiny"  # HF directory or MLflow URI (runs:/..., models:/...)
     tasks: list[str] = Field(default_factory=lambda: ["diffmoe_reverse", "diffmoe_reverse_mc"])
     include_path: str | None = None  # a directory of your own task YAMLs (local data files)
+    # Also index lm-eval's own task library (~15k YAMLs: seconds to scan; its tasks download their
+    # datasets, so they need network access or a prepared HF cache).
+    lm_eval_library: bool = False
     builtin: BuiltinTasks = BuiltinTasks()
     limit: int | None = Field(None, ge=1)  # at most this many documents per task
     num_fewshot: int | None = Field(None, ge=0)
@@ -68,7 +72,7 @@ def run_lm_eval(cfg: LmEvalConfig, model_dir: str, work: Path) -> dict:
     paths = [str(write_builtin_tasks(work / "tasks", b.task, b.examples, b.seed, **extra))]
     if cfg.include_path:
         paths.append(cfg.include_path)
-    manager = TaskManager(include_path=paths)
+    manager = TaskManager(include_path=paths, include_defaults=cfg.lm_eval_library)
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
     if unknown:
         raise LmEvalError(f"tasks: unknown {unknown}; built in: diffmoe_{b.task}, diffmoe_{b.task}_mc")
@@ -110,7 +114,7 @@ def evaluate_with_lm_eval(cfg: LmEvalConfig) -> dict:
     import ray
 
     from diffmoe.model.source import is_mlflow_uri, resolve
-    from diffmoe.tracking import create_run, log_metrics
+    from diffmoe.tracking import create_run, log_metrics, tag_model_version
 
     uri = cfg.mlflow.resolved_uri()
     if not is_mlflow_uri(cfg.model) and not Path(cfg.model).is_dir():
@@ -141,5 +145,8 @@ def evaluate_with_lm_eval(cfg: LmEvalConfig) -> dict:
         for t, samples in out["samples"].items():
             (Path(tmp) / f"samples_{t}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         client.log_artifacts(run_id, tmp, "lm_eval")
+    version = tag_model_version(client, cfg.model, {**metrics, "lm_eval_run_id": run_id})
+    if version:
+        client.set_tag(run_id, "evaluated_model_version", version)
     client.set_terminated(run_id)
     return {"run_id": run_id, **metrics}
