@@ -12,12 +12,10 @@ Writes docs/benchmarks/ar_to_diffusion.json and ar_to_diffusion.png.
 
 from __future__ import annotations
 
-import os
-import shlex
 import sys
 from pathlib import Path
 
-from common import ROOT, write_result
+from common import ROOT, run_on_local_ray, write_result
 
 BASELINE = "block diffusion from scratch (same backbone, data, batch and job)"
 
@@ -84,59 +82,49 @@ def summarise(result: dict, share: float) -> tuple[float, dict, dict]:
     return ratio, summary, checks
 
 
+def bench(cfg, command: str) -> dict:
+    from diffmoe.bench.conversion import run_conversion_benchmark
+
+    result = run_conversion_benchmark(cfg)
+    share = cfg.conversion.target_accuracy_share
+    ratio, summary, checks = summarise(result, share)
+    png = ROOT / "docs" / "benchmarks" / "ar_to_diffusion.png"
+    plot(result["curves"], summary["target_level"], png)
+    write_result(
+        "ar_to_diffusion",
+        command=command,
+        baseline=BASELINE,
+        ratio=ratio,
+        target=(
+            f"the converted model reaches {share:.2f} x the AR twin's accuracy using <= 25% of the "
+            "tokens block diffusion from scratch needs (ratio = scratch tokens / conversion tokens)"
+        ),
+        target_ratio=4.0,
+        checks=checks,
+        details={
+            **summary,
+            "curves": result["curves"],
+            "tokens_per_step": result["tokens_per_step"],
+            "train_rows": result["train_rows"],
+            "seconds": result["seconds"],
+            "settings": cfg.model_dump(
+                mode="json", include={"task", "model", "train", "decoding", "conversion"}
+            ),
+            "notes": (
+                "converted tokens count the conversion run only; the AR twin's own tokens are "
+                "curve (a). Accuracy is exact match on task.eval_examples held-out prompts, "
+                "decoded by the serving Engine at temperature 0."
+            ),
+            "plot": "ar_to_diffusion.png",
+        },
+    )
+    return {"benchmark": "ar_to_diffusion", "ratio": ratio}
+
+
 def main(argv: list[str] | None = None) -> int:
     from diffmoe.bench.conversion import ConversionBenchConfig
-    from diffmoe.jobs import run_job
 
-    def bench(cfg: ConversionBenchConfig, args) -> dict:
-        import ray
-
-        from diffmoe.bench.conversion import run_conversion_benchmark
-
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        try:
-            result = run_conversion_benchmark(cfg)
-        finally:
-            ray.shutdown()
-        share = cfg.conversion.target_accuracy_share
-        ratio, summary, checks = summarise(result, share)
-        png = ROOT / "docs" / "benchmarks" / "ar_to_diffusion.png"
-        plot(result["curves"], summary["target_level"], png)
-        sets = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
-        write_result(
-            "ar_to_diffusion",
-            command=f".venv/bin/python benchmarks/bench_ar_to_diffusion.py {sets}".rstrip(),
-            baseline=BASELINE,
-            ratio=ratio,
-            target=(
-                f"the converted model reaches {share:.2f} x the AR twin's accuracy using <= 25% of the "
-                "tokens block diffusion from scratch needs (ratio = scratch tokens / conversion tokens)"
-            ),
-            target_ratio=4.0,
-            checks=checks,
-            details={
-                **summary,
-                "curves": result["curves"],
-                "tokens_per_step": result["tokens_per_step"],
-                "train_rows": result["train_rows"],
-                "seconds": result["seconds"],
-                "settings": cfg.model_dump(
-                    mode="json", include={"task", "model", "train", "decoding", "conversion"}
-                ),
-                "notes": (
-                    "converted tokens count the conversion run only; the AR twin's own tokens are "
-                    "curve (a). Accuracy is exact match on task.eval_examples held-out prompts, "
-                    "decoded by the serving Engine at temperature 0."
-                ),
-                "plot": "ar_to_diffusion.png",
-            },
-        )
-        return {"benchmark": "ar_to_diffusion", "ratio": ratio}
-
-    os.chdir(ROOT)
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_job(ConversionBenchConfig, bench, description=__doc__, argv=argv)
+    return run_on_local_ray(ConversionBenchConfig, bench, "bench_ar_to_diffusion.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,55 +13,43 @@ target >= 1.2 with accuracy within 0.02 of the run without CAP. Writes docs/benc
 
 from __future__ import annotations
 
-import os
-import shlex
 import sys
 
-from common import ROOT, write_result
+from common import run_on_local_ray, write_result
+
+
+def bench(cfg, command: str) -> dict:
+    from diffmoe.bench.conversion import run_cap_benchmark
+
+    result = run_cap_benchmark(cfg)
+    plain, cap = result["curves"]["converted"][-1], result["curves"]["converted_cap"][-1]
+    ratio = cap["tokens_per_step"] / plain["tokens_per_step"]
+    write_result(
+        "cap",
+        command=command,
+        baseline="the same conversion run without the CAP term",
+        ratio=ratio,
+        target="CAP raises tokens decoded per forward >= 1.2x at accuracy within 0.02",
+        target_ratio=1.2,
+        checks={"accuracy_within_0.02": cap["accuracy"] >= plain["accuracy"] - 0.02},
+        details={
+            "confidence_beta": cfg.cap.confidence_beta,
+            "at_steps": plain["steps"],
+            "without_cap": plain,
+            "with_cap": cap,
+            "curves": result["curves"],
+            "ar_model": result["ar_model"],
+            "seconds": result["seconds"],
+            "decoding": "serving Engine, threshold 0.9, blocks of 8, temperature 0",
+        },
+    )
+    return {"benchmark": "cap", "ratio": ratio}
 
 
 def main(argv: list[str] | None = None) -> int:
     from diffmoe.bench.conversion import CapBenchConfig
-    from diffmoe.jobs import run_job
 
-    def bench(cfg: CapBenchConfig, args) -> dict:
-        import ray
-
-        from diffmoe.bench.conversion import run_cap_benchmark
-
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        try:
-            result = run_cap_benchmark(cfg)
-        finally:
-            ray.shutdown()
-        plain, cap = result["curves"]["converted"][-1], result["curves"]["converted_cap"][-1]
-        ratio = cap["tokens_per_step"] / plain["tokens_per_step"]
-        sets = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
-        write_result(
-            "cap",
-            command=f".venv/bin/python benchmarks/bench_cap.py {sets}".rstrip(),
-            baseline="the same conversion run without the CAP term",
-            ratio=ratio,
-            target="CAP raises tokens decoded per forward >= 1.2x at accuracy within 0.02",
-            target_ratio=1.2,
-            checks={"accuracy_within_0.02": cap["accuracy"] >= plain["accuracy"] - 0.02},
-            details={
-                "confidence_beta": cfg.cap.confidence_beta,
-                "at_steps": plain["steps"],
-                "without_cap": plain,
-                "with_cap": cap,
-                "curves": result["curves"],
-                "ar_model": result["ar_model"],
-                "seconds": result["seconds"],
-                "decoding": "serving Engine, threshold 0.9, blocks of 8, temperature 0",
-            },
-        )
-        return {"benchmark": "cap", "ratio": ratio}
-
-    os.chdir(ROOT)
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_job(CapBenchConfig, bench, description=__doc__, argv=argv)
+    return run_on_local_ray(CapBenchConfig, bench, "bench_cap.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ conditions, each measured: name -> bool), ``met`` (``ratio >= target_ratio`` and
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -63,3 +65,27 @@ def is_met(ratio: float, target_ratio: float, checks: dict[str, bool]) -> bool:
     """The target is met when the measured ratio reaches it and every other measured condition holds
     (NaN, from a failed measurement, never meets a target)."""
     return bool(ratio >= target_ratio and all(checks.values()))
+
+
+def run_on_local_ray(config_cls, bench, script: str, description: str, argv=None, num_cpus: int = 4) -> int:
+    """A benchmark that trains or serves through Ray, as a job: ``--config`` / ``--set`` parsed by
+    ``diffmoe.jobs.run_job``, a local Ray head on loopback around ``bench(cfg, command)``, where
+    ``command`` is the command line that reproduces the run (for the result file)."""
+    from diffmoe.jobs import run_job
+
+    def wrapped(cfg, args):
+        import ray
+
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+        )
+        sets = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
+        try:
+            return bench(cfg, f".venv/bin/python benchmarks/{script} {sets}".rstrip())
+        finally:
+            ray.shutdown()
+
+    os.chdir(ROOT)
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_job(config_cls, wrapped, description=description, argv=argv)
