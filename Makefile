@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install test lint bench demo down clean
+.PHONY: install test lint bench demo down clean guidellm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python docs/gen_benchmarks_page.py
 
+# Optional: guidellm's sweep against the running demo server (make demo), in its own virtualenv.
+guidellm:
+	test -x .venv-guidellm/bin/python || $(PY) -m venv .venv-guidellm
+	.venv-guidellm/bin/pip install --quiet "$(TORCH)" "guidellm==0.8.1"
+	.venv-guidellm/bin/python benchmarks/guidellm_sweep.py
+
 # Fresh clone -> served model: local Ray head, prepare -> pretrain -> finetune -> evaluate as Ray jobs,
 # `serve deploy`, one chat request. Reruns reuse finished stages. `make down` stops it all.
 demo: $(STAMP)
@@ -37,4 +43,4 @@ down:
 	$(BIN)/python scripts/demo.py --down
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-guidellm .pytest_cache
