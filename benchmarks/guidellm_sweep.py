@@ -51,7 +51,7 @@ def main() -> int:
         "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},output_tokens={args.output_tokens}",
         "--profile", "kind=concurrent",
         "--override", "profile.streams", args.streams,
-        "--constraint", f"kind=max_requests,max_requests={args.requests}",
+        "--constraint", f"kind=max_requests,count={args.requests}",
         "--output", f"kind=json,path={report}",
         "--disable-progress",
     ]  # fmt: skip
