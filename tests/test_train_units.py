@@ -237,3 +237,14 @@ def test_block_diffusion_objective_module_honours_documents_and_block_length():
     assert float(other.diffusion) != pytest.approx(float(terms.diffusion))
     aux = ObjectiveModule(lm, TrainJobConfig())(batch, torch.Generator().manual_seed(1), block_length=8)
     assert aux.aux_loss is not None and float(aux.total) > float(aux.diffusion)
+
+
+def test_workers_get_an_absolute_init_from(tmp_path, monkeypatch):
+    """Ray Train workers do not start in the driver's directory: a relative model.init_from that
+    preflight found must reach them as an absolute path."""
+    from diffmoe.train.trainer import worker_view
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainJobConfig.model_validate({"model": {"init_from": "artifacts/ar"}})
+    assert worker_view(cfg)["model"]["init_from"] == str(tmp_path / "artifacts" / "ar")
+    assert worker_view(TrainJobConfig())["model"]["init_from"] is None

@@ -221,6 +221,16 @@ def export_hf_model(checkpoint_dir: Path, dataset_dir: Path, output_dir: Path) -
     return output_dir
 
 
+def worker_view(cfg: TrainJobConfig) -> dict:
+    """The config the workers get: a local ``model.init_from`` made absolute, as the data shards
+    are (workers do not run in the driver's directory outside a Ray job's working_dir)."""
+    job = cfg.model_dump(mode="json")
+    source = job["model"]["init_from"]
+    if source and "://" not in source and ":/" not in source:
+        job["model"]["init_from"] = os.path.abspath(source)
+    return job
+
+
 def run_training(cfg: TrainJobConfig) -> TrainResult:
     import ray
     from mlflow.tracking import MlflowClient
@@ -248,7 +258,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "job": cfg.model_dump(mode="json"),
+                "job": worker_view(cfg),
                 "model_config": model_config.to_dict(),
                 "mlflow_run_id": run_id,
                 "tracking_uri": uri,
