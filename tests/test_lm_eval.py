@@ -142,3 +142,14 @@ def test_job_logs_every_task_metric_and_the_samples_to_mlflow(ray_cluster, tmp_p
     assert {"lm_eval/results.json", "lm_eval/samples_diffmoe_reverse.jsonl"} <= files
     with pytest.raises(LmEvalError, match="unknown"):
         evaluate_with_lm_eval(cfg.model_copy(update={"tasks": ["no_such_task"]}))
+
+
+def test_lm_evals_own_models_stay_registered_beside_ours():
+    """lm-eval fills its model registry on first lookup only while it is empty: registering
+    ``diffmoe`` first must not hide ``local-completions`` and the rest."""
+    from lm_eval.api.registry import get_model
+
+    from diffmoe.harness.lm import DiffmoeLM
+
+    assert get_model("diffmoe") is DiffmoeLM
+    assert get_model("local-completions").__name__ == "LocalCompletionsAPI"

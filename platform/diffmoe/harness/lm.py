@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401 - lm-eval's own models first: its registry loads them only while empty
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
