@@ -208,8 +208,9 @@ def decoding_for(
 
 
 def stop_ids(tokenizer) -> list[int]:
-    role_end = tokenizer.convert_tokens_to_ids("<|role_end|>")
-    return [role_end] if isinstance(role_end, int) and role_end != tokenizer.unk_token_id else []
+    from diffmoe.data.tokenizer import end_of_turn_ids
+
+    return end_of_turn_ids(tokenizer)
 
 
 def accuracy(cfg: CompareConfig, model, tokenizer, special, block_length: int | None = None) -> dict:

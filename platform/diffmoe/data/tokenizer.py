@@ -179,6 +179,13 @@ def special_ids(path: str | Path) -> SpecialIds:
     return SpecialIds(mask_id=mask, eos_id=eos, pad_id=eos if pad is None else pad)
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Ids that end an assistant turn besides EOS: the chat template's role-end marker, when the
+    tokenizer has one (a stop token for decoding chat-templated prompts)."""
+    role_end = tokenizer.convert_tokens_to_ids(ROLE_END)
+    return [role_end] if isinstance(role_end, int) and role_end != tokenizer.unk_token_id else []
+
+
 def load_tokenizer(path: str | Path):
     """``(PreTrainedTokenizerFast, SpecialIds)`` for a tokenizer directory (trained here or LLaDA-MoE)."""
     from transformers import PreTrainedTokenizerFast

@@ -43,6 +43,7 @@ class DiffmoeLM(LM):
     ):
         super().__init__()
         from diffmoe.data import load_tokenizer
+        from diffmoe.data.tokenizer import end_of_turn_ids
         from diffmoe.model.source import load_model, resolve
 
         path = resolve(pretrained, tracking_uri)
@@ -59,10 +60,7 @@ class DiffmoeLM(LM):
             mask_id=self.special.mask_id,
             eos_id=self.special.eos_id,
         )
-        role_end = self.tokenizer.convert_tokens_to_ids("<|role_end|>")
-        self.stop_ids = (
-            [role_end] if isinstance(role_end, int) and role_end != self.tokenizer.unk_token_id else []
-        )
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
         self.pretrained = pretrained
 
     @property

@@ -225,8 +225,10 @@ def worker_view(cfg: TrainJobConfig) -> dict:
     """The config the workers get: a local ``model.init_from`` made absolute, as the data shards
     are (workers do not run in the driver's directory outside a Ray job's working_dir)."""
     job = cfg.model_dump(mode="json")
+    from diffmoe.model.source import is_mlflow_uri
+
     source = job["model"]["init_from"]
-    if source and "://" not in source and ":/" not in source:
+    if source and not is_mlflow_uri(source):
         job["model"]["init_from"] = os.path.abspath(source)
     return job
 
