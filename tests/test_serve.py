@@ -377,6 +377,48 @@ def test_serve_config_rejects_bad_args():
     assert ServeConfig().http_host == "127.0.0.1"
 
 
+def test_promoting_an_alias_and_redeploying_changes_what_is_served(server, tiny_model_dir, tmp_path):
+    """Model Registry -> Serve: an app deployed from ``models:/name@champion`` serves the version the
+    alias points at; after the alias moves, redeploying (same args) rolls over to the new version."""
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from diffmoe.bench.tiny_model import make_tiny_model_dir
+    from diffmoe.serve.app import run_app
+    from diffmoe.tracking import register_model
+
+    url, cfg = server
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("registry", artifact_location=(tmp_path / "mlruns").as_uri())
+    dirs = [tiny_model_dir, make_tiny_model_dir(tmp_path / "retrained", seed=1)]
+    for model_dir in dirs:  # two training runs, each registered as a version; the alias follows
+        run_id = client.create_run(experiment).info.run_id
+        client.log_artifacts(run_id, str(model_dir), "model")
+        register_model(client, run_id, "model", "tiny-registry", alias="champion")
+    client.set_registered_model_alias("tiny-registry", "champion", "1")
+    args = {
+        "model": "models:/tiny-registry@champion",
+        "model_name": "tiny-served",
+        "mlflow_tracking_uri": uri,
+        "http_port": cfg.http_port,  # the running proxy; this app gets its own route
+        "route_prefix": "/registry",
+        "replica_cpus": 1,
+    }
+    req = {**CHAT, "messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 8}
+    wanted = [expect(ModelHost(ServeConfig(model=str(d))), ChatCompletionRequest(**req)) for d in dirs]
+    assert wanted[0] != wanted[1]  # otherwise the test could not tell the versions apart
+    try:
+        for version, answer in (("1", wanted[0]), ("2", wanted[1])):
+            client.set_registered_model_alias("tiny-registry", "champion", version)
+            base = run_app(args, name="registry-test")
+            reply = httpx.post(f"{base}/v1/chat/completions", json=req, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["message"]["content"] == answer, version
+    finally:
+        serve.delete("registry-test")
+
+
 def test_killed_replica_is_replaced_and_serves_again(server):
     """Last in the module: kill the replica's process (``ray.kill``); Serve's controller starts a new
     one. Requests meanwhile wait for it or fail with a retryable status, none hangs past the bound."""

@@ -37,7 +37,7 @@ def download(source: str, tracking_uri: str | None = None) -> Path:
     if tracking_uri:  # process-wide, as before: MLflow resolves ``models:/`` via the global registry
         mlflow.set_tracking_uri(tracking_uri)
     tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    pinned = _pin(source, registry)
+    pinned = pin(source, registry)
     key = hashlib.sha256(f"{tracking}\n{pinned}".encode()).hexdigest()[:32]
     entry = cache_dir() / key
     hit = _cached(entry)
@@ -73,7 +73,7 @@ def _cached(entry: Path) -> Path | None:
         return None
 
 
-def _pin(source: str, registry_uri: str) -> str:
+def pin(source: str, registry_uri: str) -> str:
     """``models:/name@alias``, ``models:/name/latest`` or ``models:/name/<stage>`` -> the version
     they point at now (``models:/name/<version>``); anything else is returned unchanged."""
     m = _MOVABLE.match(source)

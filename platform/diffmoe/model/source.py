@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .artifact_cache import download
+from .artifact_cache import download, pin
 
 
 class ModelSourceError(ValueError):
@@ -23,6 +23,23 @@ class ModelSourceError(ValueError):
 def is_mlflow_uri(source: str) -> bool:
     """``runs:/..``, ``models:/..``, ``s3://..``: a scheme of two or more letters (not a local path)."""
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", source) is not None and not Path(source).exists()
+
+
+def pin_version(source: str, tracking_uri: str | None = None) -> str:
+    """A registry reference that can move (``models:/name@alias``, ``/latest``) -> the version it
+    points at now (``models:/name/<version>``); other sources unchanged. Serve pins when it builds
+    the application, so every replica (autoscaled ones too) serves one version, and redeploying after
+    an alias moved rolls the replicas over to the new one."""
+    if not is_mlflow_uri(source):
+        return source
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return pin(source, mlflow.get_registry_uri())
+    except Exception as err:  # MLflow raises many types; name the source
+        raise ModelSourceError(f"cannot resolve model {source!r} in the MLflow registry: {err}") from err
 
 
 def resolve(source: str, tracking_uri: str | None = None) -> Path:

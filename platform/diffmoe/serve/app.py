@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from diffmoe.config import build
+from diffmoe.model.source import pin_version
 
 from .api import build_api
 from .config import ServeConfig
@@ -123,8 +124,15 @@ def build_app(args: dict) -> Application:
 
 def make_app(args: dict, model_loader: ModelLoader | str | None = None) -> Application:
     """The application for ``args``, with an optional loader (a callable or "module:function") that
-    overrides ``args.model_loader``: how tests and embedding code inject a model."""
+    overrides ``args.model_loader``: how tests and embedding code inject a model. A registry alias
+    (``models:/name@alias``) is pinned to its current version here, at build time."""
     cfg = build(ServeConfig, dict(args or {}), source="serve args")
+    pinned = {
+        key: pin_version(getattr(cfg, key), cfg.mlflow_tracking_uri)
+        for key in ("model", "tokenizer")
+        if getattr(cfg, key)
+    }
+    cfg = cfg.model_copy(update=pinned)
     dep = serve.deployment(DiffMoEServer).options(**deployment_options(cfg))
     return dep.bind(cfg.model_dump(mode="json"), model_loader or cfg.model_loader)
 
