@@ -156,7 +156,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from diffmoe.data.manifest import verify_dataset
     from diffmoe.model.source import is_mlflow_uri, resolve
-    from diffmoe.tracking import create_run, log_metrics, tag_model_version
+    from diffmoe.tracking import create_run, log_metrics, source_run_id, tag_model_version
 
     uri = cfg.mlflow.resolved_uri()
     if not is_mlflow_uri(cfg.model) and not Path(cfg.model).is_dir():
@@ -179,11 +179,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         cause = err.as_instanceof_cause()
         raise (EvalError(str(cause)) if isinstance(cause, ValueError) else cause) from None
     tags = {"kind": "eval", "evaluated_model": cfg.model}
-    if cfg.model.startswith("runs:/"):
-        tags["evaluated_run_id"] = cfg.model.split("/")[1]
     name = f"eval-{Path(cfg.model.rstrip('/')).name}"
     client, run_id = create_run(cfg.mlflow, run_name=name, tags=tags, params=cfg.model_dump(mode="json"))
     log_metrics(client, run_id, metrics)
+    trained = source_run_id(client, cfg.model) if is_mlflow_uri(cfg.model) else None
+    if (
+        trained
+    ):  # the scores also on the training run, so MLflow's run comparison shows them beside its losses
+        client.set_tag(run_id, "evaluated_run_id", trained)
+        log_metrics(client, trained, {k: v for k, v in metrics.items() if k.startswith("eval/")})
     version = tag_model_version(client, cfg.model, {**metrics, "eval_run_id": run_id})
     if version:
         client.set_tag(run_id, "evaluated_model_version", version)

@@ -113,6 +113,18 @@ def register_model(client, run_id: str, artifact_path: str, name: str, alias: st
     return str(version)
 
 
+def source_run_id(client, source: str) -> str | None:
+    """The training run a ``runs:/<id>/...`` or registered ``models:/...`` source came from (None for
+    a plain directory, or a version registered without a run)."""
+    if source.startswith("runs:/"):
+        return source.split("/")[1]
+    version = tag_model_version(client, source, {})
+    if version is None:
+        return None
+    name, number = version[len("models:/") :].rsplit("/", 1)
+    return client.get_model_version(name, number).run_id or None
+
+
 def tag_model_version(client, source: str, tags: dict[str, Any]) -> str | None:
     """Evaluation results beside the model: for a ``models:/<name>/<version>`` or
     ``models:/<name>@<alias>`` source set ``tags`` on that registered version (an alias is pinned to

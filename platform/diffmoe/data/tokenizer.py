@@ -67,11 +67,16 @@ def _tokenizer_json(path: str | Path) -> Path:
 
 
 def train_bpe(texts: Iterable[str], out_dir: str | Path, vocab_size: int, min_frequency: int = 2) -> Path:
-    """Train a byte-level BPE with the platform's special tokens; save a standard HF directory."""
+    """Train a byte-level BPE with the platform's special tokens; save a standard HF directory.
+
+    Digits are split one per token first (as LLaMA's tokenizer does): merged digit runs would give
+    every number its own arbitrary split, which makes arithmetic and digit tasks needlessly hard."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
