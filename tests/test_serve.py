@@ -149,6 +149,29 @@ def test_sixteen_concurrent_requests_get_their_own_answers(server, offline):
     assert len({o.choices[0].text for o in outs}) > 8  # distinct prompts, distinct answers
 
 
+def test_n_answers_are_sampled_rows_seeded_one_after_another(server, offline):
+    """``n``: n engine rows for one prompt; with a seed, choice i is the answer seed + i gets alone."""
+    url, _ = server
+    kw = {"model": "tiny-served", "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    chat = client(url).chat.completions.create(messages=[{"role": "user", "content": "def f(x):"}], n=3, **kw)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    texts = [c.message.content for c in chat.choices]
+    for i, text in enumerate(texts):
+        want = expect(
+            offline,
+            ChatCompletionRequest(
+                messages=[{"role": "user", "content": "def f(x):"}], **kw | {"seed": 7 + i}
+            ),
+        )
+        assert text == want, i
+    assert len(set(texts)) > 1  # sampled rows differ
+    assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens < chat.usage.total_tokens
+    done = client(url).completions.create(prompt="import os", n=2, **kw)
+    assert len(done.choices) == 2 and done.choices[1].text == expect(
+        offline, CompletionRequest(prompt="import os", **kw | {"seed": 8})
+    )
+
+
 GOOD = {"model": "tiny-served", "prompt": "hello", "max_tokens": 4}
 CHAT = {"model": "tiny-served", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -196,7 +219,16 @@ BAD = [
     ),
     ("two prompts", "/v1/completions", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
     ("unknown model", "/v1/completions", {**GOOD, "model": "gpt-4"}, 404, "model", "not found"),
-    ("n > 1", "/v1/completions", {**GOOD, "n": 2}, 400, "n", "unsupported parameter"),
+    ("n = 0", "/v1/completions", {**GOOD, "n": 0}, 400, "n", "greater than or equal to 1"),
+    ("n > batch", "/v1/completions", {**GOOD, "n": 33}, 400, "n", "exceeds this server's max_batch_size"),
+    (
+        "n streamed",
+        "/v1/completions",
+        {**GOOD, "n": 2, "stream": True},
+        400,
+        "n",
+        "not supported with stream",
+    ),
     ("logprobs", "/v1/completions", {**GOOD, "logprobs": 3}, 400, "logprobs", "unsupported parameter"),
     ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
     ("empty messages", "/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages", "at least 1"),
@@ -340,7 +372,7 @@ def test_client_disconnect_cancels_the_request(server):
         # Non-streaming too: the client gives up, Serve cancels the request, the engine drops it.
         before = engine["cancelled"]
         with pytest.raises(httpx.TimeoutException):
-            heavy = {**slow, "prompt": "x = 1\n" * 30, "stream": False, "block_length": 1, "cache": "none"}
+            heavy = {**slow, "prompt": "x = 1\n" * 24, "stream": False, "block_length": 1, "cache": "none"}
             h.post("/v1/completions", json=heavy, timeout=0.5)  # 128 full passes over ~250 positions
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -97,11 +97,13 @@ def _machine_busy_s() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def measure_level(url: str, bodies: list[dict], c: int, n: int, duration: float, proc, gpus: float) -> dict:
+def measure_level(
+    url: str, bodies: list[dict], c: int, n: int, duration: float, proc, gpus: float, expected=None
+) -> dict:
     from .loadgen import run_level
 
     cpu0, busy0, t0 = _cpu_s(proc), _machine_busy_s(), time.perf_counter()
-    stats = asdict(asyncio.run(run_level(url, bodies, c, n, duration)))
+    stats = asdict(asyncio.run(run_level(url, bodies, c, n, duration, expected=expected)))
     wall = time.perf_counter() - t0
     cpu1, busy1 = _cpu_s(proc), _machine_busy_s()
     tokens = stats["output_tokens_per_s"] * stats["wall_s"]
@@ -114,6 +116,11 @@ def measure_level(url: str, bodies: list[dict], c: int, n: int, duration: float,
     stats["machine_cpu_s_per_1k_tokens"] = (busy1 - busy0) * per_1k
     if gpus:
         stats["gpu_s_per_1k_tokens"] = gpus * wall * per_1k
+    if stats["correct"] is not None:
+        ok = stats["requests"] - stats["errors"]
+        stats["served_accuracy"] = stats["correct"] / ok if ok else float("nan")
+        if cpu0 is not None and cpu1 is not None and stats["correct"]:
+            stats["replica_cpu_s_per_1k_correct"] = (cpu1 - cpu0) * 1000.0 / stats["correct"]
     return stats
 
 
@@ -127,7 +134,8 @@ def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[
     ld = cfg.load
     tok, _ = load_tokenizer_dir(model_dirs["dllm"])
     stops = stop_ids(tok)
-    _, prompts = eval_prompts(cfg, tok, ld.prompts)
+    examples, prompts = eval_prompts(cfg, tok, ld.prompts)
+    answers = [ex.answer for ex in examples]
     port = ld.http_port or free_port()
     urls, procs, bodies = {}, {}, {}
     results: dict[str, list[dict]] = {side: [] for side in SIDES}
@@ -142,7 +150,7 @@ def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[
             n = max(ld.min_requests, ld.requests_per_client * c)
             for side in SIDES:
                 stats = measure_level(
-                    urls[side], bodies[side], c, n, ld.duration_s, procs[side], ld.replica_gpus
+                    urls[side], bodies[side], c, n, ld.duration_s, procs[side], ld.replica_gpus, answers
                 )
                 results[side].append(stats)
                 log(
@@ -150,6 +158,7 @@ def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[
                     f"tok/s={stats['output_tokens_per_s']:.1f} p50={stats['latency_s'].get('p50', 0):.3f} "
                     f"p99={stats['latency_s'].get('p99', 0):.3f} ttft50={stats['ttft_s'].get('p50', 0):.3f} "
                     f"cpu_s/1k={stats.get('replica_cpu_s_per_1k_tokens', float('nan')):.2f} "
+                    f"correct={stats['correct']}/{stats['requests']} "
                     f"errors={stats['errors']}"
                 )
     finally:

@@ -24,6 +24,7 @@ class Result:
     ttft: float | None = None
     tokens: int = 0
     error: str | None = None
+    text: str = ""
 
 
 @dataclass
@@ -38,6 +39,8 @@ class LevelStats:
     ttft_s: dict = field(default_factory=dict)
     error_rate: float = 0.0
     sample_errors: list = field(default_factory=list)
+    correct: int | None = None  # answers equal to the expected ones (when given), under this load
+    correct_answers_per_s: float | None = None
 
 
 def percentiles(values: list[float]) -> dict:
@@ -53,7 +56,7 @@ def percentiles(values: list[float]) -> dict:
 
 async def one_request(client: httpx.AsyncClient, path: str, body: dict) -> Result:
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, pieces = None, 0, []
     try:
         async with client.stream(
             "POST", path, json={**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -69,13 +72,15 @@ async def one_request(client: httpx.AsyncClient, path: str, body: dict) -> Resul
                     return Result(False, time.perf_counter() - t0, error=str(data["error"])[:200])
                 for ch in data.get("choices", []):
                     piece = ch.get("text") or (ch.get("delta") or {}).get("content")
-                    if piece and ttft is None:
-                        ttft = time.perf_counter() - t0
+                    if piece:
+                        pieces.append(piece)
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]
     except (httpx.HTTPError, json.JSONDecodeError) as err:
         return Result(False, time.perf_counter() - t0, error=f"{type(err).__name__}: {err}"[:200])
-    return Result(True, time.perf_counter() - t0, ttft, tokens)
+    return Result(True, time.perf_counter() - t0, ttft, tokens, text="".join(pieces))
 
 
 async def run_level(
@@ -87,11 +92,15 @@ async def run_level(
     path: str = "/v1/completions",
     headers: dict | None = None,
     timeout_s: float = 120.0,
+    expected: list[str] | None = None,
 ) -> LevelStats:
     """Run one concurrency level; never more than ``requests`` requests or ``duration_s`` of sending.
-    ``body`` may be a list: request k sends ``body[k % len(body)]`` (the same order on every run)."""
+    ``body`` may be a list: request k sends ``body[k % len(body)]`` (the same order on every run).
+    ``expected``: the right answer per body; answers are then scored (exact match, whitespace
+    stripped), so accuracy is measured under load, not assumed from an offline run."""
     bodies = body if isinstance(body, list) else [body]
     results: list[Result] = []
+    asked: list[int] = []
     sent = 0
     deadline = time.perf_counter() + duration_s
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -104,12 +113,19 @@ async def run_level(
             nonlocal sent
             while sent < requests and time.perf_counter() < deadline:
                 k, sent = sent, sent + 1
-                results.append(await one_request(client, path, bodies[k % len(bodies)]))
+                result = await one_request(client, path, bodies[k % len(bodies)])
+                results.append(result)
+                asked.append(k)
 
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         wall = time.perf_counter() - t0
     good = [r for r in results if r.ok]
+    correct = None
+    if expected:
+        correct = sum(
+            r.ok and r.text.strip() == expected[k % len(bodies)].strip() for r, k in zip(results, asked)
+        )
     return LevelStats(
         concurrency=concurrency,
         requests=len(results),
@@ -121,4 +137,6 @@ async def run_level(
         ttft_s=percentiles([r.ttft for r in good if r.ttft is not None]),
         error_rate=(len(results) - len(good)) / max(1, len(results)),
         sample_errors=[r.error for r in results if not r.ok][:3],
+        correct=correct,
+        correct_answers_per_s=None if correct is None else correct / wall,
     )

@@ -168,14 +168,19 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
             logger.warning("diffmoe: ignoring unknown request fields %s", ", ".join(ascii(u) for u in new))
         if engine.failure is not None:
             raise p.ApiError(503, "replica unhealthy; retry", None, "unhealthy", cfg.retry_after_s)
+        rows = req.n or 1  # each of the n answers is an engine row
+        if rows > 1 and req.stream:
+            raise p.ApiError(400, "n > 1 is not supported with stream=true", "n")
+        if rows > cfg.max_batch_size:
+            raise p.ApiError(400, f"n={rows} exceeds this server's max_batch_size={cfg.max_batch_size}", "n")
         load = state["inflight"]
-        if load >= cfg.max_batch_size + cfg.max_pending_requests:
+        if load + rows > cfg.max_batch_size + cfg.max_pending_requests:
             raise p.ApiError(
                 429, f"replica at capacity ({load} requests); retry", None, "overloaded", cfg.retry_after_s
             )
-        state["inflight"] += 1  # until the Guard sees the request end, however it ends
+        state["inflight"] += rows  # until the Guard sees the request end, however it ends
         request.scope["diffmoe.slot"]["release"] = lambda: state.__setitem__(
-            "inflight", state["inflight"] - 1
+            "inflight", state["inflight"] - rows
         )
 
     async def _settings(req):
@@ -220,7 +225,14 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                 )
 
         if not req.stream:
-            task = asyncio.ensure_future(engine.generate(ids, dec, request_id=rid))
+            # n answers: n rows, choice i seeded seed + i when a seed is given (reproducible, distinct)
+            runs = [
+                asyncio.ensure_future(
+                    engine.generate(ids, _nth_seed(dec, i), request_id=rid if i == 0 else f"{rid}-{i}")
+                )
+                for i in range(req.n or 1)
+            ]
+            task = asyncio.ensure_future(asyncio.gather(*runs))
             try:
                 while not task.done():  # wake every second to notice a client that has gone
                     left = deadline - time.monotonic()
@@ -234,7 +246,7 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                     await asyncio.wait({task}, timeout=min(left, 1.0))
                     if not task.done() and await request.is_disconnected():
                         raise asyncio.CancelledError
-                out = task.result()
+                outs = task.result()
             except asyncio.CancelledError:
                 done("cancelled", 0)
                 raise
@@ -244,11 +256,13 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                 logger.exception("diffmoe: request %s failed in the engine", rid)
                 raise _failed(err) from None
             finally:
-                task.cancel()  # no-op when finished; otherwise the engine drops the request
-            done("ok", len(out.token_ids), reason=out.finish_reason)
-            use = p.usage(len(ids), len(out.token_ids))
+                for run in runs:  # no-op when finished; otherwise the engine drops the row
+                    run.cancel()
+            out_tokens = sum(len(o.token_ids) for o in outs)
+            done("ok", out_tokens, reason=outs[0].finish_reason)
+            use = p.usage(len(ids), out_tokens)
             body = p.chat_body if chat else p.completion_body
-            return body(rid, name, out.text, out.finish_reason, use, int(time.time()))
+            return body(rid, name, [(o.text, o.finish_reason) for o in outs], use, int(time.time()))
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = engine.stream(ids, dec, request_id=rid)
@@ -315,6 +329,13 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
         return await _run(req, True, request)
 
     return app
+
+
+def _nth_seed(dec, i: int):
+    """Decoding settings of the i-th of n answers: seed + i when seeded (unseeded rows differ anyway)."""
+    if i == 0 or dec.seed is None:
+        return dec
+    return dec.model_copy(update={"seed": (dec.seed + i) % 2**64})
 
 
 def _sse(obj: dict) -> str:

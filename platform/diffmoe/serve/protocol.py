@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # OpenAI parameters accepted by name only; a value other than the neutral one is rejected.
 UNSUPPORTED_NEUTRAL: dict[str, Any] = {
-    "n": 1,
     "best_of": 1,
     "echo": False,
     "suffix": None,
@@ -117,7 +116,7 @@ class _Common(DiffusionParams):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="any 64-bit integer")
     user: str | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, description="answers to sample for this prompt (each an engine row)")
     logprobs: Any = None
     top_logprobs: int | None = None
     logit_bias: dict[str, Any] | None = None
@@ -198,31 +197,38 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, usage_: dict, created: int) -> dict:
+def completion_body(rid: str, model: str, answers: list[tuple[str, str]], usage_: dict, created: int) -> dict:
+    """``answers``: (text, finish_reason) per choice, in index order."""
+    choices = [
+        {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        for i, (text, finish) in enumerate(answers)
+    ]
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": choices,
         "usage": usage_,
     }
 
 
-def chat_body(rid: str, model: str, text: str, finish: str, usage_: dict, created: int) -> dict:
+def chat_body(rid: str, model: str, answers: list[tuple[str, str]], usage_: dict, created: int) -> dict:
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        for i, (text, finish) in enumerate(answers)
+    ]
     return {
         "id": rid,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        ],
+        "choices": choices,
         "usage": usage_,
     }
 
