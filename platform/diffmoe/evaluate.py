@@ -182,10 +182,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     name = f"eval-{Path(cfg.model.rstrip('/')).name}"
     client, run_id = create_run(cfg.mlflow, run_name=name, tags=tags, params=cfg.model_dump(mode="json"))
     log_metrics(client, run_id, metrics)
+    # the scores also on the training run, so MLflow's run comparison shows them beside its losses
     trained = source_run_id(client, cfg.model) if is_mlflow_uri(cfg.model) else None
-    if (
-        trained
-    ):  # the scores also on the training run, so MLflow's run comparison shows them beside its losses
+    if trained:
         client.set_tag(run_id, "evaluated_run_id", trained)
         log_metrics(client, trained, {k: v for k, v in metrics.items() if k.startswith("eval/")})
     version = tag_model_version(client, cfg.model, {**metrics, "eval_run_id": run_id})

@@ -113,22 +113,9 @@ def register_model(client, run_id: str, artifact_path: str, name: str, alias: st
     return str(version)
 
 
-def source_run_id(client, source: str) -> str | None:
-    """The training run a ``runs:/<id>/...`` or registered ``models:/...`` source came from (None for
-    a plain directory, or a version registered without a run)."""
-    if source.startswith("runs:/"):
-        return source.split("/")[1]
-    version = tag_model_version(client, source, {})
-    if version is None:
-        return None
-    name, number = version[len("models:/") :].rsplit("/", 1)
-    return client.get_model_version(name, number).run_id or None
-
-
-def tag_model_version(client, source: str, tags: dict[str, Any]) -> str | None:
-    """Evaluation results beside the model: for a ``models:/<name>/<version>`` or
-    ``models:/<name>@<alias>`` source set ``tags`` on that registered version (an alias is pinned to
-    the version it points at now). Returns ``models:/<name>/<version>``, or None for other sources."""
+def _registered_version(client, source: str) -> tuple[str, str] | None:
+    """(name, version) of a ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` source (an
+    alias resolved to the version it points at now); None for other sources."""
     import re
 
     m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))/?$", source)
@@ -137,6 +124,26 @@ def tag_model_version(client, source: str, tags: dict[str, Any]) -> str | None:
     name, alias, version = m.groups()
     if alias:
         version = client.get_model_version_by_alias(name, alias).version
+    return name, str(version)
+
+
+def source_run_id(client, source: str) -> str | None:
+    """The training run a ``runs:/<id>/...`` or registered ``models:/...`` source came from (None for
+    a plain directory, or a version registered without a run)."""
+    if source.startswith("runs:/"):
+        return source.split("/")[1]
+    found = _registered_version(client, source)
+    return (client.get_model_version(*found).run_id or None) if found else None
+
+
+def tag_model_version(client, source: str, tags: dict[str, Any]) -> str | None:
+    """Evaluation results beside the model: for a ``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>`` source set ``tags`` on that registered version (an alias is pinned to
+    the version it points at now). Returns ``models:/<name>/<version>``, or None for other sources."""
+    found = _registered_version(client, source)
+    if found is None:
+        return None
+    name, version = found
     for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, str(value))
+        client.set_model_version_tag(name, version, key, str(value))
     return f"models:/{name}/{version}"
