@@ -170,6 +170,23 @@ def test_n_answers_are_sampled_rows_seeded_one_after_another(server, offline):
     assert len(done.choices) == 2 and done.choices[1].text == expect(
         offline, CompletionRequest(prompt="import os", **kw | {"seed": 8})
     )
+    # streamed: the n answers interleave in one event stream, told apart by choice index
+    parts, finishes, usage = {}, {}, None
+    stream = client(url).chat.completions.create(
+        messages=[{"role": "user", "content": "def f(x):"}],
+        n=3,
+        stream=True,
+        stream_options={"include_usage": True},
+        **kw,
+    )
+    for piece in stream:
+        usage = piece.usage or usage
+        for c in piece.choices:
+            parts[c.index] = parts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert [parts[i] for i in range(3)] == texts and sorted(finishes) == [0, 1, 2]
+    assert usage.completion_tokens == chat.usage.completion_tokens
 
 
 GOOD = {"model": "tiny-served", "prompt": "hello", "max_tokens": 4}
@@ -222,12 +239,12 @@ BAD = [
     ("n = 0", "/v1/completions", {**GOOD, "n": 0}, 400, "n", "greater than or equal to 1"),
     ("n > batch", "/v1/completions", {**GOOD, "n": 33}, 400, "n", "exceeds this server's max_batch_size"),
     (
-        "n streamed",
+        "n > batch streamed",
         "/v1/completions",
-        {**GOOD, "n": 2, "stream": True},
+        {**GOOD, "n": 33, "stream": True},
         400,
         "n",
-        "not supported with stream",
+        "exceeds this server's max_batch_size",
     ),
     ("logprobs", "/v1/completions", {**GOOD, "logprobs": 3}, 400, "logprobs", "unsupported parameter"),
     ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -169,8 +170,6 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
         if engine.failure is not None:
             raise p.ApiError(503, "replica unhealthy; retry", None, "unhealthy", cfg.retry_after_s)
         rows = req.n or 1  # each of the n answers is an engine row
-        if rows > 1 and req.stream:
-            raise p.ApiError(400, "n > 1 is not supported with stream=true", "n")
         if rows > cfg.max_batch_size:
             raise p.ApiError(400, f"n={rows} exceeds this server's max_batch_size={cfg.max_batch_size}", "n")
         load = state["inflight"]
@@ -265,17 +264,24 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
             return body(rid, name, [(o.text, o.finish_reason) for o in outs], use, int(time.time()))
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = engine.stream(ids, dec, request_id=rid)
+        n = req.n or 1
+        streams = [
+            engine.stream(ids, _nth_seed(dec, i), request_id=rid if i == 0 else f"{rid}-{i}")
+            for i in range(n)
+        ]
 
         async def sse():
-            ttft, tokens, first, status, reason = None, 0, True, "cancelled", None
-            stamp, buffer, last = int(time.time()), "", 0.0
+            ttft, tokens, status, reason = None, 0, "cancelled", None
+            stamp = int(time.time())
+            first, buffer, last = [True] * n, [""] * n, [0.0] * n
+            unfinished = n
             state["streams"] += 1
+            events = merge_streams(streams)
             try:
-                while True:
+                while unfinished:
                     left = deadline - time.monotonic()
                     try:
-                        ev = await asyncio.wait_for(anext(events), max(left, 0.001))
+                        i, ev = await asyncio.wait_for(anext(events), max(left, 0.001))
                     except StopAsyncIteration:
                         break
                     except asyncio.TimeoutError:
@@ -290,24 +296,27 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                         yield "data: [DONE]\n\n"
                         return
                     tokens += len(ev.token_ids)
-                    buffer += ev.text
+                    buffer[i] += ev.text
                     now = time.perf_counter()
                     # First text at once (time to first token); later deltas coalesced per interval so a
                     # long answer is not one proxy round trip per token.
                     # The replica-wide budget (stream_chunks_per_s) stretches the interval as streams grow.
                     interval = max(cfg.stream_interval_s, state["streams"] / cfg.stream_chunks_per_s)
-                    due = first or now - last >= interval or ev.finished
-                    if buffer and due or first and chat and ev.finished:
-                        if ttft is None and buffer:
+                    due = first[i] or now - last[i] >= interval or ev.finished
+                    if buffer[i] and due or first[i] and chat and ev.finished:
+                        if ttft is None and buffer[i]:
                             ttft = now - t0
-                        yield _sse(p.chunk(chat, rid, name, stamp, buffer, None, first))
-                        buffer, first, last = "", False, now
+                        yield _sse(p.chunk(chat, rid, name, stamp, buffer[i], None, first[i], i))
+                        buffer[i], first[i], last[i] = "", False, now
                     if ev.finished:
-                        status, reason = "ok", ev.finish_reason
-                        yield _sse(p.chunk(chat, rid, name, stamp, None, ev.finish_reason))
-                        if include_usage:
-                            yield _sse(p.usage_chunk(chat, rid, name, stamp, p.usage(len(ids), tokens)))
-                        yield "data: [DONE]\n\n"
+                        unfinished -= 1
+                        reason = reason or ev.finish_reason
+                        yield _sse(p.chunk(chat, rid, name, stamp, None, ev.finish_reason, index=i))
+                if not unfinished:
+                    status = "ok"
+                    if include_usage:
+                        yield _sse(p.usage_chunk(chat, rid, name, stamp, p.usage(len(ids), tokens)))
+                    yield "data: [DONE]\n\n"
             except Exception as err:  # after headers: report in-band, OpenAI style
                 status = "error"
                 logger.exception("diffmoe: stream %s failed", rid)
@@ -315,7 +324,7 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                 yield "data: [DONE]\n\n"
             finally:
                 state["streams"] -= 1
-                await events.aclose()  # client gone -> the engine cancels the request
+                await events.aclose()  # client gone -> the engine cancels the requests
                 done(status, tokens, ttft, reason)
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -329,6 +338,46 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
         return await _run(req, True, request)
 
     return app
+
+
+async def merge_streams(streams: list) -> AsyncIterator[tuple[int, object]]:
+    """(i, event) from n engine streams as they come. One stream: no tasks, just its events.
+    Closing the merged stream closes (so cancels) every engine stream."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for event in stream:
+                queue.put_nowait((i, event))
+        except Exception as err:  # noqa: BLE001 - re-raised in the consumer
+            queue.put_nowait((i, err))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    live = len(streams)
+    try:
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 def _nth_seed(dec, i: int):

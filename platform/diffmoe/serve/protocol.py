@@ -233,16 +233,26 @@ def chat_body(rid: str, model: str, answers: list[tuple[str, str]], usage_: dict
     }
 
 
-def chunk(chat: bool, rid: str, model: str, created: int, text: str | None, finish: str | None, first=False):
-    """One streamed chunk in OpenAI's format (``text_completion`` or ``chat.completion.chunk``)."""
+def chunk(
+    chat: bool,
+    rid: str,
+    model: str,
+    created: int,
+    text: str | None,
+    finish: str | None,
+    first=False,
+    index: int = 0,
+):
+    """One streamed chunk of choice ``index`` in OpenAI's format (``text_completion`` or
+    ``chat.completion.chunk``)."""
     if chat:
         delta: dict = {"role": "assistant", "content": text or ""} if first else {}
         if text and not first:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
