@@ -110,14 +110,14 @@ def side_job(
 
 def save_initial_twin(cfg: ConversionBenchConfig, data_dir: Path, out: Path) -> Path:
     """The causal twin's untrained weights (the training job's init, same seed) as a directory."""
-    import torch
-
     from diffmoe.model import LLaDAMoEModelLM
+    from diffmoe.parallel import initialize
     from diffmoe.train.trainer import preflight
 
     model_config, _ = preflight(train_config(cfg, "ar", data_dir))
-    torch.manual_seed(cfg.train.seed)
-    LLaDAMoEModelLM(model_config).save_pretrained(out)
+    model = LLaDAMoEModelLM(model_config)
+    initialize(model, cfg.train.seed)  # what the training job starts from at this seed
+    model.save_pretrained(out)
     for f in (data_dir / "tokenizer").iterdir():
         shutil.copy2(f, out / f.name)
     return out

@@ -165,11 +165,17 @@ def shard_paths(path: str | Path, manifest: Manifest, split: str) -> list[str]:
     return [str(Path(path) / split / s.file) for s in entry.shards]
 
 
-def read_split(path: str | Path, split: str = "train", expected_tokenizer_hash: str | None = None):
-    """A ``ray.data.Dataset`` over the verified shards of one split, in shard order."""
+def read_split(
+    path: str | Path,
+    split: str = "train",
+    expected_tokenizer_hash: str | None = None,
+    verified: Manifest | None = None,
+):
+    """A ``ray.data.Dataset`` over the verified shards of one split, in shard order. ``verified``:
+    the manifest a caller's own ``verify_dataset`` returned (checksums are read once per run)."""
     import ray.data
 
-    manifest = verify_dataset(path, expected_tokenizer_hash)
+    manifest = verified or verify_dataset(path, expected_tokenizer_hash)
     files = shard_paths(path, manifest, split)
     if not files:
         raise DatasetError(f"dataset {path}: split {split!r} has no rows")

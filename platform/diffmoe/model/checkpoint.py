@@ -45,48 +45,63 @@ def save_state(
     state: dict[str, torch.Tensor], config, save_directory, max_shard_size: int | str = "5GB"
 ) -> None:
     """Write a published-layout state dict + config.json as a Hugging Face directory."""
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    writer = ShardWriter(save_directory, max_shard_size)
     for name, tensor in state.items():
+        writer.add(name, tensor)
+    writer.close(config)
+
+
+class ShardWriter:
+    """Streams (name, tensor) pairs into size-bounded safetensors shards, so a model can be written
+    while it is gathered one tensor at a time (at most one shard is held). Shards go to temporary
+    names and are renamed only in ``close``, so an interrupted save never leaves a directory that
+    looks complete."""
+
+    def __init__(self, save_directory, max_shard_size: int | str = "5GB"):
+        self.out = Path(save_directory)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.limit = _parse_size(max_shard_size)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        names = [WEIGHTS_NAME]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    written = []
-    for name, shard in zip(names, shards):
-        tmp = out / f".{name}.tmp"
+        if self.pending and self.size + nbytes > self.limit:
+            self._flush()
         # Clone: expert weights are views into stacked tensors and safetensors refuses shared storage.
-        save_file(
-            {k: v.detach().contiguous().clone() for k, v in shard.items()},
-            str(tmp),
-            metadata={"format": "pt"},
-        )
-        written.append((tmp, out / name))
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
-        }
-        tmp = out / f".{INDEX_NAME}.tmp"
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-        written.append((tmp, out / INDEX_NAME))
-    config.save_pretrained(out)
-    for tmp, final in written:
-        os.replace(tmp, final)
-    # Remove weights of an earlier save with a different sharding so the directory stays unambiguous.
-    keep = {final.name for _, final in written}
-    for stale in out.glob("model*.safetensors*"):
-        if stale.name not in keep:
-            stale.unlink()
+        self.pending[name] = tensor.detach().contiguous().clone()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        tmp = self.out / f".shard-{len(self.shards):05d}.tmp"
+        save_file(self.pending, str(tmp), metadata={"format": "pt"})
+        self.shards.append((tmp, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def close(self, config) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        written = [(tmp, self.out / name) for (tmp, _), name in zip(self.shards, names)]
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total},
+                "weight_map": {k: name for (_, keys), name in zip(self.shards, names) for k in keys},
+            }
+            tmp = self.out / f".{INDEX_NAME}.tmp"
+            tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
+            written.append((tmp, self.out / INDEX_NAME))
+        config.save_pretrained(self.out)
+        for tmp, final in written:
+            os.replace(tmp, final)
+        # Remove weights of an earlier save with a different sharding so the directory stays unambiguous.
+        keep = {final.name for _, final in written}
+        for stale in self.out.glob("model*.safetensors*"):
+            if stale.name not in keep:
+                stale.unlink()
 
 
 def resolve_directory(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
@@ -119,18 +134,21 @@ def load_config(directory: Path) -> LLaDAMoEConfig | LLaDA2MoeConfig:
     return LLaDAMoEConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def weight_files(directory: Path) -> list[str]:
+    """The safetensors files of a checkpoint directory (the index's shards, or the single file)."""
     index = directory / INDEX_NAME
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
-    else:
-        raise FileNotFoundError(
-            f"{directory} has no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors checkpoints are loaded)"
-        )
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (directory / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME]
+    raise FileNotFoundError(
+        f"{directory} has no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors checkpoints are loaded)"
+    )
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in weight_files(directory):
         with safe_open(str(directory / name), framework="pt", device="cpu") as f:
             for key in f.keys():
                 state[key] = f.get_tensor(key)

@@ -76,10 +76,3 @@ def load_model(path: Path, device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     return cls.from_pretrained(str(path), dtype=dtype).to(device).eval()
-
-
-def load_state(path: Path) -> tuple[dict, object]:
-    """Published-layout weights of a model directory (all shards) and its config."""
-    from .checkpoint import load_config, read_weights
-
-    return read_weights(path), load_config(path)

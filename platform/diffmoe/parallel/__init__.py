@@ -8,19 +8,19 @@ so serving never imports the training package and both compute the serving model
 - ``build_training_model``: an ``LLaDAMoEModelLM`` or ``LLaDA2MoeModelLM`` whose MoE layers are
   DeepSpeed expert-parallel (``ExpertParallelMoE`` = DeepSpeed ``MoE`` + our gate ``LLaDAGate`` +
   ``StackedExperts``; ``ExpertParallelSharedMoE`` adds LLaDA2's shared experts); ``gates`` lists them.
-- ``load_published_state`` / ``published_state`` / ``export_model``: weights in and out of the
-  published Hugging Face key layout (all experts), from and to this rank's local experts.
+  It is built on the meta device and only this rank's share is allocated.
+- ``initialize`` / ``load_published_state`` / ``load_published_directory`` /
+  ``iter_published_state`` / ``published_state`` / ``export_model`` (weights.py): weights in and
+  out of the published Hugging Face key layout (all experts), from and to this rank's share.
 - ``init_distributed``: ``deepspeed.init_distributed`` without its CPU shared-memory op build.
 """
 
-from .moe import (
-    ExpertParallelMoE,
-    LLaDAGate,
-    StackedExperts,
-    build_training_model,
+from .moe import ExpertParallelMoE, LLaDAGate, StackedExperts, build_training_model, gates, init_distributed
+from .weights import (
     export_model,
-    gates,
-    init_distributed,
+    initialize,
+    iter_published_state,
+    load_published_directory,
     load_published_state,
     published_state,
 )
@@ -33,6 +33,9 @@ __all__ = [
     "export_model",
     "gates",
     "init_distributed",
+    "initialize",
+    "iter_published_state",
+    "load_published_directory",
     "load_published_state",
     "published_state",
 ]

@@ -3,12 +3,13 @@
 ``build_training_model`` takes a plain ``LLaDAMoEModelLM`` or ``LLaDA2MoeModelLM`` and swaps each MoE
 layer's routed experts for a
 ``deepspeed.moe.layer.MoE`` whose gate is ours (``LLaDAGate``): the model's own router (model/router.py),
-so top-k weights are not renormalised and no token is dropped (capacity = the largest expert load
-in the expert-parallel group). DeepSpeed then provides what it is for: expert-parallel process
-groups, all-to-all token exchange, MoE optimizer parameter groups and per-expert checkpoint files.
-With an expert-parallel group of one there is nothing to exchange, and the layer runs the serving
-model's sorted grouped-matmul kernel on the same DeepSpeed-owned parameters instead of DeepSpeed's
-capacity-padded dispatch (measured ~2x faster per MoE layer on CPU, same outputs and gradients).
+so top-k weights are not renormalised and no token is dropped. DeepSpeed then provides what it is for: expert-parallel process
+groups, MoE optimizer parameter groups and per-expert checkpoint files. Tokens do not go through
+DeepSpeed's capacity-padded dispatch: with an expert-parallel group of one there is nothing to
+exchange and the layer runs the serving model's sorted grouped-matmul kernel on the DeepSpeed-owned
+parameters (measured ~2x faster per MoE layer on CPU than the padded path, same outputs and
+gradients); with more ranks, ``dispatch.sorted_expert_parallel`` sends each rank exactly the rows
+routed to its experts (one all-to-all each way, no padding) and runs the same kernel there.
 The local experts' weights are stacked (``StackedExperts``) while their state dict keeps
 DeepSpeed's per-expert names. LLaDA2's shared experts stay beside the DeepSpeed layer, replicated
 like any dense weight (``ExpertParallelSharedMoE``); the router settings (sigmoid, groups, scaling,
@@ -25,9 +26,11 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
-from diffmoe.model import LLaDA2MoeConfig, LLaDAMoEConfig, LLaDAMoEModelLM, lm_class
+from diffmoe.model import LLaDA2MoeConfig, LLaDAMoEConfig, lm_class
 from diffmoe.model.modeling import Experts
 from diffmoe.model.router import Routing, route
+
+from .dispatch import sorted_expert_parallel
 
 _EXPERTS = "mlp.moe.deepspeed_moe.experts.deepspeed_experts"
 _GATE = "mlp.moe.deepspeed_moe.gate"
@@ -151,14 +154,19 @@ class ExpertParallelMoE(nn.Module):
     def forward(self, x):
         if self.moe.ep_size == 1:
             return self._local_forward(x)
-        y, _, _ = self.moe(x)
-        return y, self.moe.deepspeed_moe.gate.routing
+        b, n, h = x.shape
+        flat = x.reshape(-1, h)
+        ds_moe = self.moe.deepspeed_moe
+        routing = ds_moe.gate.route(flat)
+        y = sorted_expert_parallel(
+            flat, routing, ds_moe.experts.deepspeed_experts, ds_moe.ep_group, self.moe.ep_size
+        )
+        return y.view(b, n, h), routing
 
     def _local_forward(self, x):
-        """EP group of one: no all-to-all to make, so skip DeepSpeed's capacity-padded [E, C, H]
-        dispatch (zero-filled slots, index_add backwards) and run the serving model's sorted
-        grouped-matmul expert kernel on the same parameters. Same function (the model's router, no
-        dropped tokens, top-k weights as routed)."""
+        """EP group of one: nothing to exchange, so the serving model's sorted grouped-matmul expert
+        kernel runs on the same parameters. Same function (the model's router, no dropped tokens,
+        top-k weights as routed)."""
         b, n, h = x.shape
         flat = x.reshape(-1, h)
         routing = self.moe.deepspeed_moe.gate.route(flat)
@@ -179,20 +187,44 @@ class ExpertParallelSharedMoE(ExpertParallelMoE):
         return y + self.shared_experts(x), routing
 
 
-def build_training_model(config, ep_size: int):
+def build_training_model(
+    config, ep_size: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+):
     """The config family's LM whose MoE layers are DeepSpeed expert-parallel (torch.distributed must
-    be up)."""
+    be up). Built on the meta device; only this rank's share is allocated on ``device`` (replicated
+    parts + 1/ep_size of the routed experts), uninitialised: follow with ``weights.initialize`` or
+    one of the ``load_published_*`` functions."""
     if config.num_experts % ep_size:
         raise ValueError(f"ep_size={ep_size} does not divide num_experts={config.num_experts}")
-    model = lm_class(config)(config)
-    for layer in model.model.layers:
-        if layer.is_moe:
-            shared = getattr(layer.mlp, "shared_experts", None)
-            if shared is not None:
-                layer.mlp = ExpertParallelSharedMoE(config, ep_size, shared)
-            else:
-                layer.mlp = ExpertParallelMoE(config, ep_size)
-            layer.mlp.moe.set_deepspeed_parallelism()
+    with torch.device("meta"):
+        model = lm_class(config)(config)
+        for layer in model.model.layers:
+            if layer.is_moe:
+                shared = getattr(layer.mlp, "shared_experts", None)
+                if shared is not None:
+                    layer.mlp = ExpertParallelSharedMoE(config, ep_size, shared)
+                else:
+                    layer.mlp = ExpertParallelMoE(config, ep_size)
+                layer.mlp.moe.set_deepspeed_parallelism()
+    return allocate(model, device, dtype)
+
+
+def allocate(model: nn.Module, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """Give a meta-device model real (uninitialised) parameters on ``device``; floating parameters in
+    ``dtype`` when given. Unlike ``Module.to_empty`` this keeps the attributes DeepSpeed puts on
+    expert parameters (``allreduce``, ``group_name``). Buffers (router biases) are zeros, kept in
+    their own dtype (fp32 routing)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            kind = dtype if dtype is not None and param.is_floating_point() else param.dtype
+            fresh = nn.Parameter(torch.empty(param.shape, device=device, dtype=kind), param.requires_grad)
+            fresh.__dict__.update(param.__dict__)
+            module._parameters[name] = fresh
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = torch.zeros(buf.shape, device=device, dtype=buf.dtype)
     return model
 
 
@@ -201,74 +233,9 @@ def gates(model: nn.Module) -> list[LLaDAGate]:
     return [m for m in model.modules() if isinstance(m, LLaDAGate)]
 
 
-def _ep_rank_and_size(model: nn.Module) -> tuple[int, int, object]:
+def ep_rank_and_size(model: nn.Module) -> tuple[int, int, object]:
     for module in model.modules():
         if isinstance(module, DeepSpeedMoE):
             group = module.deepspeed_moe.ep_group
             return dist.get_rank(group), module.ep_size, group
     return 0, 1, None
-
-
-def load_published_state(model: LLaDAMoEModelLM, state: dict[str, torch.Tensor]) -> None:
-    """Copy a published-layout state dict (all experts) into a training model (local experts only)."""
-    ep_rank, ep_size, _ = _ep_rank_and_size(model)
-    cfg = model.config
-    local = cfg.num_experts // ep_size
-    own = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if len(parts) > 5 and parts[3:5] == ["mlp", "experts"]:
-            j = int(parts[5])
-            if ep_rank * local <= j < (ep_rank + 1) * local:
-                own[".".join(parts[:3] + [_EXPERTS, str(j - ep_rank * local)] + parts[6:])] = value
-        elif key.endswith("mlp.gate.weight") and "layers" in key:
-            own[key.replace("mlp.gate.weight", _GATE + ".wg.weight")] = value
-        elif key.endswith(("mlp.expert_bias", "mlp.gate.expert_bias")):  # LLaDA-MoE, LLaDA2
-            own[key.rsplit("mlp.", 1)[0] + _GATE + ".routing_bias"] = value
-        else:
-            own[key] = value
-    missing, unexpected = model.load_state_dict(own, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights do not fit the training model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-
-
-def published_state(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor] | None:
-    """Gather the full published-layout state dict (all experts). Collective over the EP group;
-    returns the dict on every rank (tiny and small models) — callers write it from rank 0 only."""
-    ep_rank, ep_size, group = _ep_rank_and_size(model)
-    cfg = model.config
-    local = cfg.num_experts // ep_size
-    bias_key = "mlp.gate.expert_bias" if isinstance(cfg, LLaDA2MoeConfig) else "mlp.expert_bias"
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        value = value.detach()  # gathered on its own device (NCCL takes CUDA tensors only), kept on the CPU
-        if _EXPERTS in key:
-            prefix, rest = key.split(_EXPERTS + ".")
-            j, tail = rest.split(".", 1)
-            pieces = [value]
-            if ep_size > 1:
-                pieces = [torch.empty_like(value) for _ in range(ep_size)]
-                dist.all_gather(pieces, value.contiguous(), group=group)
-            for r, piece in enumerate(pieces):
-                out[f"{prefix}mlp.experts.{r * local + int(j)}.{tail}"] = piece.cpu()
-            continue
-        value = value.cpu()
-        if _GATE in key:
-            out[
-                key.replace(_GATE + ".wg.weight", "mlp.gate.weight").replace(
-                    _GATE + ".routing_bias", bias_key
-                )
-            ] = value
-        else:
-            out[key] = value
-    return out
-
-
-def export_model(model):
-    """The plain serving-time model of the config's family holding the training model's weights."""
-    state = published_state(model)
-    plain = lm_class(model.config)(model.config)
-    plain.load_state_dict(state, strict=True)
-    return plain.eval()

@@ -39,8 +39,9 @@ class ExpertParallelWorker:
 
     def setup(self, master: tuple[str, int], source: str, tracking_uri: str | None) -> int:
         """Join the process group and load this rank's share of the weights; returns local experts."""
-        from diffmoe.model.source import load_state, resolve
-        from diffmoe.parallel import build_training_model, init_distributed, load_published_state
+        from diffmoe.model.checkpoint import load_config
+        from diffmoe.model.source import resolve
+        from diffmoe.parallel import build_training_model, init_distributed, load_published_directory
 
         os.environ.update(
             MASTER_ADDR=master[0],
@@ -51,11 +52,14 @@ class ExpertParallelWorker:
         )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         init_distributed(backend)
-        state, config = load_state(resolve(source, tracking_uri))
+        directory = resolve(source, tracking_uri)
+        config = load_config(directory)
         self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
-        model = build_training_model(config, self.world)
-        load_published_state(model, state)
-        self.model = model.to(self.device).eval()
+        # Only this rank's share is ever allocated (bf16 on the GPU), and filled shard by shard.
+        dtype = torch.bfloat16 if backend == "nccl" else None
+        model = build_training_model(config, self.world, device=self.device, dtype=dtype)
+        load_published_directory(model, directory)
+        self.model = model.eval()
         return config.num_experts // self.world
 
     @torch.inference_mode()
@@ -71,7 +75,7 @@ class ExpertParallelWorker:
         )
         kv = out.past_key_values if use_cache else None
         kv = None if kv is None else [(k.cpu(), v.cpu()) for k, v in kv]
-        return out.logits.cpu(), kv
+        return out.logits.float().cpu(), kv
 
     def shutdown(self) -> None:
         import torch.distributed as dist

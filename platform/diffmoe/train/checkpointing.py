@@ -3,7 +3,8 @@
 A checkpoint directory holds
 - ``deepspeed/``: ``engine.save_checkpoint`` output (model, ZeRO optimizer shards, scheduler and
   one file per expert). Exact resume, but only for the same data- and expert-parallel sizes.
-- ``model/``: the consolidated weights in the published Hugging Face layout (all experts).
+- ``model/``: the consolidated weights in the published Hugging Face layout (all experts), streamed
+  to rank 0's writer one tensor at a time (no rank holds the whole model).
 - ``trainer_state.json``: step, epoch, the data stream position (``sample_order.py``), world and EP size.
 
 Resuming with the same sizes loads ``deepspeed/``; with different sizes it loads ``model/`` and
@@ -20,8 +21,8 @@ from typing import Any
 
 import torch
 
-from diffmoe.model.checkpoint import read_weights, save_state
-from diffmoe.parallel import load_published_state, published_state
+from diffmoe.model.checkpoint import ShardWriter
+from diffmoe.parallel import iter_published_state, load_published_directory
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ckpt"
@@ -30,11 +31,23 @@ DS_TAG = "ckpt"
 def save_checkpoint(engine, model, state: dict[str, Any], rank: int, directory: Path) -> None:
     """Collective: every rank calls it with its own local ``directory``."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG)
-    full = published_state(model)
-    if rank == 0:
-        state = {**state, "weights_fingerprint": fingerprint(full)}
-        save_state(full, model.config, directory / "model")
+    writer = ShardWriter(directory / "model") if rank == 0 else None
+    digest = hashlib.sha256()
+    for name, tensor in iter_published_state(model):  # collective: every rank runs it to the end
+        if writer is not None:
+            _digest_update(digest, name, tensor)
+            writer.add(name, tensor)
+    if writer is not None:
+        writer.close(model.config)
+        state = {**state, "weights_fingerprint": digest.hexdigest()}
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _digest_update(digest, name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach()
+    t = (t.float() if t.is_floating_point() else t).cpu().contiguous()
+    digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -42,25 +55,28 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 
     World-size-independent (it reads the gathered published layout) and sensitive to where each
     value sits: a sum such as sum |w| could not tell two swapped experts, rows or layers apart.
+    ``save_checkpoint`` computes the same digest while it streams the weights.
     """
     digest = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach()
-        t = (t.float() if t.is_floating_point() else t).cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        _digest_update(digest, name, state[name])
     return digest.hexdigest()
 
 
 def check_fingerprint(model, state: dict[str, Any]) -> None:
     """After a restore, the weights must be exactly what was saved, whatever the new world size."""
     want = state["weights_fingerprint"]
-    full = published_state(model)
-    if isinstance(want, int | float):  # written before fingerprints were hashes: sum of |w|
-        got = float(sum(t.double().abs().sum() for t in full.values()))
+    digest, total = hashlib.sha256(), 0.0
+    for name, tensor in iter_published_state(model):  # collective, sorted keys
+        if isinstance(want, int | float):  # written before fingerprints were hashes: sum of |w|
+            total += float(tensor.double().abs().sum())
+        else:
+            _digest_update(digest, name, tensor)
+    if isinstance(want, int | float):
+        got = total
         ok = abs(got - want) <= 1e-6 * max(abs(want), 1.0)
     else:
-        got = fingerprint(full)
+        got = digest.hexdigest()
         ok = got == want
     if not ok:
         raise RuntimeError(f"restored weights differ from the checkpoint (fingerprint {got} != {want})")
@@ -80,7 +96,7 @@ def load_weights_before_engine(model, directory: Path, state: dict[str, Any]) ->
     """Weights must be in place before ``deepspeed.initialize``: ZeRO copies them into its fp32
     partitions there, and later writes to the module would be overwritten by the next step."""
     if state["restored"] == "weights":
-        load_published_state(model, read_weights(directory / "model"))
+        load_published_directory(model, directory / "model")
 
 
 def restore_engine(engine, directory: Path, state: dict[str, Any]) -> None:

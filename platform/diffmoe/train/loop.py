@@ -23,10 +23,16 @@ from torch import nn
 
 from diffmoe.config import BLOCK_DIFFUSION, model_family
 from diffmoe.diffusion import training_loss, validation_loss_sum
-from diffmoe.model import config_from_dict, lm_class
+from diffmoe.model import config_from_dict
 from diffmoe.model.checkpoint import read_weights
 from diffmoe.model.convert import llada2_state_from
-from diffmoe.parallel import build_training_model, init_distributed, load_published_state
+from diffmoe.parallel import (
+    build_training_model,
+    init_distributed,
+    initialize,
+    load_published_directory,
+    load_published_state,
+)
 from diffmoe.rng import device_generator
 
 from .balance import update_expert_bias
@@ -167,16 +173,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_cuda)
     model_config = config_from_dict(loop_config["model_config"])
     ep_size = effective_ep_size(cfg.deepspeed.ep_size, world, model_config.num_experts)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    if cfg.model.init_from:
-        init = read_weights(Path(cfg.model.init_from))
-        if cfg.model.convert_to == "block_diffusion":  # the AR twin's weights in the LLaDA2 layout
-            init = llada2_state_from(init, model_config.num_experts)
+    torch.manual_seed(cfg.train.seed)
+    model = build_training_model(model_config, ep_size, device=device)
+    if cfg.model.convert_to == "block_diffusion":  # the AR twin's weights in the LLaDA2 layout
+        load_published_state(
+            model, llada2_state_from(read_weights(Path(cfg.model.init_from)), model_config.num_experts)
+        )
+    elif cfg.model.init_from:
+        load_published_directory(model, cfg.model.init_from)  # shard by shard, this rank's share
     else:
-        init = lm_class(model_config)(model_config).state_dict()
-    model = build_training_model(model_config, ep_size)
-    load_published_state(model, init)
-    del init
+        initialize(model, cfg.train.seed)  # identical on every rank, whatever the EP size
     if cfg.model.gradient_checkpointing:
         model.model.gradient_checkpointing = True
 

@@ -256,7 +256,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
             and manifest.splits[cfg.data.validation_split].shards
         )
         if has_val:
-            datasets["validation"] = read_split(cfg.data.path, cfg.data.validation_split)
+            datasets["validation"] = read_split(cfg.data.path, cfg.data.validation_split, verified=manifest)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
