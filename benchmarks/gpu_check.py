@@ -1,6 +1,6 @@
 """GPU checks and figures for the model's CUDA paths (run by hand on a CUDA machine; not `make test`).
 
-    PYTHONPATH=platform python benchmarks/gpu_check.py OUT.json
+    PYTHONPATH=platform python benchmarks/gpu_check.py [OUT.json]   # default docs/benchmarks/gpu/<date>.json
 
 1. Parity on CUDA: the grouped MoE layer equals the per-expert loop in fp32; the fused
    ``torch._grouped_mm`` bf16 path stays within bf16 error of the fp32 result, forward and backward.
@@ -8,12 +8,18 @@
    same active parameters, at the issue's shape and at the 7B-A1B layer shape, bf16.
 3. The full 7B-A1B config in bf16 on one GPU: forward latency (serving) and fwd+bwd tokens/s
    (training, no optimizer), with model FLOP utilisation from active parameters.
-Only diffmoe.model is imported: the GPU image needs torch and transformers, no Ray or DeepSpeed.
+4. ``gpu_platform.py``: the LLaDA2 block-diffusion Engine at the llada2-mini shape (batch 1 and 32,
+   sampled); then the platform itself: ``jobs/prepare_corpus.py`` + ``jobs/pretrain.py`` on the GPU
+   (Ray Train + DeepSpeed, bf16; the loss must fall, a checkpoint and the export must be written)
+   and one sampled chat request to that model served by Ray Serve over HTTP. This part needs the
+   project installed (``make install``: Ray, DeepSpeed, MLflow); ``--model-only`` skips it.
+Any part that fails (a device error anywhere) fails the whole check, loudly, after the others ran.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -236,21 +242,34 @@ def sampled_generate() -> dict:
 
 
 def main() -> None:
-    path = sys.argv[1] if len(sys.argv) > 1 else "gpu_check.json"
-    result = {
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),  # GPU figures carry their own date and command
-        "command": f"PYTHONPATH=platform python benchmarks/gpu_check.py {path}",
-    }
-    t0 = time.time()
-    for name, fn in (
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    path = args[0] if args else f"docs/benchmarks/gpu/{time.strftime('%Y-%m-%d')}.json"
+    parts = [
         ("parity", parity),
         ("sampled_generate", sampled_generate),
         ("moe_layer_issue_shape", lambda: moe_speed(64, 8, 256, 128, 4096)),
         ("moe_layer_7b_shape", lambda: moe_speed(64, 8, 2048, 1024, 16384)),
         ("model_7b_a1b_bf16", model_7b),
-    ):
+    ]
+    if "--model-only" not in sys.argv:
+        import tempfile
+        from pathlib import Path
+
+        from gpu_platform import llada2_engine, train_and_serve
+
+        work = tempfile.mkdtemp(prefix="gpu-check-")
+        parts += [
+            ("llada2_mini_engine_bf16", llada2_engine),
+            ("ray_train_deepspeed_then_serve", lambda: train_and_serve(Path(work))),
+        ]
+    result = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),  # GPU figures carry their own date and command
+        "command": f"PYTHONPATH=platform python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}".strip(),
+    }
+    t0 = time.time()
+    for name, fn in parts:
         try:
             result[name] = fn()
         except Exception as err:  # keep the other figures when one part fails
@@ -258,6 +277,7 @@ def main() -> None:
         print(name, json.dumps(result[name]), flush=True)
         torch.cuda.empty_cache()
     result["seconds"] = time.time() - t0
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     failed = [name for name, part in result.items() if isinstance(part, dict) and "error" in part]
