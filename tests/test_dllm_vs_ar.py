@@ -37,6 +37,8 @@ def tiny_settings(tmp_path: Path) -> list[str]:
         "train.val_batches=1",
         "decoding.val_draws=1",
         f"load.concurrency={LEVELS}",
+        "load.poisson_rates=[4.0]",
+        "load.poisson_duration_s=1.0",
         "load.requests_per_client=1",
         "load.min_requests=2",
         "load.prompts=4",
@@ -99,6 +101,11 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
             assert lv["machine_cpu_s_per_1k_tokens"] > 0
     assert "upper bound" in result["sides"]["dllm"]["quality"]["val_loss_kind"]
     assert "exact" in result["sides"]["ar"]["quality"]["val_loss_kind"]
+    # Open loop: one Poisson rate, served and scored the same way.
+    for side in ("dllm", "ar"):
+        (lv,) = result["sides"][side]["open_loop"]
+        assert lv["offered_rps"] == 4.0 and lv["requests"] >= 1 and lv["errors"] == 0
+        assert lv["replica_found"] and 0 <= lv["correct"] <= lv["requests"]
     # Answers served under load are scored against the right ones (each side stops at its end marker).
     for side in ("dllm", "ar"):
         for lv in result["sides"][side]["load"]:
@@ -126,7 +133,7 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
     assert body["command"] == "pytest tests/test_dllm_vs_ar.py"
     md = (report / "dllm_vs_ar.md").read_text()
     assert "## Machine" in md and "pytest tests/test_dllm_vs_ar.py" in md and "| ar | 2 |" in md
-    assert "**Not compared**" in md
+    assert "**Not compared**" in md and "## Open loop (Poisson arrivals)" in md and "| ar | 4 |" in md
     for png in body["details"]["plots"]:
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -54,7 +54,11 @@ class DecodingSection(StrictModel):
 
 
 class LoadSection(StrictModel):
-    concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    # open loop: Poisson arrivals at each rate (requests/s) for poisson_duration_s, after the closed
+    # loop; [] = none. The top rates are meant to pass both sides' capacity (saturation).
+    poisson_rates: list[float] = Field(default_factory=lambda: [8.0, 16.0, 32.0, 64.0, 128.0])
+    poisson_duration_s: float = Field(8.0, gt=0)
     requests_per_client: int = Field(4, ge=1)  # per level: max(min_requests, this x concurrency)
     min_requests: int = Field(16, ge=1)
     duration_s: float = Field(60.0, gt=0)  # cap on sending time per level
@@ -91,6 +95,8 @@ class CompareConfig(StrictModel):
             raise ValueError("model.overrides.causal is set per side by the comparison; remove it")
         if not self.load.concurrency or min(self.load.concurrency) < 1:
             raise ValueError(f"load.concurrency={self.load.concurrency}: need levels >= 1")
+        if self.load.poisson_rates and min(self.load.poisson_rates) <= 0:
+            raise ValueError(f"load.poisson_rates={self.load.poisson_rates}: rates must be > 0")
         if self.task.min_digits > self.task.max_digits:
             raise ValueError("task.min_digits exceeds task.max_digits")
         return self

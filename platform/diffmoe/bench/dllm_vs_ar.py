@@ -124,7 +124,7 @@ def run_comparison(cfg: CompareConfig, command: str | None = None, log=print) ->
                 else "masked diffusion (bidirectional)",
                 "train": trained[side],
                 "quality": qual[side],
-                "load": load[side],
+                **load[side],
             }
             for side in SIDES
         },

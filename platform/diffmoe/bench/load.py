@@ -98,12 +98,25 @@ def _machine_busy_s() -> float:
 
 
 def measure_level(
-    url: str, bodies: list[dict], c: int, n: int, duration: float, proc, gpus: float, expected=None
+    url: str,
+    bodies: list[dict],
+    c: int,
+    n: int,
+    duration: float,
+    proc,
+    gpus: float,
+    expected=None,
+    rate: float | None = None,
 ) -> dict:
-    from .loadgen import run_level
+    """One level: closed loop with ``c`` clients, or open loop (Poisson at ``rate`` requests/s)."""
+    from .loadgen import run_level, run_open_loop
 
     cpu0, busy0, t0 = _cpu_s(proc), _machine_busy_s(), time.perf_counter()
-    stats = asdict(asyncio.run(run_level(url, bodies, c, n, duration, expected=expected)))
+    if rate is None:
+        run = run_level(url, bodies, c, n, duration, expected=expected)
+    else:
+        run = run_open_loop(url, bodies, rate, n, duration, expected=expected)
+    stats = asdict(asyncio.run(run))
     wall = time.perf_counter() - t0
     cpu1, busy1 = _cpu_s(proc), _machine_busy_s()
     tokens = stats["output_tokens_per_s"] * stats["wall_s"]
@@ -124,8 +137,9 @@ def measure_level(
     return stats
 
 
-def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[str, list[dict]]:
-    """Deploy both sides, sweep the concurrency levels, tear Serve down; per side the level stats."""
+def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[str, dict[str, list[dict]]]:
+    """Deploy both sides, sweep the closed-loop concurrency levels then the open-loop Poisson rates,
+    tear Serve down; per side {"load": closed-loop level stats, "open_loop": per-rate stats}."""
     from ray import serve
 
     from diffmoe.serve.app import run_app
@@ -139,6 +153,7 @@ def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[
     port = ld.http_port or free_port()
     urls, procs, bodies = {}, {}, {}
     results: dict[str, list[dict]] = {side: [] for side in SIDES}
+    open_loop: dict[str, list[dict]] = {side: [] for side in SIDES}
     try:
         for side in SIDES:
             urls[side] = run_app(serve_args(cfg, side, model_dirs[side], port, stops), name=side)
@@ -161,9 +176,23 @@ def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[
                     f"correct={stats['correct']}/{stats['requests']} "
                     f"errors={stats['errors']}"
                 )
+        for rate in ld.poisson_rates:
+            n = max(1, int(rate * ld.poisson_duration_s * 2))  # the duration, not n, ends the level
+            for side in SIDES:
+                stats = measure_level(
+                    urls[side], bodies[side], 0, n, ld.poisson_duration_s, procs[side],
+                    ld.replica_gpus, answers, rate=rate,
+                )  # fmt: skip
+                open_loop[side].append(stats)
+                log(
+                    f"{side:4s} poisson {rate:g}/s: served {stats['requests_per_s']:.2f}/s "
+                    f"p50={stats['latency_s'].get('p50', 0):.3f} p99={stats['latency_s'].get('p99', 0):.3f} "
+                    f"peak in flight={stats['concurrency']} correct={stats['correct']}/{stats['requests']} "
+                    f"errors={stats['errors']}"
+                )
     finally:
         serve.shutdown()
     for side in SIDES:
-        for stats in results[side]:
+        for stats in results[side] + open_loop[side]:
             stats["replica_found"] = procs.get(side) is not None
-    return results
+    return {side: {"load": results[side], "open_loop": open_loop[side]} for side in SIDES}

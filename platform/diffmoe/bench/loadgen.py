@@ -1,7 +1,10 @@
-"""Closed-loop async HTTP load generator for OpenAI-compatible servers (bounded in count and time).
+"""Async HTTP load generator for OpenAI-compatible servers (bounded in count and time).
 
-``c`` clients each send streamed completions back to back until ``requests`` have been sent or
-``duration_s`` has passed. Per request: latency, time to first streamed token, output tokens (from
+Closed loop (``run_level``): ``c`` clients each send streamed completions back to back until
+``requests`` have been sent or ``duration_s`` has passed. Open loop (``run_open_loop``): requests
+arrive as a Poisson process at a set rate whatever the server does, as users do, so a rate past
+the server's capacity shows as growing latency (the queue) rather than as a fixed number of
+clients waiting politely. Per request: latency, time to first streamed token, output tokens (from
 the usage chunk). Used by ``benchmarks/bench_serve.py`` and the dLLM-vs-AR load sweep; reusable
 for other servers (vLLM, ...).
 """
@@ -29,7 +32,7 @@ class Result:
 
 @dataclass
 class LevelStats:
-    concurrency: int
+    concurrency: int  # closed loop: clients; open loop: the most requests in flight at once
     requests: int
     errors: int
     wall_s: float
@@ -41,6 +44,7 @@ class LevelStats:
     sample_errors: list = field(default_factory=list)
     correct: int | None = None  # answers equal to the expected ones (when given), under this load
     correct_answers_per_s: float | None = None
+    offered_rps: float | None = None  # open loop: the Poisson arrival rate asked for
 
 
 def percentiles(values: list[float]) -> dict:
@@ -120,6 +124,64 @@ async def run_level(
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         wall = time.perf_counter() - t0
+    return _summarize(results, asked, wall, bodies, expected, concurrency=concurrency)
+
+
+async def run_open_loop(
+    base_url: str,
+    body: dict | list[dict],
+    rate: float,
+    requests: int,
+    duration_s: float,
+    path: str = "/v1/completions",
+    headers: dict | None = None,
+    timeout_s: float = 120.0,
+    expected: list[str] | None = None,
+    seed: int = 0,
+) -> LevelStats:
+    """Poisson arrivals at ``rate`` requests/s (seeded exponential gaps, the same schedule on every
+    run) until ``requests`` were sent or ``duration_s`` passed; then waits for the ones in flight.
+    Throughput is over the whole wall time, so a rate the server cannot keep up with shows a
+    lower achieved rate and a growing latency."""
+    import random
+
+    bodies = body if isinstance(body, list) else [body]
+    gaps = random.Random(seed)
+    results: list[Result] = []
+    asked: list[int] = []
+    in_flight = peak = 0
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=timeout_s, limits=limits
+    ) as client:
+
+        async def send(k: int) -> None:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                results.append(await one_request(client, path, bodies[k % len(bodies)]))
+                asked.append(k)
+            finally:
+                in_flight -= 1
+
+        t0 = time.perf_counter()
+        tasks, due = [], t0
+        for k in range(requests):
+            due += gaps.expovariate(rate)
+            if due - t0 > duration_s:
+                break
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(send(k)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    stats = _summarize(results, asked, wall, bodies, expected, concurrency=peak)
+    stats.offered_rps = rate
+    return stats
+
+
+def _summarize(results, asked, wall, bodies, expected, concurrency: int) -> LevelStats:
     good = [r for r in results if r.ok]
     correct = None
     if expected:

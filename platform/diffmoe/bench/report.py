@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import report_open_loop as open_loop
 from .quality import SIDES
 
 LABEL = {"dllm": "dLLM (masked diffusion)", "ar": "AR twin (causal)"}
@@ -191,6 +192,7 @@ def markdown(result: dict, command: str, info: dict, plots: list[str], date: str
         "",
         *load_table(result),
         "",
+        *open_loop.table(result),
         *[f"![{Path(p).stem}]({Path(p).name})" for p in plots],
         "",
     ]
@@ -289,7 +291,7 @@ def plots(result: dict, out_dir: Path, name: str) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir / f"{name}_accuracy.png"))
-    return paths
+    return paths + open_loop.plot(result, out_dir, name, _save)
 
 
 def _concurrency_axis(ax, sides) -> None:

@@ -1,0 +1,76 @@
+"""The open-loop part of the dLLM-vs-AR report: Poisson arrival rates against what each side served.
+
+A closed loop never offers more than its clients can wait for; users do not wait for each other, so
+this sweep shows where each side saturates: achieved requests/s flattening below the offered rate,
+latency (queueing) growing, and 429s once the replica's queue is full.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SIDES = ("dllm", "ar")
+
+
+def _fmt(v, digits=3):
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def table(result: dict) -> list[str]:
+    if not any(result["sides"][s].get("open_loop") for s in SIDES):
+        return []
+    rows = [
+        "## Open loop (Poisson arrivals)",
+        "",
+        f"Requests arrive as a Poisson process at each rate for {result['config']['load']['poisson_duration_s']} s "
+        "(seeded, the same arrival times for both sides), after the closed-loop levels; throughput is over the "
+        "whole level including the drain. A side is saturated where served req/s falls below the offered rate and "
+        "latency grows; `errors` are 429s from a full replica queue.",
+        "",
+        "| side | offered req/s | requests | served req/s | served acc. | correct/s | p50 s | p99 s | TTFT p50 s "
+        "| peak in flight | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for side in SIDES:
+        for lv in result["sides"][side].get("open_loop", []):
+            rows.append(
+                f"| {side} | {lv['offered_rps']:g} | {lv['requests']} | {_fmt(lv['requests_per_s'], 2)} "
+                f"| {_fmt(lv.get('served_accuracy'))} | {_fmt(lv.get('correct_answers_per_s'), 2)} "
+                f"| {_fmt(lv['latency_s'].get('p50'))} | {_fmt(lv['latency_s'].get('p99'))} "
+                f"| {_fmt(lv['ttft_s'].get('p50'))} | {lv['concurrency']} | {lv['errors']} |"
+            )
+    return [*rows, ""]
+
+
+def plot(result: dict, out_dir: Path, name: str, save) -> list[Path]:
+    """Served vs offered rate, and latency vs offered rate; [] when no open-loop level ran."""
+    if not any(result["sides"][s].get("open_loop") for s in SIDES):
+        return []
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    top = 0.0
+    for s, color in zip(SIDES, ("C0", "C1")):
+        lv = result["sides"][s].get("open_loop", [])
+        rate = [x["offered_rps"] for x in lv]
+        top = max([top, *rate])
+        axes[0].plot(rate, [x["requests_per_s"] for x in lv], "o-", color=color, label=f"{s} served")
+        axes[0].plot(
+            rate, [x["correct_answers_per_s"] or 0 for x in lv], "x:", color=color, label=f"{s} correct"
+        )
+        for key, style in (("p50", "o-"), ("p99", "^:")):
+            axes[1].plot(
+                rate,
+                [x["latency_s"].get(key, float("nan")) for x in lv],
+                style,
+                color=color,
+                label=f"{s} {key}",
+            )
+    axes[0].plot([0, top], [0, top], color="grey", lw=0.8, label="served = offered")
+    axes[0].set(xlabel="offered requests / s (Poisson)", ylabel="requests / s", title="Served vs offered")
+    axes[1].set(xlabel="offered requests / s (Poisson)", ylabel="seconds", title="Latency vs offered rate")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return [save(fig, out_dir / f"{name}_open_loop.png")]
