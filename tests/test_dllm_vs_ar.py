@@ -38,6 +38,7 @@ def tiny_settings(tmp_path: Path) -> list[str]:
         "decoding.val_draws=1",
         f"load.concurrency={LEVELS}",
         "load.poisson_rates=[4.0]",
+        "decoding.threshold_sweep=[0.5, 0.9]",
         "load.poisson_duration_s=1.0",
         "load.requests_per_client=1",
         "load.min_requests=2",
@@ -101,6 +102,12 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
             assert lv["machine_cpu_s_per_1k_tokens"] > 0
     assert "upper bound" in result["sides"]["dllm"]["quality"]["val_loss_kind"]
     assert "exact" in result["sides"]["ar"]["quality"]["val_loss_kind"]
+    # Threshold sweep: both points measured, the served one among them and the rule applied.
+    q = result["sides"]["dllm"]["quality"]
+    assert [x["threshold"] for x in q["threshold_sweep"]] == [0.5, 0.9]
+    best = max(x["accuracy"] for x in q["threshold_sweep"])
+    chosen = next(x for x in q["threshold_sweep"] if x["threshold"] == q["threshold"])
+    assert chosen["accuracy"] >= best - 0.01 and q["accuracy"] == chosen["accuracy"]
     # Open loop: one Poisson rate, served and scored the same way.
     for side in ("dllm", "ar"):
         (lv,) = result["sides"][side]["open_loop"]
@@ -134,6 +141,7 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
     md = (report / "dllm_vs_ar.md").read_text()
     assert "## Machine" in md and "pytest tests/test_dllm_vs_ar.py" in md and "| ar | 2 |" in md
     assert "**Not compared**" in md and "## Open loop (Poisson arrivals)" in md and "| ar | 4 |" in md
+    assert "## Diffusion decoding: threshold sweep" in md
     for png in body["details"]["plots"]:
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -149,3 +157,16 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
         assert "quality/val_loss_per_token" in run.data.metrics and "quality/accuracy" in run.data.metrics
         hist = client.get_metric_history(rid, "load/output_tokens_per_s")
         assert sorted(m.step for m in hist) == LEVELS
+
+
+def test_served_threshold_is_the_fastest_within_a_point_of_the_best():
+    from diffmoe.bench.dllm_vs_ar import choose_threshold
+
+    sweep = [
+        {"threshold": 0.5, "accuracy": 0.90, "forwards_per_token": 0.2},  # fastest, 10 points worse
+        {"threshold": 0.7, "accuracy": 0.992, "forwards_per_token": 0.3},  # within a point: served
+        {"threshold": 0.9, "accuracy": 1.0, "forwards_per_token": 0.5},
+        {"threshold": 0.95, "accuracy": 1.0, "forwards_per_token": 0.5},
+    ]
+    assert choose_threshold(sweep)["threshold"] == 0.7
+    assert choose_threshold(sweep[2:])["threshold"] == 0.95  # equal speed: the safer threshold

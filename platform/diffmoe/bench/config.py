@@ -48,6 +48,10 @@ class TrainSection(StrictModel):
 
 class DecodingSection(StrictModel):
     threshold: float = Field(0.9, gt=0, le=1)  # diffusion: Fast-dLLM confidence threshold
+    # Thresholds tried offline on the held-out prompts (the accuracy-vs-speed curve); the diffusion
+    # side is served at the fastest (fewest forwards per answer token) within 1 point of the best
+    # accuracy. [] = serve at ``threshold``.
+    threshold_sweep: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     cache: Literal["none", "prefix", "dual"] = "prefix"  # diffusion KV cache
     temperature: float = Field(0.0, ge=0)  # 0: greedy for both sides
     val_draws: int = Field(4, ge=1)  # mask draws per validation row for the diffusion bound
@@ -95,6 +99,8 @@ class CompareConfig(StrictModel):
             raise ValueError("model.overrides.causal is set per side by the comparison; remove it")
         if not self.load.concurrency or min(self.load.concurrency) < 1:
             raise ValueError(f"load.concurrency={self.load.concurrency}: need levels >= 1")
+        if any(not 0 < t <= 1 for t in self.decoding.threshold_sweep):
+            raise ValueError(f"decoding.threshold_sweep={self.decoding.threshold_sweep}: need 0 < t <= 1")
         if self.load.poisson_rates and min(self.load.poisson_rates) <= 0:
             raise ValueError(f"load.poisson_rates={self.load.poisson_rates}: rates must be > 0")
         if self.task.min_digits > self.task.max_digits:

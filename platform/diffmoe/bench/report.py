@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import report_open_loop as open_loop
+from . import report_sections as sections
 from .quality import SIDES
 
 LABEL = {"dllm": "dLLM (masked diffusion)", "ar": "AR twin (causal)"}
@@ -135,7 +135,7 @@ def markdown(result: dict, command: str, info: dict, plots: list[str], date: str
         f"- Same server: the Ray Serve app (`run_app`), 1 replica each ({cfg['load']['replica_cpus']} CPUs, "
         f"{cfg['load']['replica_gpus']} GPUs), continuous batching up to {cfg['load']['max_batch_size']} requests; "
         "the Engine decodes the causal model autoregressively with a KV cache.",
-        f"- Decoding: dLLM = confidence-threshold parallel decoding ({cfg['decoding']['threshold']}, "
+        f"- Decoding: dLLM = confidence-threshold parallel decoding ({q['dllm'].get('threshold', cfg['decoding']['threshold'])}, "
         f"`{cfg['decoding']['cache']}` cache) over a canvas = the rest of a training row; AR = "
         f"{'greedy' if cfg['decoding']['temperature'] == 0 else 'sampled'} next-token decoding (KV cache) with "
         "the same cap. In the accuracy evaluation both stop at the end marker.",
@@ -192,7 +192,8 @@ def markdown(result: dict, command: str, info: dict, plots: list[str], date: str
         "",
         *load_table(result),
         "",
-        *open_loop.table(result),
+        *sections.sweep_table(result),
+        *sections.open_loop_table(result),
         *[f"![{Path(p).stem}]({Path(p).name})" for p in plots],
         "",
     ]
@@ -291,7 +292,11 @@ def plots(result: dict, out_dir: Path, name: str) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir / f"{name}_accuracy.png"))
-    return paths + open_loop.plot(result, out_dir, name, _save)
+    return (
+        paths
+        + sections.sweep_plot(result, out_dir, name, _save)
+        + sections.open_loop_plot(result, out_dir, name, _save)
+    )
 
 
 def _concurrency_axis(ax, sides) -> None:

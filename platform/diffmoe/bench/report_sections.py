@@ -1,4 +1,5 @@
-"""The open-loop part of the dLLM-vs-AR report: Poisson arrival rates against what each side served.
+"""Two parts of the dLLM-vs-AR report: the diffusion side's threshold sweep (accuracy vs speed,
+offline) and the open loop (Poisson arrival rates against what each side served).
 
 A closed loop never offers more than its clients can wait for; users do not wait for each other, so
 this sweep shows where each side saturates: achieved requests/s flattening below the offered rate,
@@ -16,7 +17,7 @@ def _fmt(v, digits=3):
     return "n/a" if v is None or v != v else f"{v:.{digits}f}"
 
 
-def table(result: dict) -> list[str]:
+def open_loop_table(result: dict) -> list[str]:
     if not any(result["sides"][s].get("open_loop") for s in SIDES):
         return []
     rows = [
@@ -42,7 +43,7 @@ def table(result: dict) -> list[str]:
     return [*rows, ""]
 
 
-def plot(result: dict, out_dir: Path, name: str, save) -> list[Path]:
+def open_loop_plot(result: dict, out_dir: Path, name: str, save) -> list[Path]:
     """Served vs offered rate, and latency vs offered rate; [] when no open-loop level ran."""
     if not any(result["sides"][s].get("open_loop") for s in SIDES):
         return []
@@ -74,3 +75,50 @@ def plot(result: dict, out_dir: Path, name: str, save) -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return [save(fig, out_dir / f"{name}_open_loop.png")]
+
+
+def sweep_table(result: dict) -> list[str]:
+    q = result["sides"]["dllm"]["quality"]
+    if not q.get("threshold_sweep"):
+        return []
+    rows = [
+        "## Diffusion decoding: threshold sweep",
+        "",
+        "Confidence threshold vs exact match and speed on the held-out prompts, decoded offline by the serving "
+        f"Engine. Served (every load figure above and below) at **{q['threshold']}**: the fewest forwards "
+        "per answer token within 1 point of the best accuracy.",
+        "",
+        "| threshold | exact match | forwards / answer token | tokens / step | offline tok/s |",
+        "|---|---|---|---|---|",
+    ]
+    for x in q["threshold_sweep"]:
+        mark = " (served)" if x["threshold"] == q["threshold"] else ""
+        rows.append(
+            f"| {x['threshold']}{mark} | {_fmt(x['accuracy'])} | {_fmt(x['forwards_per_token'])} "
+            f"| {_fmt(x['tokens_per_step'], 2)} | {_fmt(x['offline_tokens_per_s'], 0)} |"
+        )
+    return [*rows, ""]
+
+
+def sweep_plot(result: dict, out_dir: Path, name: str, save) -> list[Path]:
+    q = result["sides"]["dllm"]["quality"]
+    if not q.get("threshold_sweep"):
+        return []
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    pts = q["threshold_sweep"]
+    ax.plot([x["tokens_per_step"] for x in pts], [100 * x["accuracy"] for x in pts], "o-", label="dLLM")
+    for x in pts:
+        ax.annotate(f"t={x['threshold']}", (x["tokens_per_step"], 100 * x["accuracy"]), fontsize=7,
+                    xytext=(2, 4), textcoords="offset points")  # fmt: skip
+    ar = result["sides"]["ar"]["quality"]
+    ax.axhline(100 * ar["accuracy"], color="C1", ls="--", label="AR twin (1 token / step)")
+    ax.set(
+        xlabel="answer tokens per decoding step",
+        ylabel="exact match (%)",
+        title="Threshold: accuracy vs speed",
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return [save(fig, out_dir / f"{name}_threshold_sweep.png")]
