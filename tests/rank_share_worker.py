@@ -107,12 +107,28 @@ def _gloo_rank(rank: int, world: int, port: int, directory: str) -> None:
     assert list(streamed) == sorted(want), "stream is not every published key in sorted order"
     for key, value in want.items():
         torch.testing.assert_close(streamed[key], value, rtol=0, atol=0, msg=key)
+    _refuses_a_checkpoint_with_more_experts(model, plain)
     _sorted_dispatch_parity(model, plain, rank, world)
     initialize(model, seed=3)
     initialize(plain, seed=3)
     for key, value in iter_published_state(model):
         torch.testing.assert_close(value, plain.state_dict()[key], rtol=0, atol=0, msg=key)
     dist.destroy_process_group()
+
+
+def _refuses_a_checkpoint_with_more_experts(model, plain) -> None:
+    """An expert beyond the config's num_experts is an error, not another rank's expert."""
+    from diffmoe.parallel import load_published_state
+
+    state = dict(plain.state_dict())
+    extra = f"model.layers.0.mlp.experts.{plain.config.num_experts}.down_proj.weight"
+    state[extra] = state["model.layers.0.mlp.experts.0.down_proj.weight"]
+    try:
+        load_published_state(model, state)
+    except ValueError as err:
+        assert "beyond this model's num_experts=8" in str(err), err
+    else:
+        raise AssertionError("a checkpoint with more experts than the config loaded")
 
 
 def _published_grads(model) -> dict:

@@ -73,11 +73,13 @@ def _expert_of_another_rank(key: str) -> bool:
     return len(parts) > 5 and parts[3:5] == ["mlp", "experts"]
 
 
-def _copy(views: dict, key: str, read, source: str, loaded: set) -> None:
+def _copy(views: dict, key: str, read, source: str, loaded: set, num_experts: int) -> None:
     target = views.get(key)
     if target is None:
         if not _expert_of_another_rank(key):
             raise ValueError(f"{source}: {key} is not a weight of this model")
+        if int(key.split(".")[5]) >= num_experts:  # another rank's expert, unless beyond the config's
+            raise ValueError(f"{source}: {key} is beyond this model's num_experts={num_experts}")
         return
     value = read(key)
     if value.shape != target.shape:
@@ -97,7 +99,7 @@ def load_published_state(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     """Copy a published-layout state dict (all experts) into this rank's share."""
     views, loaded = published_views(model), set()
     for key in state:
-        _copy(views, key, state.__getitem__, "state dict", loaded)
+        _copy(views, key, state.__getitem__, "state dict", loaded, model.config.num_experts)
     _check_complete(views, loaded, "state dict")
 
 
@@ -113,7 +115,7 @@ def load_published_directory(model: nn.Module, directory: str | Path) -> None:
     for name in weight_files(directory):
         with safe_open(str(directory / name), framework="pt", device="cpu") as f:
             for key in f.keys():
-                _copy(views, key, f.get_tensor, str(directory / name), loaded)
+                _copy(views, key, f.get_tensor, str(directory / name), loaded, model.config.num_experts)
     _check_complete(views, loaded, str(directory))
 
 
