@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diffmoe.model import LLaDA2MoeConfig, lm_class
+from diffmoe.rng import device_generator
 
 from .moe import _EXPERTS, _GATE, ep_rank_and_size
 
@@ -64,7 +65,7 @@ def initialize(model: nn.Module, seed: int) -> None:
         elif key.endswith("bias"):
             tensor.zero_()
         else:
-            gen = torch.Generator(device=tensor.device).manual_seed(_seed_of(seed, key))
+            gen = device_generator(tensor.device, _seed_of(seed, key))
             tensor.normal_(0.0, std, generator=gen)
 
 
