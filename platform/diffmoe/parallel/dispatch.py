@@ -21,22 +21,37 @@ from diffmoe.model.modeling import Experts
 from diffmoe.model.router import Routing
 
 
+def _spread(n: int, splits: list[int], device) -> torch.Tensor:
+    """Where the rows of ``splits``-sized chunks land when each chunk is followed by one spare row."""
+    chunk = torch.repeat_interleave(
+        torch.arange(len(splits), device=device), torch.tensor(splits, device=device)
+    )
+    return torch.arange(n, device=device) + chunk
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """``all_to_all_single`` by split sizes with one spare row per rank each way, dropped on
+    arrival, so no chunk is ever empty even when a rank's experts got no rows."""
+    ranks = len(in_splits)
+    send = x.new_zeros((x.shape[0] + ranks, *x.shape[1:]))
+    send[_spread(x.shape[0], in_splits, x.device)] = x
+    recv = x.new_empty((sum(out_splits) + ranks, *x.shape[1:]))
+    dist.all_to_all_single(recv, send, [n + 1 for n in out_splits], [n + 1 for n in in_splits], group=group)
+    return recv[_spread(sum(out_splits), out_splits, x.device)]
+
+
 class _AllToAll(torch.autograd.Function):
     """Rows to ranks by split sizes; the backward sends the gradients back along the same splits."""
 
     @staticmethod
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return _exchange(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        grad_in = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
 def sorted_expert_parallel(x: torch.Tensor, routing: Routing, experts: Experts, group, ep_size: int):
@@ -58,7 +73,9 @@ def sorted_expert_parallel(x: torch.Tensor, routing: Routing, experts: Experts, 
     received = _AllToAll.apply(send, out_splits, in_splits, group)
     local_ids = torch.arange(local, device=x.device).repeat(ep_size).repeat_interleave(incoming)
     ones = torch.ones(local_ids.numel(), 1, device=x.device, dtype=torch.float32)
-    computed = experts(received, local_ids[:, None], ones)
+    # A rank whose experts got no rows still takes part in both exchanges (``Experts`` cannot shape
+    # an empty batch; the rows' absence is the whole answer).
+    computed = experts(received, local_ids[:, None], ones) if received.shape[0] else received * 0
     returned = _AllToAll.apply(computed, in_splits, out_splits, group)
     weights = routing.weights.reshape(-1)[order].to(returned.dtype)
     return unsort(returned * weights[:, None], order, inverse).view(n, k, -1).sum(1)
