@@ -411,6 +411,11 @@ def test_deployment_yaml_args_validate():
 
     opts = deployment_options(cfg.model_copy(update={"ep_size": 2}))
     assert len(opts["placement_group_bundles"]) == 2
+    # On GPUs the replica (LM head + sampler) takes half of rank 0's GPU in bundle 0.
+    gpu = cfg.model_copy(update={"ep_size": 2, "replica_gpus": 1.0})
+    opts = deployment_options(gpu)
+    assert [b["GPU"] for b in opts["placement_group_bundles"]] == [1.0, 1.0]
+    assert opts["ray_actor_options"]["num_gpus"] == gpu.head_gpus == 0.5
 
 
 def test_serve_config_rejects_bad_args():

@@ -146,6 +146,15 @@ def weight_files(directory: Path) -> list[str]:
     )
 
 
+def read_tensor(directory: Path, key: str) -> torch.Tensor:
+    """One tensor of a checkpoint directory, read from the shard that holds it (nothing else)."""
+    for name in weight_files(directory):
+        with safe_open(str(directory / name), framework="pt", device="cpu") as f:
+            if key in f.keys():
+                return f.get_tensor(key)
+    raise KeyError(f"{directory} has no tensor {key!r}")
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name in weight_files(directory):

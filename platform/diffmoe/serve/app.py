@@ -101,12 +101,12 @@ def deployment_options(cfg: ServeConfig) -> dict:
     if cfg.ep_size == 1:
         opts["ray_actor_options"] = {"num_cpus": cfg.replica_cpus, "num_gpus": gpu}
     else:
-        # Bundle 0: the replica + rank 0; bundle i: rank i. The replica itself needs no GPU.
+        # Bundle 0: the replica + rank 0 (sharing one GPU: cfg.head_gpus); bundle i: rank i.
         first = {"CPU": cfg.replica_cpus + cfg.worker_cpus}
         rest = {"CPU": cfg.worker_cpus}
         if gpu:
             first["GPU"] = rest["GPU"] = gpu
-        opts["ray_actor_options"] = {"num_cpus": cfg.replica_cpus}
+        opts["ray_actor_options"] = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.head_gpus}
         opts["placement_group_bundles"] = [first] + [dict(rest) for _ in range(cfg.ep_size - 1)]
         opts["placement_group_strategy"] = "PACK"
     if cfg.num_replicas is not None:

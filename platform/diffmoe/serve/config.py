@@ -71,7 +71,8 @@ class ServeConfig(StrictModel):
     autoscaling_config: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     replica_cpus: float = Field(1.0, gt=0)  # CPUs of the replica actor (ingress + engine loop)
     worker_cpus: float = Field(1.0, gt=0)  # CPUs of each expert-parallel worker
-    replica_gpus: float = Field(0.0, ge=0)  # GPUs per replica (ep_size=1) or per worker (ep_size>1)
+    # GPUs per replica (ep_size=1) or per worker (ep_size>1: rank 0 shares its GPU with the replica)
+    replica_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads for the model; None = CPUs reserved
     http_host: str = "127.0.0.1"  # loopback by default; used by ``run_app`` (YAML: top-level http_options)
     http_port: int = Field(8000, ge=0, le=65535)
@@ -100,6 +101,12 @@ class ServeConfig(StrictModel):
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix={self.route_prefix!r} must start with '/'")
         return self
+
+    @property
+    def head_gpus(self) -> float:
+        """With expert parallelism on GPUs, the replica (LM head + sampler) shares rank 0's GPU:
+        half of bundle 0's GPU each, so workers send hidden states, not logits, to a GPU."""
+        return self.replica_gpus / 2 if self.ep_size > 1 else 0.0
 
     @property
     def served_name(self) -> str:

@@ -2,6 +2,10 @@
 
 The replica keeps the engine (scheduling, canvases, KV caches) and hands each forward pass to
 ``ExpertParallelModel``, a stand-in for the model that splits the batch's rows across the K workers.
+Workers run the backbone only and send back final hidden states (bf16 on GPU), never
+vocabulary-wide logits: the replica holds the LM head and applies it only at the positions the
+sampler reads (``sampler.block_logits``), which for a 157k vocabulary is ~77x fewer bytes per
+position through the object store, and none at all for prompt prefill.
 Every worker runs the DeepSpeed-MoE model of ``diffmoe.parallel``, the one training uses (attention
 and dense parts replicated, local experts only); inside each MoE layer tokens travel to their experts' rank
 and back with ``all_to_all`` over ``torch.distributed`` (gloo on CPU, NCCL on GPU). All ranks must
@@ -28,7 +32,7 @@ class ExpertParallelWorker:
         self.rank, self.world = rank, world
         if threads:
             torch.set_num_threads(threads)
-        self.model = None
+        self.backbone = None
 
     def address(self) -> tuple[str, int]:
         """Rendezvous address for the process group (rank 0's node, a free port)."""
@@ -59,14 +63,16 @@ class ExpertParallelWorker:
         dtype = torch.bfloat16 if backend == "nccl" else None
         model = build_training_model(config, self.world, device=self.device, dtype=dtype)
         load_published_directory(model, directory)
-        self.model = model.eval()
+        self.backbone = model.model.eval()  # the LM head lives on the replica
+        del model
         return config.num_experts // self.world
 
     @torch.inference_mode()
     def forward(self, ids, attention_mask, position_ids, past, use_cache):
+        """The backbone on this rank's rows: (final hidden states, layer caches), on the CPU."""
         dev = self.device
         past = None if past is None else [(k.to(dev), v.to(dev)) for k, v in past]
-        out = self.model(
+        out = self.backbone(
             ids.to(dev),
             attention_mask=None if attention_mask is None else attention_mask.to(dev),
             position_ids=None if position_ids is None else position_ids.to(dev),
@@ -75,7 +81,7 @@ class ExpertParallelWorker:
         )
         kv = out.past_key_values if use_cache else None
         kv = None if kv is None else [(k.cpu(), v.cpu()) for k, v in kv]
-        return out.logits.float().cpu(), kv
+        return out.last_hidden_state.cpu(), kv
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -89,13 +95,21 @@ def _split(t, parts: int):
 
 
 class ExpertParallelModel(nn.Module):
-    """What the engine sees as ``model``: ``forward`` fans the rows out to the workers and gathers
-    logits and caches back in row order."""
+    """What the engine sees as ``model``: ``model.model`` (the backbone) fans the rows out to the
+    workers and gathers hidden states and caches back in row order; ``lm_head`` runs here, on the
+    replica's device (its GPU when it has one), only where the sampler needs logits."""
 
-    def __init__(self, workers: list, config):
+    def __init__(self, workers: list, config, lm_head_weight: torch.Tensor):
         super().__init__()
         self.workers, self.config = workers, config
-        self._device_marker = nn.Parameter(torch.zeros(1), requires_grad=False)  # engine reads .device
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.lm_head = nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype
+        )
+        with torch.no_grad():
+            self.lm_head.weight.copy_(lm_head_weight)
+        self.model = _Backbone(workers, device, dtype)  # not a submodule: it owns no parameters
 
     @classmethod
     def start(
@@ -106,11 +120,18 @@ class ExpertParallelModel(nn.Module):
         tracking_uri: str | None,
         worker_cpus: float,
         worker_gpus: float = 0.0,
+        directory=None,
+        rank0_gpus: float | None = None,
     ):
-        """Start K workers in the current placement group (bundle i for rank i) and load them."""
+        """Start K workers in the current placement group (bundle i for rank i) and load them; the
+        replica reads the LM head from ``directory`` (``source`` resolved, by default). Rank 0 takes
+        ``rank0_gpus`` (default ``worker_gpus``): less when it shares its GPU with the replica."""
         import uuid
 
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from diffmoe.model.checkpoint import read_tensor
+        from diffmoe.model.source import resolve
 
         pg = ray.util.get_current_placement_group()
         workers, group = [], uuid.uuid4().hex[:8]
@@ -118,7 +139,7 @@ class ExpertParallelModel(nn.Module):
             # Named so an operator (or a fault test) can find one rank: diffmoe-ep-<group>-r<rank>.
             opts: dict = {
                 "num_cpus": worker_cpus,
-                "num_gpus": worker_gpus,
+                "num_gpus": worker_gpus if rank or rank0_gpus is None else rank0_gpus,
                 "name": f"diffmoe-ep-{group}-r{rank}",
             }
             if pg is not None:
@@ -129,18 +150,48 @@ class ExpertParallelModel(nn.Module):
             workers.append(ExpertParallelWorker.options(**opts).remote(rank, ep_size, threads))
         master = ray.get(workers[0].address.remote())
         local = ray.get([w.setup.remote(master, source, tracking_uri) for w in workers])
-        model = cls(workers, config)
+        directory = directory or resolve(source, tracking_uri)
+        model = cls(workers, config, read_tensor(directory, "lm_head.weight"))
         model.experts_per_worker = local
         return model
 
     def forward(self, ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        k = len(self.workers)
-        rows = ids.shape[0]
-        shards = {
-            "ids": _split(ids, k),
-            "mask": _split(attention_mask, k),
-            "pos": _split(position_ids, k),
-        }
+        """Logits at every position (callers that want fewer use ``model`` + ``lm_head``)."""
+        out = self.model(ids, attention_mask, position_ids, past_key_values, use_cache)
+        return SimpleNamespace(
+            logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values
+        )
+
+    async def ping(self) -> None:
+        """Raises if a worker is dead (Ray's actor-ready probe; queued behind a running forward)."""
+        import asyncio
+
+        await asyncio.gather(*[w.__ray_ready__.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.get(w.shutdown.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+            ray.kill(w)
+
+
+class _Backbone:
+    """The workers as one backbone: ``(ids, ...) -> last_hidden_state, past_key_values`` with rows
+    split across ranks (a rank without rows runs a dummy row, dropped: every rank must take part in
+    every all-to-all). Inputs go to the workers on the CPU; results come back on ``device``."""
+
+    def __init__(self, workers: list, device: torch.device, dtype: torch.dtype):
+        self.workers, self.device, self.dtype = workers, device, dtype
+
+    def __call__(self, ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        k, rows = len(self.workers), ids.shape[0]
+        cpu = [None if t is None else t.cpu() for t in (ids, attention_mask, position_ids)]
+        ids, attention_mask, position_ids = cpu
+        if past_key_values is not None:
+            past_key_values = [(kk.cpu(), vv.cpu()) for kk, vv in past_key_values]
+        shards = {"ids": _split(ids, k), "mask": _split(attention_mask, k), "pos": _split(position_ids, k)}
         pasts = None
         if past_key_values is not None:
             per_layer = [(_split(kk, k), _split(vv, k)) for kk, vv in past_key_values]
@@ -168,26 +219,15 @@ class ExpertParallelModel(nn.Module):
                 )
             )
         outs = [o for o, keep in zip(ray.get(refs), real) if keep]
-        logits = torch.cat([o[0] for o in outs])
-        assert logits.shape[0] == rows
+        hidden = torch.cat([o[0] for o in outs]).to(self.device, self.dtype)
+        assert hidden.shape[0] == rows
         kv = None
         if use_cache:
             kv = [
-                (torch.cat([o[1][i][0] for o in outs]), torch.cat([o[1][i][1] for o in outs]))
+                (
+                    torch.cat([o[1][i][0] for o in outs]).to(self.device),
+                    torch.cat([o[1][i][1] for o in outs]).to(self.device),
+                )
                 for i in range(len(outs[0][1]))
             ]
-        return SimpleNamespace(logits=logits, past_key_values=kv)
-
-    async def ping(self) -> None:
-        """Raises if a worker is dead (Ray's actor-ready probe; queued behind a running forward)."""
-        import asyncio
-
-        await asyncio.gather(*[w.__ray_ready__.remote() for w in self.workers])
-
-    def shutdown(self) -> None:
-        for w in self.workers:
-            try:
-                ray.get(w.shutdown.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
-            ray.kill(w)
+        return SimpleNamespace(last_hidden_state=hidden, past_key_values=kv)

@@ -82,7 +82,14 @@ class ModelHost:
 
             config = load_config(self.path)
             self.model = ExpertParallelModel.start(
-                config, cfg.ep_size, cfg.model, cfg.mlflow_tracking_uri, cfg.worker_cpus, cfg.replica_gpus
+                config,
+                cfg.ep_size,
+                cfg.model,
+                cfg.mlflow_tracking_uri,
+                cfg.worker_cpus,
+                cfg.replica_gpus,
+                directory=self.path,
+                rank0_gpus=cfg.replica_gpus - cfg.head_gpus,
             )
         else:
             self.model = (model_loader or load_model)(self.path)
