@@ -17,7 +17,7 @@ owns to the tensor holding it (views into the stacked expert parameters), so tha
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -69,7 +69,7 @@ def initialize(model: nn.Module, seed: int) -> None:
             tensor.normal_(0.0, std, generator=gen)
 
 
-def _expert_of_another_rank(key: str) -> bool:
+def _is_routed_expert_key(key: str) -> bool:
     parts = key.split(".")
     return len(parts) > 5 and parts[3:5] == ["mlp", "experts"]
 
@@ -77,7 +77,7 @@ def _expert_of_another_rank(key: str) -> bool:
 def _copy(views: dict, key: str, read, source: str, loaded: set, num_experts: int) -> None:
     target = views.get(key)
     if target is None:
-        if not _expert_of_another_rank(key):
+        if not _is_routed_expert_key(key):
             raise ValueError(f"{source}: {key} is not a weight of this model")
         if int(key.split(".")[5]) >= num_experts:  # another rank's expert, unless beyond the config's
             raise ValueError(f"{source}: {key} is beyond this model's num_experts={num_experts}")
@@ -96,12 +96,17 @@ def _check_complete(views: dict, loaded: set, source: str) -> None:
         raise ValueError(f"{source}: {len(missing)} weights of the model are missing, e.g. {missing[:5]}")
 
 
+def _load(model: nn.Module, tensors: Iterable[tuple[str, str, Callable]], whole: str) -> None:
+    """Copy each (source, key, read) the rank owns into its share; then every weight must be there."""
+    views, loaded = published_views(model), set()
+    for source, key, read in tensors:
+        _copy(views, key, read, source, loaded, model.config.num_experts)
+    _check_complete(views, loaded, whole)
+
+
 def load_published_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy a published-layout state dict (all experts) into this rank's share."""
-    views, loaded = published_views(model), set()
-    for key in state:
-        _copy(views, key, state.__getitem__, "state dict", loaded, model.config.num_experts)
-    _check_complete(views, loaded, "state dict")
+    _load(model, (("state dict", key, state.__getitem__) for key in state), "state dict")
 
 
 def load_published_directory(model: nn.Module, directory: str | Path) -> None:
@@ -112,12 +117,14 @@ def load_published_directory(model: nn.Module, directory: str | Path) -> None:
     from diffmoe.model.checkpoint import weight_files
 
     directory = Path(directory)
-    views, loaded = published_views(model), set()
-    for name in weight_files(directory):
-        with safe_open(str(directory / name), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                _copy(views, key, f.get_tensor, str(directory / name), loaded, model.config.num_experts)
-    _check_complete(views, loaded, str(directory))
+
+    def tensors():
+        for name in weight_files(directory):
+            with safe_open(str(directory / name), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield str(directory / name), key, f.get_tensor
+
+    _load(model, tensors(), str(directory))
 
 
 def iter_published_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -133,7 +140,7 @@ def iter_published_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     local = model.config.num_experts // ep_size
     plan: dict[str, tuple[int, torch.Tensor]] = {}
     for key, tensor in views.items():
-        if not _expert_of_another_rank(key):
+        if not _is_routed_expert_key(key):
             plan[key] = (-1, tensor)
             continue
         parts = key.split(".")
