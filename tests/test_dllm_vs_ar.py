@@ -32,6 +32,8 @@ def tiny_settings(tmp_path: Path) -> list[str]:
         "task.seq_len=24",
         "task.eval_examples=8",
         "train.steps=60",
+        "block.steps=20",
+        "block.ladder=[[5, 1]]",
         "train.micro_batch_size=8",
         "train.warmup_steps=1",
         "train.val_batches=1",
@@ -62,6 +64,15 @@ def test_config_and_job_help():
     assert same == {k: v for k, v in ar.model_dump().items() if k not in ("model", "mlflow", "run")}
     with pytest.raises(ConfigError, match="load.concurrency"):
         load(CompareConfig, None, ["load.concurrency=3"])
+    # The block side converts the trained AR twin under the ladder, ending at the serving block.
+    block = train_config(cfg, "block", Path("data"), init_from="models/ar")
+    assert block.model.init_from == "models/ar" and block.model.convert_to == "block_diffusion"
+    assert block.train.max_steps == cfg.block.steps and block.optim.lr == cfg.block.lr
+    assert block.train.objective.block_schedule == [(25, 1), (25, 4), (cfg.block.steps - 50, 8)]
+    with pytest.raises(ConfigError, match="block.block_length"):
+        load(CompareConfig, None, ["block.block_length=7"])
+    with pytest.raises(ValueError, match="trained AR twin"):
+        train_config(cfg, "block", Path("data"))
     out = subprocess.run(
         [sys.executable, str(ROOT / "jobs/benchmark.py"), "--help"],
         capture_output=True,
@@ -80,15 +91,24 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
     cfg = load(CompareConfig, ROOT / "jobs/configs/benchmark_dllm_vs_ar.yaml", tiny_settings(tmp_path))
     result = run_comparison(cfg, command="pytest tests/test_dllm_vs_ar.py")
 
-    # The AR twin is the same backbone with causal: true, and that reached the exported model.
-    dirs = {s: result["sides"][s]["train"]["model_dir"] for s in ("dllm", "ar")}
+    # The AR twin is the same backbone with causal: true, and that reached the exported model; the
+    # block side is that twin converted to the LLaDA2 layout and trained on for its own steps.
+    assert list(result["sides"]) == ["dllm", "ar", "block"]
+    dirs = {s: result["sides"][s]["train"]["model_dir"] for s in result["sides"]}
     assert load_config(Path(dirs["ar"])).causal is True
     assert load_config(Path(dirs["dllm"])).causal is False
+    assert load_config(Path(dirs["block"])).model_type == "llada2_moe"
+    block = result["sides"]["block"]
+    assert block["train"]["converted_from"] == dirs["ar"] and block["train"]["steps"] == 20
+    assert block["train"]["tokens"] * 3 == result["sides"]["ar"]["train"]["tokens"]  # 20 vs 60 steps
+    assert block["quality"]["block_length"] == 8 and "block diffusion" in block["objective"]
     for side in ("dllm", "ar"):
         s = result["sides"][side]
         assert (
             s["train"]["steps"] == 60 and s["train"]["tokens"] == result["sides"]["dllm"]["train"]["tokens"]
         )
+    for side in result["sides"]:
+        s = result["sides"][side]
         q = s["quality"]
         assert math.isfinite(q["val_loss_per_token"]) and q["val_loss_per_token"] > 0
         assert q["val_tokens"] == result["sides"]["dllm"]["quality"]["val_tokens"]  # same scored tokens
@@ -102,19 +122,20 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
             assert lv["machine_cpu_s_per_1k_tokens"] > 0
     assert "upper bound" in result["sides"]["dllm"]["quality"]["val_loss_kind"]
     assert "exact" in result["sides"]["ar"]["quality"]["val_loss_kind"]
-    # Threshold sweep: both points measured, the served one among them and the rule applied.
-    q = result["sides"]["dllm"]["quality"]
-    assert [x["threshold"] for x in q["threshold_sweep"]] == [0.5, 0.9]
-    best = max(x["accuracy"] for x in q["threshold_sweep"])
-    chosen = next(x for x in q["threshold_sweep"] if x["threshold"] == q["threshold"])
-    assert chosen["accuracy"] >= best - 0.01 and q["accuracy"] == chosen["accuracy"]
+    # Threshold sweep (each diffusion side): both points measured, the served one among them.
+    for side in ("dllm", "block"):
+        q = result["sides"][side]["quality"]
+        assert [x["threshold"] for x in q["threshold_sweep"]] == [0.5, 0.9]
+        best = max(x["accuracy"] for x in q["threshold_sweep"])
+        chosen = next(x for x in q["threshold_sweep"] if x["threshold"] == q["threshold"])
+        assert chosen["accuracy"] >= best - 0.01 and q["accuracy"] == chosen["accuracy"]
     # Open loop: one Poisson rate, served and scored the same way.
-    for side in ("dllm", "ar"):
+    for side in result["sides"]:
         (lv,) = result["sides"][side]["open_loop"]
         assert lv["offered_rps"] == 4.0 and lv["requests"] >= 1 and lv["errors"] == 0
         assert lv["replica_found"] and 0 <= lv["correct"] <= lv["requests"]
     # Answers served under load are scored against the right ones (each side stops at its end marker).
-    for side in ("dllm", "ar"):
+    for side in result["sides"]:
         for lv in result["sides"][side]["load"]:
             assert 0 <= lv["correct"] <= lv["requests"] and 0 <= lv["served_accuracy"] <= 1
     # 60 steps do not reach the quality gate: the report compares nothing rather than unequal models.
@@ -136,11 +157,12 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
         "details",
     } <= body.keys()
     assert body["met"] is False and body["ratio"] == 0.0
-    assert body["checks"]["every_side_reached_target_accuracy"] is False
+    assert body["checks"]["ar_and_a_diffusion_side_reached_target_accuracy"] is False
     assert body["command"] == "pytest tests/test_dllm_vs_ar.py"
     md = (report / "dllm_vs_ar.md").read_text()
     assert "## Machine" in md and "pytest tests/test_dllm_vs_ar.py" in md and "| ar | 2 |" in md
     assert "**Not compared**" in md and "## Open loop (Poisson arrivals)" in md and "| ar | 4 |" in md
+    assert "| block | 2 |" in md and "Block diffusion (`block`)" in md
     assert "## Diffusion decoding: threshold sweep" in md
     for png in body["details"]["plots"]:
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
@@ -150,7 +172,14 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
     exp = client.get_experiment_by_name("dllm-vs-ar-test")
     runs = client.search_runs([exp.experiment_id])
     names = {r.info.run_name for r in runs}
-    assert {"benchmark-dllm", "benchmark-ar", "train-dllm", "train-ar"} <= names
+    assert {
+        "benchmark-dllm",
+        "benchmark-ar",
+        "benchmark-block",
+        "train-dllm",
+        "train-ar",
+        "train-block",
+    } <= names
     for side, rid in result["mlflow_run_ids"].items():
         run = client.get_run(rid)
         assert run.data.params["side"] == side
@@ -170,3 +199,29 @@ def test_served_threshold_is_the_fastest_within_a_point_of_the_best():
     ]
     assert choose_threshold(sweep)["threshold"] == 0.7
     assert choose_threshold(sweep[2:])["threshold"] == 0.95  # equal speed: the safer threshold
+
+
+def test_data_constrained_epochs_steps_and_crossing():
+    from diffmoe.bench.data_constrained import DataConstrainedConfig, crossing_epoch, steps_for, summarise
+
+    assert steps_for(1, 1350, 32) == 43 and steps_for(64, 1350, 32) == 2700  # last step may spill over
+    with pytest.raises(ValueError, match="increasing epoch counts"):
+        DataConstrainedConfig.model_validate({"data_constrained": {"epochs": [4, 2]}})
+    with pytest.raises(ValueError, match="increasing epoch counts"):
+        DataConstrainedConfig.model_validate({"data_constrained": {"epochs": [0, 1]}})
+
+    def curve(losses, accs):
+        return [
+            {"epochs": e, "val_loss_per_token": v, "accuracy": a}
+            for e, v, a in zip([1, 2, 4, 8], losses, accs, strict=True)
+        ]
+
+    ar = curve([1.0, 0.6, 0.7, 0.9], [0.1, 0.5, 0.4, 0.3])  # overfits after 2 epochs
+    dllm = curve([1.4, 0.9, 0.65, 0.5], [0.0, 0.2, 0.5, 0.6])
+    assert crossing_epoch(dllm, ar) == 4
+    assert crossing_epoch(dllm[:2], ar[:2]) is None  # not within the budget
+    s = summarise({"dllm": dllm, "ar": ar})
+    assert s["loss_crossing_epoch"] == 4
+    assert s["best_val_loss"]["ar"] == {"epochs": 2, "val_loss_per_token": 0.6}
+    assert s["best_accuracy"]["dllm"] == {"epochs": 8, "accuracy": 0.6}
+    assert s["final"]["ar"] == {"epochs": 8, "val_loss_per_token": 0.9, "accuracy": 0.3}

@@ -1,7 +1,9 @@
 """``CompareConfig``: every setting of the diffusion-vs-AR comparison, from YAML + ``--set``.
 
-The two sides differ only in ``model.overrides.causal`` (added for the AR side) and in how the
-answer is decoded; data, steps, batch, optimiser, server, prompts and answer lengths are shared.
+The masked-diffusion side and the AR twin differ only in ``model.overrides.causal`` (added for the
+AR side) and in how the answer is decoded; data, steps, batch, optimiser, server, prompts and answer
+lengths are shared. The third side (``block``) is the AR twin converted to LLaDA2-style block
+diffusion and trained further on the same data (its own step budget, counted on top of the AR's).
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ class TrainSection(StrictModel):
     val_batches: int = Field(4, ge=1)  # the training loop's own val/loss (logged to MLflow)
 
 
+class BlockSideSection(StrictModel):
+    """The block-diffusion side: the trained AR twin's weights in the LLaDA2 layout, trained on by
+    the conversion job (``model.convert_to: block_diffusion``) under a block-size ladder."""
+
+    enabled: bool = True  # false: compare the masked-diffusion side and the AR twin only
+    steps: int = Field(1500, ge=1)  # conversion budget, after (and on top of) the AR twin's steps
+    lr: float = Field(3e-3, gt=0)  # 3e-3: 0.863 exact match after 400 steps, 1e-3: 0.723 (reverse)
+    ladder: list[tuple[int, int]] = Field(default_factory=lambda: [(25, 1), (25, 4)])  # [steps, block]
+    block_length: int = Field(8, ge=1)  # the ladder ends here; decoding and serving use it
+
+
 class DecodingSection(StrictModel):
     threshold: float = Field(0.9, gt=0, le=1)  # diffusion: Fast-dLLM confidence threshold
     # Thresholds tried offline on the held-out prompts (the accuracy-vs-speed curve); the diffusion
@@ -88,6 +101,7 @@ class CompareConfig(StrictModel):
     task: TaskSection = TaskSection()
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
+    block: BlockSideSection = BlockSideSection()
     decoding: DecodingSection = DecodingSection()
     load: LoadSection = LoadSection()
     mlflow: MLflowSection = MLflowSection(experiment="dllm_vs_ar")  # run_name: prefix of benchmark-<side>
@@ -105,4 +119,9 @@ class CompareConfig(StrictModel):
             raise ValueError(f"load.poisson_rates={self.load.poisson_rates}: rates must be > 0")
         if self.task.min_digits > self.task.max_digits:
             raise ValueError("task.min_digits exceeds task.max_digits")
+        lengths = [self.block.block_length] + [b for _, b in self.block.ladder]
+        if self.block.enabled and any(self.task.seq_len % b for b in lengths):
+            raise ValueError(
+                f"block.block_length / block.ladder lengths {lengths} must all divide task.seq_len={self.task.seq_len}"
+            )
         return self

@@ -30,7 +30,7 @@ from diffmoe.config import StrictModel
 from diffmoe.tracking import MLflowSection
 
 from .config import CompareConfig, OutputSection
-from .quality import accuracy, load_model, prepare_data, train_config
+from .quality import accuracy, convert_job, load_model, prepare_data, schedule_upto, train_config
 
 SIDES = ("ar", "converted", "mdlm", "block_scratch")
 
@@ -64,19 +64,6 @@ class ConversionBenchConfig(CompareConfig):
         return self
 
 
-def schedule_upto(ladder: list[tuple[int, int]], steps: int, final: int) -> list[tuple[int, int]]:
-    """The ladder's phases cut at ``steps``, the rest at ``final``: a prefix of one long schedule."""
-    out, done = [], 0
-    for phase_steps, length in ladder:
-        take = min(phase_steps, steps - done)
-        if take > 0:
-            out.append((take, length))
-            done += take
-    if steps > done:
-        out.append((steps - done, final))
-    return out
-
-
 def side_job(
     cfg: ConversionBenchConfig,
     side: str,
@@ -96,15 +83,10 @@ def side_job(
     job["mlflow"]["run_name"] = job["run"]["name"] = f"conversion-{side}"
     job["run"]["output_dir"] = str(Path(job["run"]["output_dir"]).with_name(side))
     if side.startswith("converted") or side == "block_scratch":
-        job["model"].update(init_from=init_from, convert_to="block_diffusion", overrides={})
         ladder = c.ladder if side.startswith("converted") else []
-        job["train"]["objective"].update(
-            block_schedule=schedule_upto(ladder, steps, c.serving_block_length),
-            balance="aux_loss",
-            block={"confidence_beta": confidence_beta},
-        )
-        if side.startswith("converted"):
-            job["optim"].update(lr=c.convert_lr)
+        lr = c.convert_lr if side.startswith("converted") else None
+        schedule = schedule_upto(ladder, steps, c.serving_block_length)
+        convert_job(job, init_from, schedule, lr, confidence_beta)
     return TrainJobConfig.model_validate(job)
 
 

@@ -1,4 +1,5 @@
-"""The whole comparison: data -> train both twins -> quality -> load -> MLflow -> report.
+"""The whole comparison: data -> train the sides (the masked-diffusion model, the AR twin, and the
+block-diffusion model converted from that twin) -> quality -> load -> MLflow -> report.
 
 ``run_comparison(cfg)`` is what ``jobs/benchmark.py`` (``ray job submit``), the test and
 ``benchmarks/bench_dllm_vs_ar.py`` call. It joins a running Ray cluster (``RAY_ADDRESS`` or a local
@@ -13,7 +14,17 @@ import time
 from pathlib import Path
 
 from .config import CompareConfig
-from .quality import SIDES, accuracy, load_model, prepare_data, train_side, validation_loss, validation_rows
+from .quality import (
+    OBJECTIVES,
+    accuracy,
+    block_length_of,
+    load_model,
+    prepare_data,
+    sides,
+    train_side,
+    validation_loss,
+    validation_rows,
+)
 
 LEVEL_METRICS = {
     "requests_per_s": ("requests_per_s", None),
@@ -47,23 +58,25 @@ def quality(cfg: CompareConfig, trained: dict[str, dict], data_dir: Path, log=pr
 
     ids, response = validation_rows(data_dir)
     out = {}
-    for side in SIDES:
+    for side in trained:
         model = load_model(trained[side]["model_dir"])
         tok, special = load_tokenizer(trained[side]["model_dir"])
+        block = block_length_of(cfg, side)
         q = validation_loss(model, ids, response, cfg.decoding.val_draws, seed=cfg.train.seed)
-        if side == "dllm" and cfg.decoding.threshold_sweep:
+        if side != "ar" and cfg.decoding.threshold_sweep:
             sweep = [
-                {"threshold": t, **accuracy(_at_threshold(cfg, t), model, tok, special)}
+                {"threshold": t, **accuracy(_at_threshold(cfg, t), model, tok, special, block)}
                 for t in cfg.decoding.threshold_sweep
             ]
             chosen = choose_threshold(sweep)
             q.update(chosen, threshold_sweep=[_sweep_point(x) for x in sweep])
             log(f"{side}: threshold sweep {[_sweep_point(x) for x in sweep]} -> {chosen['threshold']}")
         else:
-            q.update(accuracy(cfg, model, tok, special))
+            q.update(accuracy(cfg, model, tok, special, block))
             q["threshold"] = None if side == "ar" else cfg.decoding.threshold
+        q["block_length"] = block
         q["parameters"] = sum(p.numel() for p in model.parameters())
-        q["causal"] = bool(model.config.causal)
+        q["causal"] = bool(getattr(model.config, "causal", False))
         out[side] = q
         log(
             f"{side}: val loss {q['val_loss_per_token']:.4f} nats/token ({q['val_loss_kind']}), "
@@ -95,7 +108,7 @@ def log_mlflow(cfg: CompareConfig, result: dict, files: list[Path]) -> dict[str,
     from diffmoe.tracking import create_run, log_metrics
 
     run_ids = {}
-    for side in SIDES:
+    for side in result["sides"]:
         s = result["sides"][side]
         params = {"side": side, "objective": s["objective"], "val_loss_kind": s["quality"]["val_loss_kind"]}
         params["cfg"] = cfg.model_dump(mode="json")
@@ -136,25 +149,21 @@ def run_comparison(cfg: CompareConfig, command: str | None = None, log=print) ->
         f"data: {prepared.train_rows} train / {prepared.validation_rows} validation rows in {prepared.data_dir}"
     )
     trained = {}
-    for side in SIDES:
-        trained[side] = train_side(cfg, side, prepared.data_dir)
+    for side in sides(cfg):
+        init_from = trained["ar"]["model_dir"] if side == "block" else None
+        trained[side] = train_side(cfg, side, prepared.data_dir, init_from)
         log(f"{side}: trained {trained[side]['steps']} steps in {trained[side]['train_seconds']}s")
     qual = quality(cfg, trained, prepared.data_dir, log)
-    served = _at_threshold(cfg, qual["dllm"]["threshold"])  # the swept choice (or decoding.threshold)
-    load = run_load(served, {side: trained[side]["model_dir"] for side in SIDES}, log)
+    served = {
+        s: {"threshold": qual[s]["threshold"], "block_length": block_length_of(cfg, s)} for s in trained
+    }
+    load = run_load(cfg, {side: trained[side]["model_dir"] for side in trained}, served, log)
     result = {
         "config": cfg.model_dump(mode="json"),
         "data": {"train_rows": prepared.train_rows, "validation_rows": prepared.validation_rows},
         "sides": {
-            side: {
-                "objective": "next-token (causal mask)"
-                if side == "ar"
-                else "masked diffusion (bidirectional)",
-                "train": trained[side],
-                "quality": qual[side],
-                **load[side],
-            }
-            for side in SIDES
+            side: {"objective": OBJECTIVES[side], "train": trained[side], "quality": qual[side], **load[side]}
+            for side in trained
         },
     }
     result["load_average_at_start"] = load_start

@@ -1,7 +1,7 @@
-"""Load: both twins deployed side by side by the same Serve app (``run_app``, loopback), the same
+"""Load: every side deployed side by side by the same Serve app (``run_app``, loopback), the same
 load generator, the same prompts in the same order and the same answer caps at every concurrency.
 
-Levels alternate sides (dLLM then AR at each level) so a busy machine hurts both alike. Cost per
+Levels alternate sides (dLLM, AR, block at each level) so a busy machine hurts all alike. Cost per
 1k output tokens is measured, not assumed: the CPU time (user + system, all threads) that the
 replica process used over the level, from ``psutil``; the whole machine's busy CPU time (proxy,
 controller and load generator included) is reported beside it. GPU-seconds = replica GPUs x wall
@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 
 from .config import CompareConfig
-from .quality import SIDES, decoding_for, eval_prompts, stop_ids
+from .quality import decoding_for, eval_prompts, stop_ids
 
 
 def free_port() -> int:
@@ -25,7 +25,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_args(cfg: CompareConfig, side: str, model_dir: str, port: int, stops: list[int]) -> dict:
+def serve_args(
+    cfg: CompareConfig,
+    side: str,
+    model_dir: str,
+    port: int,
+    stops: list[int],
+    threshold: float | None = None,
+    block_length: int | None = None,
+) -> dict:
+    """Serve args of one side: its swept ``threshold`` (default ``decoding.threshold``) and, for a
+    block-diffusion side, its decoding block."""
     d, ld = cfg.decoding, cfg.load
     return {
         "model": model_dir,
@@ -40,9 +50,9 @@ def serve_args(cfg: CompareConfig, side: str, model_dir: str, port: int, stops: 
         "max_tokens_limit": cfg.task.seq_len,
         "log_requests": False,
         "decoding": {
-            "gen_length": 8,
-            "block_length": 8,
-            "threshold": d.threshold,
+            "gen_length": block_length or 8,
+            "block_length": block_length or 8,
+            "threshold": d.threshold if threshold is None else threshold,
             "cache": d.cache,
             "temperature": d.temperature,
             "stop_token_ids": stops,
@@ -50,11 +60,14 @@ def serve_args(cfg: CompareConfig, side: str, model_dir: str, port: int, stops: 
     }
 
 
-def request_bodies(cfg: CompareConfig, side: str, prompts: list[list[int]]) -> list[dict]:
-    """One completion per prompt (token ids): answer cap = canvas = the rest of a training row."""
+def request_bodies(
+    cfg: CompareConfig, side: str, prompts: list[list[int]], block_length: int | None = None
+) -> list[dict]:
+    """One completion per prompt (token ids): answer cap = canvas = the rest of a training row
+    (rounded up to whole blocks for a block-diffusion side)."""
     bodies = []
     for p in prompts:
-        dec = decoding_for(cfg, len(p), [])
+        dec = decoding_for(cfg, len(p), [], block_length)
         bodies.append(
             {
                 "model": side,
@@ -137,39 +150,48 @@ def measure_level(
     return stats
 
 
-def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[str, dict[str, list[dict]]]:
-    """Deploy both sides, sweep the closed-loop concurrency levels then the open-loop Poisson rates,
-    tear Serve down; per side {"load": closed-loop level stats, "open_loop": per-rate stats}."""
+def run_load(
+    cfg: CompareConfig, model_dirs: dict[str, str], served: dict[str, dict] | None = None, log=print
+) -> dict[str, dict[str, list[dict]]]:
+    """Deploy every side (``served[side]``: its ``threshold`` and ``block_length``), sweep the
+    closed-loop concurrency levels then the open-loop Poisson rates, tear Serve down; per side
+    {"load": closed-loop level stats, "open_loop": per-rate stats}."""
+    names = list(model_dirs)
+    served = served or {}
     from ray import serve
 
     from diffmoe.serve.app import run_app
     from diffmoe.serve.host import load_tokenizer_dir
 
     ld = cfg.load
-    tok, _ = load_tokenizer_dir(model_dirs["dllm"])
+    tok, _ = load_tokenizer_dir(model_dirs[names[0]])
     stops = stop_ids(tok)
     examples, prompts = eval_prompts(cfg, tok, ld.prompts)
     answers = [ex.answer for ex in examples]
     port = ld.http_port or free_port()
     urls, procs, bodies = {}, {}, {}
-    results: dict[str, list[dict]] = {side: [] for side in SIDES}
-    open_loop: dict[str, list[dict]] = {side: [] for side in SIDES}
+    results: dict[str, list[dict]] = {side: [] for side in names}
+    open_loop: dict[str, list[dict]] = {side: [] for side in names}
     try:
-        for side in SIDES:
-            urls[side] = run_app(serve_args(cfg, side, model_dirs[side], port, stops), name=side)
+        for side in names:
+            how = served.get(side, {})
+            args = serve_args(
+                cfg, side, model_dirs[side], port, stops, how.get("threshold"), how.get("block_length")
+            )
+            urls[side] = run_app(args, name=side)
             procs[side] = replica_process(side)
-            bodies[side] = request_bodies(cfg, side, prompts)
+            bodies[side] = request_bodies(cfg, side, prompts, how.get("block_length"))
             if ld.warmup_requests:
                 measure_level(urls[side], bodies[side], 4, ld.warmup_requests, ld.duration_s, None, 0)
         for c in ld.concurrency:
             n = max(ld.min_requests, ld.requests_per_client * c)
-            for side in SIDES:
+            for side in names:
                 stats = measure_level(
                     urls[side], bodies[side], c, n, ld.duration_s, procs[side], ld.replica_gpus, answers
                 )
                 results[side].append(stats)
                 log(
-                    f"{side:4s} c={c:2d} n={stats['requests']:3d} rps={stats['requests_per_s']:.2f} "
+                    f"{side:5s} c={c:2d} n={stats['requests']:3d} rps={stats['requests_per_s']:.2f} "
                     f"tok/s={stats['output_tokens_per_s']:.1f} p50={stats['latency_s'].get('p50', 0):.3f} "
                     f"p99={stats['latency_s'].get('p99', 0):.3f} ttft50={stats['ttft_s'].get('p50', 0):.3f} "
                     f"cpu_s/1k={stats.get('replica_cpu_s_per_1k_tokens', float('nan')):.2f} "
@@ -178,21 +200,21 @@ def run_load(cfg: CompareConfig, model_dirs: dict[str, str], log=print) -> dict[
                 )
         for rate in ld.poisson_rates:
             n = max(1, int(rate * ld.poisson_duration_s * 2))  # the duration, not n, ends the level
-            for side in SIDES:
+            for side in names:
                 stats = measure_level(
                     urls[side], bodies[side], 0, n, ld.poisson_duration_s, procs[side],
                     ld.replica_gpus, answers, rate=rate,
                 )  # fmt: skip
                 open_loop[side].append(stats)
                 log(
-                    f"{side:4s} poisson {rate:g}/s: served {stats['requests_per_s']:.2f}/s "
+                    f"{side:5s} poisson {rate:g}/s: served {stats['requests_per_s']:.2f}/s "
                     f"p50={stats['latency_s'].get('p50', 0):.3f} p99={stats['latency_s'].get('p99', 0):.3f} "
                     f"peak in flight={stats['concurrency']} correct={stats['correct']}/{stats['requests']} "
                     f"errors={stats['errors']}"
                 )
     finally:
         serve.shutdown()
-    for side in SIDES:
+    for side in names:
         for stats in results[side] + open_loop[side]:
             stats["replica_found"] = procs.get(side) is not None
-    return {side: {"load": results[side], "open_loop": open_loop[side]} for side in SIDES}
+    return {side: {"load": results[side], "open_loop": open_loop[side]} for side in names}

@@ -27,7 +27,22 @@ from diffmoe.rng import device_generator
 
 from .config import CompareConfig
 
-SIDES = ("dllm", "ar")
+SIDES = ("dllm", "ar")  # the two twins trained from scratch; ``sides(cfg)`` adds the converted one
+OBJECTIVES = {
+    "dllm": "masked diffusion (bidirectional)",
+    "ar": "next-token (causal mask)",
+    "block": "block diffusion (LLaDA2 layout), converted from the AR twin",
+}
+
+
+def sides(cfg: CompareConfig) -> tuple[str, ...]:
+    """The compared sides, in training order (``block`` starts from the trained AR twin)."""
+    return SIDES + (("block",) if cfg.block.enabled else ())
+
+
+def block_length_of(cfg: CompareConfig, side: str) -> int | None:
+    """The decoding block of a block-diffusion side; None: one block over the whole canvas."""
+    return cfg.block.block_length if side == "block" else None
 
 
 @dataclass
@@ -64,53 +79,81 @@ def prepare_data(cfg: CompareConfig, log=print) -> Prepared:
     return Prepared(root / "sft", rows.get("train", 0), rows.get("validation", 0))
 
 
-def train_config(cfg: CompareConfig, side: str, data_dir: Path):
-    """The training job's config for one side: identical except ``causal`` for the AR twin."""
+def train_config(cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None):
+    """The training job's config for one side: identical except ``causal`` for the AR twin; the
+    ``block`` side converts ``init_from`` (the trained AR twin) with its own steps and lr."""
     from diffmoe.train.config import TrainJobConfig
 
     work = Path(cfg.output.work_dir).resolve()
     t = cfg.train
     overrides = {**cfg.model.overrides, **({"causal": True} if side == "ar" else {})}
-    return TrainJobConfig.model_validate(
-        {
-            "model": {"name": cfg.model.name, "overrides": overrides},
-            "data": {"path": str(data_dir)},
-            "optim": {"lr": t.lr, "warmup_steps": t.warmup_steps, "schedule": "cosine", "weight_decay": 0.01},
-            "train": {
-                "kind": "sft",
-                "max_steps": t.steps,
-                "micro_batch_size": t.micro_batch_size,
-                "seed": t.seed,
-                "log_every": max(1, t.steps // 20),
-                "val_every": t.steps,
-                "val_batches": t.val_batches,
-                "checkpoint_every": t.steps,
-            },
-            "scaling": {
-                "num_workers": t.num_workers,
-                "cpus_per_worker": t.cpus_per_worker,
-                "max_failures": 0,
-            },
-            "mlflow": {
-                "tracking_uri": cfg.mlflow.tracking_uri,
-                "experiment": cfg.mlflow.experiment,
-                "run_name": f"train-{side}",
-                "log_system_metrics": False,
-            },
-            "run": {
-                "name": f"train-{side}",
-                "storage_path": str(work / "runs"),
-                "output_dir": str(work / "models" / side),
-            },
-        }
+    job = {
+        "model": {"name": cfg.model.name, "overrides": overrides},
+        "data": {"path": str(data_dir)},
+        "optim": {"lr": t.lr, "warmup_steps": t.warmup_steps, "schedule": "cosine", "weight_decay": 0.01},
+        "train": {
+            "kind": "sft",
+            "max_steps": t.steps,
+            "micro_batch_size": t.micro_batch_size,
+            "seed": t.seed,
+            "log_every": max(1, t.steps // 20),
+            "val_every": t.steps,
+            "val_batches": t.val_batches,
+            "checkpoint_every": t.steps,
+        },
+        "scaling": {"num_workers": t.num_workers, "cpus_per_worker": t.cpus_per_worker, "max_failures": 0},
+        "mlflow": {
+            "tracking_uri": cfg.mlflow.tracking_uri,
+            "experiment": cfg.mlflow.experiment,
+            "run_name": f"train-{side}",
+            "log_system_metrics": False,
+        },
+        "run": {
+            "name": f"train-{side}",
+            "storage_path": str(work / "runs"),
+            "output_dir": str(work / "models" / side),
+        },
+    }
+    if side == "block":
+        b = cfg.block
+        if init_from is None:
+            raise ValueError("the block side converts the trained AR twin: pass its model directory")
+        job["train"].update(max_steps=b.steps, val_every=b.steps, checkpoint_every=b.steps)
+        job["train"]["log_every"] = max(1, b.steps // 20)
+        convert_job(job, init_from, schedule_upto(b.ladder, b.steps, b.block_length), b.lr)
+    return TrainJobConfig.model_validate(job)
+
+
+def convert_job(job: dict, init_from: str, block_schedule, lr: float | None, confidence_beta: float = 0.0):
+    """Turn a training job (dict) into AR -> block-diffusion conversion of ``init_from``: LLaDA2
+    layout, the block-size schedule, the aux-loss balance of the source model, CAP weight."""
+    job["model"].update(init_from=init_from, convert_to="block_diffusion", overrides={})
+    job["train"].setdefault("objective", {}).update(
+        block_schedule=block_schedule, balance="aux_loss", block={"confidence_beta": confidence_beta}
     )
+    if lr is not None:
+        job["optim"]["lr"] = lr
+    return job
 
 
-def train_side(cfg: CompareConfig, side: str, data_dir: Path) -> dict:
+def schedule_upto(ladder, steps: int, final: int) -> list[tuple[int, int]]:
+    """The ladder's phases cut at ``steps``, the rest at ``final``: a prefix of one long schedule."""
+    out, done = [], 0
+    for phase_steps, length in ladder:
+        take = min(phase_steps, steps - done)
+        if take > 0:
+            out.append((take, length))
+            done += take
+    if steps > done:
+        out.append((steps - done, final))
+    return out
+
+
+def train_side(cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None) -> dict:
     """Run the platform's training job for one side (a fresh run: no resume from an older one)."""
     from diffmoe.train.trainer import run_training
 
-    job = train_config(cfg, side, data_dir)
+    job = train_config(cfg, side, data_dir, init_from)
     shutil.rmtree(Path(job.run.storage_path) / job.run.name, ignore_errors=True)
     start = time.perf_counter()
     result = run_training(job)
@@ -119,14 +162,17 @@ def train_side(cfg: CompareConfig, side: str, data_dir: Path) -> dict:
         "model_dir": result.model_dir,
         "steps": result.final_step,
         "train_seconds": round(time.perf_counter() - start, 1),
-        "tokens": t_tokens(cfg),
+        "tokens": t_tokens(cfg, side),
+        **({"converted_from": init_from} if side == "block" else {}),
     }
 
 
-def t_tokens(cfg: CompareConfig) -> int:
-    """Training token budget (both sides): steps x batch x workers x seq_len."""
+def t_tokens(cfg: CompareConfig, side: str = "dllm") -> int:
+    """Training tokens of a side's own run: steps x batch x workers x seq_len (the block side's
+    conversion steps; the AR twin's tokens it started from are the AR side's)."""
     t = cfg.train
-    return t.steps * t.micro_batch_size * t.num_workers * cfg.task.seq_len
+    steps = cfg.block.steps if side == "block" else t.steps
+    return steps * t.micro_batch_size * t.num_workers * cfg.task.seq_len
 
 
 def load_model(model_dir: str):

@@ -1,4 +1,4 @@
-"""Two parts of the dLLM-vs-AR report: the diffusion side's threshold sweep (accuracy vs speed,
+"""Two parts of the dLLM-vs-AR report: the diffusion sides' threshold sweeps (accuracy vs speed,
 offline) and the open loop (Poisson arrival rates against what each side served).
 
 A closed loop never offers more than its clients can wait for; users do not wait for each other, so
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SIDES = ("dllm", "ar")
+COLOR = {"dllm": "C0", "ar": "C1", "block": "C2"}
 
 
 def _fmt(v, digits=3):
@@ -18,7 +18,7 @@ def _fmt(v, digits=3):
 
 
 def open_loop_table(result: dict) -> list[str]:
-    if not any(result["sides"][s].get("open_loop") for s in SIDES):
+    if not any(x.get("open_loop") for x in result["sides"].values()):
         return []
     rows = [
         "## Open loop (Poisson arrivals)",
@@ -32,7 +32,7 @@ def open_loop_table(result: dict) -> list[str]:
         "| peak in flight | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for side in SIDES:
+    for side in result["sides"]:
         for lv in result["sides"][side].get("open_loop", []):
             rows.append(
                 f"| {side} | {lv['offered_rps']:g} | {lv['requests']} | {_fmt(lv['requests_per_s'], 2)} "
@@ -45,14 +45,14 @@ def open_loop_table(result: dict) -> list[str]:
 
 def open_loop_plot(result: dict, out_dir: Path, name: str, save) -> list[Path]:
     """Served vs offered rate, and latency vs offered rate; [] when no open-loop level ran."""
-    if not any(result["sides"][s].get("open_loop") for s in SIDES):
+    if not any(x.get("open_loop") for x in result["sides"].values()):
         return []
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     top = 0.0
-    for s, color in zip(SIDES, ("C0", "C1")):
-        lv = result["sides"][s].get("open_loop", [])
+    for s in result["sides"]:
+        lv, color = result["sides"][s].get("open_loop", []), COLOR[s]
         rate = [x["offered_rps"] for x in lv]
         top = max([top, *rate])
         axes[0].plot(rate, [x["requests_per_s"] for x in lv], "o-", color=color, label=f"{s} served")
@@ -77,43 +77,62 @@ def open_loop_plot(result: dict, out_dir: Path, name: str, save) -> list[Path]:
     return [save(fig, out_dir / f"{name}_open_loop.png")]
 
 
+def _swept(result: dict) -> dict[str, dict]:
+    """Quality of each diffusion side that has a threshold sweep."""
+    return {
+        s: x["quality"]
+        for s, x in result["sides"].items()
+        if s != "ar" and x["quality"].get("threshold_sweep")
+    }
+
+
 def sweep_table(result: dict) -> list[str]:
-    q = result["sides"]["dllm"]["quality"]
-    if not q.get("threshold_sweep"):
+    swept = _swept(result)
+    if not swept:
         return []
     rows = [
         "## Diffusion decoding: threshold sweep",
         "",
         "Confidence threshold vs exact match and speed on the held-out prompts, decoded offline by the serving "
-        f"Engine. Served (every load figure above and below) at **{q['threshold']}**: the fewest forwards "
-        "per answer token within 1 point of the best accuracy.",
+        "Engine. Each diffusion side is served (every load figure above and below) at the fewest forwards per "
+        "answer token within 1 point of its best accuracy: "
+        + ", ".join(f"{s} at **{q['threshold']}**" for s, q in swept.items())
+        + ".",
         "",
-        "| threshold | exact match | forwards / answer token | tokens / step | offline tok/s |",
-        "|---|---|---|---|---|",
+        "| side | threshold | exact match | forwards / answer token | tokens / step | offline tok/s |",
+        "|---|---|---|---|---|---|",
     ]
-    for x in q["threshold_sweep"]:
-        mark = " (served)" if x["threshold"] == q["threshold"] else ""
-        rows.append(
-            f"| {x['threshold']}{mark} | {_fmt(x['accuracy'])} | {_fmt(x['forwards_per_token'])} "
-            f"| {_fmt(x['tokens_per_step'], 2)} | {_fmt(x['offline_tokens_per_s'], 0)} |"
-        )
+    for side, q in swept.items():
+        for x in q["threshold_sweep"]:
+            mark = " (served)" if x["threshold"] == q["threshold"] else ""
+            rows.append(
+                f"| {side} | {x['threshold']}{mark} | {_fmt(x['accuracy'])} | {_fmt(x['forwards_per_token'])} "
+                f"| {_fmt(x['tokens_per_step'], 2)} | {_fmt(x['offline_tokens_per_s'], 0)} |"
+            )
     return [*rows, ""]
 
 
 def sweep_plot(result: dict, out_dir: Path, name: str, save) -> list[Path]:
-    q = result["sides"]["dllm"]["quality"]
-    if not q.get("threshold_sweep"):
+    swept = _swept(result)
+    if not swept:
         return []
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    pts = q["threshold_sweep"]
-    ax.plot([x["tokens_per_step"] for x in pts], [100 * x["accuracy"] for x in pts], "o-", label="dLLM")
-    for x in pts:
-        ax.annotate(f"t={x['threshold']}", (x["tokens_per_step"], 100 * x["accuracy"]), fontsize=7,
-                    xytext=(2, 4), textcoords="offset points")  # fmt: skip
+    for side, q in swept.items():
+        pts = q["threshold_sweep"]
+        ax.plot(
+            [x["tokens_per_step"] for x in pts],
+            [100 * x["accuracy"] for x in pts],
+            "o-",
+            color=COLOR[side],
+            label=side,
+        )
+        for x in pts:
+            ax.annotate(f"t={x['threshold']}", (x["tokens_per_step"], 100 * x["accuracy"]), fontsize=7,
+                        xytext=(2, 4), textcoords="offset points")  # fmt: skip
     ar = result["sides"]["ar"]["quality"]
-    ax.axhline(100 * ar["accuracy"], color="C1", ls="--", label="AR twin (1 token / step)")
+    ax.axhline(100 * ar["accuracy"], color=COLOR["ar"], ls="--", label="AR twin (1 token / step)")
     ax.set(
         xlabel="answer tokens per decoding step",
         ylabel="exact match (%)",
