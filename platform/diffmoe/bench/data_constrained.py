@@ -1,0 +1,139 @@
+"""The data-constrained regime in miniature: a fixed, small set of unique examples repeated for more
+and more epochs, the AR twin against the masked-diffusion model (same backbone, data, batch, job).
+
+The published finding: AR models stop gaining from repeated data after a few epochs and then
+overfit, while masked diffusion keeps improving for many more (the random masks act as data
+augmentation). Each side is one training run of the platform's job, paused at the epoch counts in
+``data_constrained.epochs`` (each segment resumes the same run; the learning rate is constant
+after warm-up, so where it pauses changes nothing). At every pause: the validation loss per scored
+token on the held-out rows (diffusion: the ELBO bound, an upper bound on its NLL; AR: the exact
+NLL, so a diffusion bound below the AR NLL is a conservative win) and exact match on held-out
+prompts decoded by the serving Engine.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from diffmoe.config import StrictModel
+from diffmoe.tracking import MLflowSection
+
+from .config import CompareConfig, OutputSection, TaskSection
+from .quality import SIDES, accuracy, load_model, prepare_data, train_config, validation_loss, validation_rows
+
+
+class DataConstrainedSection(StrictModel):
+    # pauses of each side's one run, in epochs over the unique training rows (task.train_examples)
+    epochs: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+
+
+class DataConstrainedConfig(CompareConfig):
+    # a small unique budget (the point of the study); 10% of it held out for the validation loss
+    task: TaskSection = TaskSection(train_examples=1500, validation_fraction=0.1)
+    data_constrained: DataConstrainedSection = DataConstrainedSection()
+    mlflow: MLflowSection = MLflowSection(experiment="data_constrained")
+    output: OutputSection = OutputSection(work_dir="artifacts/data_constrained", name="data_constrained")
+
+    @model_validator(mode="after")
+    def _check_epochs(self) -> DataConstrainedConfig:
+        epochs = self.data_constrained.epochs
+        if not epochs or epochs != sorted(set(epochs)) or epochs[0] < 1:
+            raise ValueError(f"data_constrained.epochs={epochs}: need increasing epoch counts >= 1")
+        return self
+
+
+def steps_for(epochs: int, train_rows: int, rows_per_step: int) -> int:
+    """Optimizer steps that see ``epochs`` passes over ``train_rows`` (the last step may spill over)."""
+    return max(1, math.ceil(epochs * train_rows / rows_per_step))
+
+
+def segment_job(cfg: DataConstrainedConfig, side: str, data_dir: Path, steps: int):
+    """``side``'s training job stopped at ``steps``: one segment of one run (same name and storage)."""
+    from diffmoe.train.config import TrainJobConfig
+
+    job = train_config(cfg, side, data_dir).model_dump()
+    job["optim"].update(schedule="constant")
+    job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
+    job["mlflow"]["run_name"] = job["run"]["name"] = f"data-constrained-{side}"
+    return TrainJobConfig.model_validate(job)
+
+
+def run_side(cfg: DataConstrainedConfig, side: str, data_dir: Path, train_rows: int, log) -> list[dict]:
+    """Train ``side`` through the epoch pauses; validation loss and accuracy at each."""
+    from diffmoe.data import load_tokenizer
+    from diffmoe.train.trainer import run_training
+
+    rows_per_step = cfg.train.micro_batch_size * cfg.train.num_workers
+    ids, response = validation_rows(data_dir)
+    storage = Path(cfg.output.work_dir).resolve() / "runs" / f"data-constrained-{side}"
+    shutil.rmtree(storage, ignore_errors=True)  # a fresh run, never a resume of an older benchmark
+    curve, seconds = [], 0.0
+    for epochs in cfg.data_constrained.epochs:
+        steps = steps_for(epochs, train_rows, rows_per_step)
+        start = time.perf_counter()
+        result = run_training(segment_job(cfg, side, data_dir, steps))
+        seconds += time.perf_counter() - start
+        model = load_model(result.model_dir)
+        tok, special = load_tokenizer(result.model_dir)
+        point = {
+            "epochs": epochs,
+            "steps": steps,
+            "tokens": steps * rows_per_step * cfg.task.seq_len,
+            "train_seconds": round(seconds, 1),
+        }
+        point.update(validation_loss(model, ids, response, cfg.decoding.val_draws, seed=cfg.train.seed))
+        point.update(
+            {
+                k: v
+                for k, v in accuracy(cfg, model, tok, special).items()
+                if k in ("accuracy", "correct", "total")
+            }
+        )
+        log(
+            f"{side} @ {epochs} epochs ({steps} steps): val {point['val_loss_per_token']:.4f}, "
+            f"accuracy {point['accuracy']:.3f}"
+        )
+        curve.append(point)
+    return curve
+
+
+def crossing_epoch(dllm: list[dict], ar: list[dict], key: str = "val_loss_per_token") -> int | None:
+    """The first epoch pause at which the diffusion side's validation loss is below the AR side's
+    (None: not within the budget)."""
+    return next((d["epochs"] for d, a in zip(dllm, ar, strict=True) if d[key] < a[key]), None)
+
+
+def summarise(curves: dict[str, list[dict]]) -> dict:
+    """Where each side's validation loss bottoms out, where the curves cross, accuracies at the end."""
+
+    def best(curve, key, pick):
+        point = pick(curve, key=lambda p: p[key])
+        return {"epochs": point["epochs"], key: point[key]}
+
+    return {
+        "loss_crossing_epoch": crossing_epoch(curves["dllm"], curves["ar"]),
+        "best_val_loss": {s: best(c, "val_loss_per_token", min) for s, c in curves.items()},
+        "best_accuracy": {s: best(c, "accuracy", max) for s, c in curves.items()},
+        "final": {
+            s: {k: c[-1][k] for k in ("epochs", "val_loss_per_token", "accuracy")} for s, c in curves.items()
+        },
+    }
+
+
+def run_data_constrained(cfg: DataConstrainedConfig, log=print) -> dict:
+    start = time.perf_counter()
+    prepared = prepare_data(cfg, log=lambda *a: None)
+    log(f"data: {prepared.train_rows} unique train rows, {prepared.validation_rows} validation rows")
+    curves = {side: run_side(cfg, side, prepared.data_dir, prepared.train_rows, log) for side in SIDES}
+    return {
+        "curves": curves,
+        "summary": summarise(curves),
+        "train_rows": prepared.train_rows,
+        "validation_rows": prepared.validation_rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
