@@ -1,7 +1,9 @@
 """Diffusion MoE vs its autoregressive twin at the full settings (jobs/configs/benchmark_dllm_vs_ar.yaml):
-same backbone, data, token budget and Ray Serve stack; quality, a threshold sweep, a closed-loop load
-sweep at concurrency 1..64 and an open-loop Poisson sweep. Writes docs/benchmarks/dllm_vs_ar.json, .md and PNG plots; logs both sides to MLflow
-(experiment dllm_vs_ar, sqlite:///mlflow.db unless MLFLOW_TRACKING_URI is set).
+three sides (masked diffusion, block diffusion converted from the trained AR twin, the AR twin), same
+backbone, data and Ray Serve stack; quality, a threshold sweep per diffusion side, a closed-loop load
+sweep at concurrency 1..64 and an open-loop Poisson sweep. Writes docs/benchmarks/dllm_vs_ar.json,
+.md and PNG plots; logs every side to MLflow (experiment dllm_vs_ar, sqlite:///mlflow.db unless
+MLFLOW_TRACKING_URI is set).
 
     .venv/bin/python benchmarks/bench_dllm_vs_ar.py [--set train.steps=600 ...]
 """

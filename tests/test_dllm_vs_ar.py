@@ -225,3 +225,7 @@ def test_data_constrained_epochs_steps_and_crossing():
     assert s["best_val_loss"]["ar"] == {"epochs": 2, "val_loss_per_token": 0.6}
     assert s["best_accuracy"]["dllm"] == {"epochs": 8, "accuracy": 0.6}
     assert s["final"]["ar"] == {"epochs": 8, "val_loss_per_token": 0.9, "accuracy": 0.3}
+    text = {side: [{**x, "accuracy": None} for x in c] for side, c in (("dllm", dllm), ("ar", ar))}
+    assert summarise(text)["best_accuracy"] == {"dllm": None, "ar": None}  # a text corpus has no task
+    with pytest.raises(ValueError, match="corpus"):
+        DataConstrainedConfig.model_validate({"data_constrained": {"corpus": "novels"}})

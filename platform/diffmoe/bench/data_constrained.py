@@ -9,6 +9,10 @@ after warm-up, so where it pauses changes nothing). At every pause: the validati
 token on the held-out rows (diffusion: the ELBO bound, an upper bound on its NLL; AR: the exact
 NLL, so a diffusion bound below the AR NLL is a conservative win) and exact match on held-out
 prompts decoded by the serving Engine.
+
+``data_constrained.corpus: text`` runs the same study on language-model pretraining, closer to the
+published setting: the first ``text_documents`` standard-library modules (BPE, packed rows), a
+held-out share of the documents for the validation loss, and no task accuracy.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -24,12 +29,27 @@ from diffmoe.config import StrictModel
 from diffmoe.tracking import MLflowSection
 
 from .config import CompareConfig, OutputSection, TaskSection
-from .quality import SIDES, accuracy, load_model, prepare_data, train_config, validation_loss, validation_rows
+from .quality import (
+    SIDES,
+    Prepared,
+    accuracy,
+    load_model,
+    prepare_data,
+    train_config,
+    validation_loss,
+    validation_rows,
+)
 
 
 class DataConstrainedSection(StrictModel):
-    # pauses of each side's one run, in epochs over the unique training rows (task.train_examples)
+    # pauses of each side's one run, in epochs over the unique training rows
     epochs: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    # task: the comparison's SFT rows (task.train_examples of them); text: pretraining on the first
+    # text_documents standard-library modules (task.validation_fraction of them held out)
+    corpus: Literal["task", "text"] = "task"
+    text_documents: int = Field(16, ge=2)
+    text_seq_len: int = Field(128, ge=16)
+    text_vocab_size: int = Field(1024, ge=256)  # the BPE trained on those documents
 
 
 class DataConstrainedConfig(CompareConfig):
@@ -52,11 +72,33 @@ def steps_for(epochs: int, train_rows: int, rows_per_step: int) -> int:
     return max(1, math.ceil(epochs * train_rows / rows_per_step))
 
 
+def prepare_text(cfg: DataConstrainedConfig, log) -> Prepared:
+    """The first ``text_documents`` standard-library modules as packed pretraining rows (a BPE
+    trained on them), ``task.validation_fraction`` of the documents held out."""
+    from diffmoe.data import CorpusConfig, prepare_corpus
+
+    d = cfg.data_constrained
+    out = Path(cfg.output.work_dir) / "data" / "text"
+    corpus = CorpusConfig(
+        kind="pretrain",
+        max_documents=d.text_documents,
+        tokenizer={"train": {"vocab_size": d.text_vocab_size, "sample_docs": d.text_documents}},
+        seq_len=d.text_seq_len,
+        validation_fraction=cfg.task.validation_fraction,
+        output_dir=str(out),
+    )
+    manifest = prepare_corpus(corpus, log=log)
+    rows = {name: entry.sequences for name, entry in manifest.splits.items()}
+    return Prepared(out, rows.get("train", 0), rows.get("validation", 0))
+
+
 def segment_job(cfg: DataConstrainedConfig, side: str, data_dir: Path, steps: int):
     """``side``'s training job stopped at ``steps``: one segment of one run (same name and storage)."""
     from diffmoe.train.config import TrainJobConfig
 
     job = train_config(cfg, side, data_dir).model_dump()
+    if cfg.data_constrained.corpus == "text":
+        job["train"]["kind"] = "pretrain"
     job["optim"].update(schedule="constant")
     job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
     job["mlflow"]["run_name"] = job["run"]["name"] = f"data-constrained-{side}"
@@ -69,6 +111,8 @@ def run_side(cfg: DataConstrainedConfig, side: str, data_dir: Path, train_rows: 
     from diffmoe.train.trainer import run_training
 
     rows_per_step = cfg.train.micro_batch_size * cfg.train.num_workers
+    text = cfg.data_constrained.corpus == "text"
+    seq_len = cfg.data_constrained.text_seq_len if text else cfg.task.seq_len
     ids, response = validation_rows(data_dir)
     storage = Path(cfg.output.work_dir).resolve() / "runs" / f"data-constrained-{side}"
     shutil.rmtree(storage, ignore_errors=True)  # a fresh run, never a resume of an older benchmark
@@ -83,7 +127,7 @@ def run_side(cfg: DataConstrainedConfig, side: str, data_dir: Path, train_rows: 
         point = {
             "epochs": epochs,
             "steps": steps,
-            "tokens": steps * rows_per_step * cfg.task.seq_len,
+            "tokens": steps * rows_per_step * seq_len,
             "train_seconds": round(seconds, 1),
         }
         point.update(validation_loss(model, ids, response, cfg.decoding.val_draws, seed=cfg.train.seed))
@@ -112,7 +156,10 @@ def summarise(curves: dict[str, list[dict]]) -> dict:
     """Where each side's validation loss bottoms out, where the curves cross, accuracies at the end."""
 
     def best(curve, key, pick):
-        point = pick(curve, key=lambda p: p[key])
+        scored = [p for p in curve if p[key] is not None]
+        if not scored:
+            return None
+        point = pick(scored, key=lambda p: p[key])
         return {"epochs": point["epochs"], key: point[key]}
 
     return {
@@ -127,7 +174,8 @@ def summarise(curves: dict[str, list[dict]]) -> dict:
 
 def run_data_constrained(cfg: DataConstrainedConfig, log=print) -> dict:
     start = time.perf_counter()
-    prepared = prepare_data(cfg, log=lambda *a: None)
+    prepare = prepare_text if cfg.data_constrained.corpus == "text" else prepare_data
+    prepared = prepare(cfg, log=lambda *a: None)
     log(f"data: {prepared.train_rows} unique train rows, {prepared.validation_rows} validation rows")
     curves = {side: run_side(cfg, side, prepared.data_dir, prepared.train_rows, log) for side in SIDES}
     return {

@@ -191,6 +191,8 @@ def validation_rows(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     manifest = verify_dataset(data_dir)
     tables = [pq.read_table(p) for p in shard_paths(data_dir, manifest, "validation")]
     ids = torch.cat([torch.tensor(t.column("input_ids").to_pylist()) for t in tables]).long()
+    if "response_mask" not in tables[0].column_names:  # pretraining rows: every token is scored
+        return ids, torch.ones_like(ids, dtype=torch.bool)
     resp = torch.cat([torch.tensor(t.column("response_mask").to_pylist()) for t in tables]).bool()
     return ids, resp
 
