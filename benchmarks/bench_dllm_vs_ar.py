@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         argv=argv,
         default_config="jobs/configs/benchmark_dllm_vs_ar.yaml",
         add_args=lambda p: p.add_argument(
-            "--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster"
+            "--num-cpus",
+            type=int,
+            default=8,
+            help="logical CPUs of the local Ray cluster (each side's replica takes load.replica_cpus)",
         ),
     )
 

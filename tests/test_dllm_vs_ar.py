@@ -229,3 +229,15 @@ def test_data_constrained_epochs_steps_and_crossing():
     assert summarise(text)["best_accuracy"] == {"dllm": None, "ar": None}  # a text corpus has no task
     with pytest.raises(ValueError, match="corpus"):
         DataConstrainedConfig.model_validate({"data_constrained": {"corpus": "novels"}})
+
+
+def test_load_refuses_more_replica_cpus_than_the_cluster_has(monkeypatch):
+    """Serve would wait forever for a replica that cannot be placed: fail first, naming the setting."""
+    import ray
+
+    from diffmoe.bench.load import run_load
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    cfg = CompareConfig()  # replica_cpus 2 x three sides
+    with pytest.raises(ValueError, match=r"load.replica_cpus=2.0 x 3 sides needs 6 CPUs .* has 4"):
+        run_load(cfg, {"dllm": "d", "ar": "a", "block": "b"})

@@ -156,8 +156,16 @@ def run_load(
     """Deploy every side (``served[side]``: its ``threshold`` and ``block_length``), sweep the
     closed-loop concurrency levels then the open-loop Poisson rates, tear Serve down; per side
     {"load": closed-loop level stats, "open_loop": per-rate stats}."""
+    import ray
+
     names = list(model_dirs)
     served = served or {}
+    needed, have = len(names) * cfg.load.replica_cpus, ray.cluster_resources().get("CPU", 0.0)
+    if needed > have:  # Serve would wait forever for a replica that cannot be placed
+        raise ValueError(
+            f"load.replica_cpus={cfg.load.replica_cpus} x {len(names)} sides needs {needed:g} CPUs but the "
+            f"Ray cluster has {have:g}: lower load.replica_cpus or start Ray with more (logical) CPUs"
+        )
     from ray import serve
 
     from diffmoe.serve.app import run_app
