@@ -131,16 +131,13 @@ def run_side(cfg: DataConstrainedConfig, side: str, data_dir: Path, train_rows: 
             "train_seconds": round(seconds, 1),
         }
         point.update(validation_loss(model, ids, response, cfg.decoding.val_draws, seed=cfg.train.seed))
-        point.update(
-            {
-                k: v
-                for k, v in accuracy(cfg, model, tok, special).items()
-                if k in ("accuracy", "correct", "total")
-            }
-        )
+        point["accuracy"] = None  # text: no task to score
+        if not text:
+            q = accuracy(cfg, model, tok, special)
+            point.update({k: q[k] for k in ("accuracy", "correct", "total")})
         log(
             f"{side} @ {epochs} epochs ({steps} steps): val {point['val_loss_per_token']:.4f}, "
-            f"accuracy {point['accuracy']:.3f}"
+            f"accuracy {point['accuracy']}"
         )
         curve.append(point)
     return curve

@@ -247,10 +247,12 @@ def _headline_lines(h: dict) -> list[str]:
     }
     p99 = h.get("p99_over_p50", h.get("dllm_p99_over_p50"))
     missed = list(h["below_target"])
+    others = [s for s in correct if s not in ("ar", best) and s not in missed]
     return [
         f"The AR twin and {best} reach the target exact match ({target})"
+        + (f", as does {', '.join(others)}" if others else "")
         + (f"; {', '.join(missed)} did not and is not compared" if missed else "")
-        + f". At concurrency {c}, "
+        + f". {best} is the fastest diffusion side that did. At concurrency {c}, "
         + (
             "each side stopping at its own end marker"
             if h.get("stops_at_end_marker", True)
