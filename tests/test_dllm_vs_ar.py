@@ -220,6 +220,8 @@ def test_data_constrained_epochs_steps_and_crossing():
     dllm = curve([1.4, 0.9, 0.65, 0.5], [0.0, 0.2, 0.5, 0.6])
     assert crossing_epoch(dllm, ar) == 4
     assert crossing_epoch(dllm[:2], ar[:2]) is None  # not within the budget
+    early = curve([0.9, 0.9, 0.65, 0.5], [0, 0, 0, 0])  # below at 1 epoch (untrained), above at 2
+    assert crossing_epoch(early, ar) == 4  # the crossing is where it stays below
     s = summarise({"dllm": dllm, "ar": ar})
     assert s["loss_crossing_epoch"] == 4
     assert s["best_val_loss"]["ar"] == {"epochs": 2, "val_loss_per_token": 0.6}

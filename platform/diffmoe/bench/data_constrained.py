@@ -144,9 +144,14 @@ def run_side(cfg: DataConstrainedConfig, side: str, data_dir: Path, train_rows: 
 
 
 def crossing_epoch(dllm: list[dict], ar: list[dict], key: str = "val_loss_per_token") -> int | None:
-    """The first epoch pause at which the diffusion side's validation loss is below the AR side's
-    (None: not within the budget)."""
-    return next((d["epochs"] for d, a in zip(dllm, ar, strict=True) if d[key] < a[key]), None)
+    """The first epoch pause from which the diffusion side's validation loss stays below the AR
+    side's to the end of the budget (None: it does not end below). A dip below while both are still
+    untrained, followed by the AR side pulling ahead, is not a crossing."""
+    below = [d[key] < a[key] for d, a in zip(dllm, ar, strict=True)]
+    first = None
+    for i, ok in enumerate(below):
+        first = (first if first is not None else i) if ok else None
+    return None if first is None else dllm[first]["epochs"]
 
 
 def summarise(curves: dict[str, list[dict]]) -> dict:
