@@ -123,7 +123,6 @@ def run_side(cfg: DataConstrainedConfig, side: str, data_dir: Path, train_rows: 
         result = run_training(segment_job(cfg, side, data_dir, steps))
         seconds += time.perf_counter() - start
         model = load_model(result.model_dir)
-        tok, special = load_tokenizer(result.model_dir)
         point = {
             "epochs": epochs,
             "steps": steps,
@@ -133,7 +132,7 @@ def run_side(cfg: DataConstrainedConfig, side: str, data_dir: Path, train_rows: 
         point.update(validation_loss(model, ids, response, cfg.decoding.val_draws, seed=cfg.train.seed))
         point["accuracy"] = None  # text: no task to score
         if not text:
-            q = accuracy(cfg, model, tok, special)
+            q = accuracy(cfg, model, *load_tokenizer(result.model_dir))
             point.update({k: q[k] for k in ("accuracy", "correct", "total")})
         log(
             f"{side} @ {epochs} epochs ({steps} steps): val {point['val_loss_per_token']:.4f}, "
@@ -148,10 +147,10 @@ def crossing_epoch(dllm: list[dict], ar: list[dict], key: str = "val_loss_per_to
     side's to the end of the budget (None: it does not end below). A dip below while both are still
     untrained, followed by the AR side pulling ahead, is not a crossing."""
     below = [d[key] < a[key] for d, a in zip(dllm, ar, strict=True)]
-    first = None
-    for i, ok in enumerate(below):
-        first = (first if first is not None else i) if ok else None
-    return None if first is None else dllm[first]["epochs"]
+    start = len(below)
+    while start and below[start - 1]:  # the run of pauses below that reaches the end
+        start -= 1
+    return dllm[start]["epochs"] if start < len(below) else None
 
 
 def summarise(curves: dict[str, list[dict]]) -> dict:

@@ -154,10 +154,8 @@ def run_comparison(cfg: CompareConfig, command: str | None = None, log=print) ->
         trained[side] = train_side(cfg, side, prepared.data_dir, init_from)
         log(f"{side}: trained {trained[side]['steps']} steps in {trained[side]['train_seconds']}s")
     qual = quality(cfg, trained, prepared.data_dir, log)
-    served = {
-        s: {"threshold": qual[s]["threshold"], "block_length": block_length_of(cfg, s)} for s in trained
-    }
-    load = run_load(cfg, {side: trained[side]["model_dir"] for side in trained}, served, log)
+    thresholds = {s: qual[s]["threshold"] for s in trained}  # the swept choice (None: the AR twin)
+    load = run_load(cfg, {side: trained[side]["model_dir"] for side in trained}, thresholds, log)
     result = {
         "config": cfg.model_dump(mode="json"),
         "data": {"train_rows": prepared.train_rows, "validation_rows": prepared.validation_rows},

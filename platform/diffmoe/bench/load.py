@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 
 from .config import CompareConfig
-from .quality import decoding_for, eval_prompts, stop_ids
+from .quality import block_length_of, decoding_for, eval_prompts, stop_ids
 
 
 def free_port() -> int:
@@ -151,15 +151,18 @@ def measure_level(
 
 
 def run_load(
-    cfg: CompareConfig, model_dirs: dict[str, str], served: dict[str, dict] | None = None, log=print
+    cfg: CompareConfig,
+    model_dirs: dict[str, str],
+    thresholds: dict[str, float | None] | None = None,
+    log=print,
 ) -> dict[str, dict[str, list[dict]]]:
-    """Deploy every side (``served[side]``: its ``threshold`` and ``block_length``), sweep the
-    closed-loop concurrency levels then the open-loop Poisson rates, tear Serve down; per side
-    {"load": closed-loop level stats, "open_loop": per-rate stats}."""
+    """Deploy every side (at its swept threshold, default ``decoding.threshold``; a block side in
+    its blocks), sweep the closed-loop concurrency levels then the open-loop Poisson rates, tear
+    Serve down; per side {"load": closed-loop level stats, "open_loop": per-rate stats}."""
     import ray
 
     names = list(model_dirs)
-    served = served or {}
+    thresholds = thresholds or {}
     needed, have = len(names) * cfg.load.replica_cpus, ray.cluster_resources().get("CPU", 0.0)
     if needed > have:  # Serve would wait forever for a replica that cannot be placed
         raise ValueError(
@@ -182,13 +185,11 @@ def run_load(
     open_loop: dict[str, list[dict]] = {side: [] for side in names}
     try:
         for side in names:
-            how = served.get(side, {})
-            args = serve_args(
-                cfg, side, model_dirs[side], port, stops, how.get("threshold"), how.get("block_length")
-            )
+            block = block_length_of(cfg, side)
+            args = serve_args(cfg, side, model_dirs[side], port, stops, thresholds.get(side), block)
             urls[side] = run_app(args, name=side)
             procs[side] = replica_process(side)
-            bodies[side] = request_bodies(cfg, side, prompts, how.get("block_length"))
+            bodies[side] = request_bodies(cfg, side, prompts, block)
             if ld.warmup_requests:
                 measure_level(urls[side], bodies[side], 4, ld.warmup_requests, ld.duration_s, None, 0)
         for c in ld.concurrency:
