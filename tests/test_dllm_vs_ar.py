@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from diffmoe.bench import CompareConfig
-from diffmoe.bench.quality import train_config
+from diffmoe.bench.quality import check_points, train_config
 from diffmoe.config import ConfigError, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +37,8 @@ def tiny_settings(tmp_path: Path) -> list[str]:
         "train.micro_batch_size=8",
         "train.warmup_steps=1",
         "train.val_batches=1",
+        "train.check_every=30",  # two segments per twin, each scored on the check prompts
+        "train.check_prompts=4",
         "decoding.val_draws=1",
         f"load.concurrency={LEVELS}",
         "load.poisson_rates=[4.0]",
@@ -73,6 +75,15 @@ def test_config_and_job_help():
         load(CompareConfig, None, ["block.block_length=7"])
     with pytest.raises(ValueError, match="trained AR twin"):
         train_config(cfg, "block", Path("data"))
+    # Train until the target: segments end at the checks, on the learning rates of the whole budget.
+    assert check_points(cfg, "ar") == list(range(250, 3001, 250)) and check_points(cfg, "block")[-1] == 1500
+    seg = train_config(cfg, "dllm", Path("data"), stop_at=500)
+    assert seg.train.max_steps == 500 and seg.optim.schedule_steps == cfg.train.steps
+    seg = train_config(cfg, "block", Path("data"), init_from="models/ar", stop_at=40)
+    assert seg.train.objective.block_schedule == [(25, 1), (15, 4)]  # a prefix of the whole ladder
+    odd = load(CompareConfig, None, ["train.steps=1000", "train.check_every=300", "block.steps=200"])
+    assert check_points(odd, "dllm") == [300, 600, 900, 1000] and check_points(odd, "block") == [200]
+    assert check_points(load(CompareConfig, None, ["train.check_every=0"]), "ar") == [3000]
     out = subprocess.run(
         [sys.executable, str(ROOT / "jobs/benchmark.py"), "--help"],
         capture_output=True,
@@ -101,6 +112,13 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
     block = result["sides"]["block"]
     assert block["train"]["converted_from"] == dirs["ar"] and block["train"]["steps"] == 20
     assert block["train"]["tokens"] * 3 == result["sides"]["ar"]["train"]["tokens"]  # 20 vs 60 steps
+    # No side reaches the target in 60 (20) steps: each trained its whole budget, checked on the way.
+    for side, steps in (("dllm", [30, 60]), ("ar", [30, 60]), ("block", [20])):
+        t = result["sides"][side]["train"]
+        assert [c["steps"] for c in t["checks"]] == steps and t["reached_target_at_step"] is None
+        assert all(0 <= c["accuracy"] < 0.97 for c in t["checks"]) and t["machine_cpu_seconds"] > 0
+    cost = result["headline"]["cost_to_target"]
+    assert cost["block"]["tokens"] == block["train"]["tokens"] + result["sides"]["ar"]["train"]["tokens"]
     assert block["quality"]["block_length"] == 8 and "block diffusion" in block["objective"]
     for side in ("dllm", "ar"):
         s = result["sides"][side]
@@ -164,6 +182,7 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
     assert "**Not compared**" in md and "## Open loop (Poisson arrivals)" in md and "| ar | 4 |" in md
     assert "| block | 2 |" in md and "Block diffusion (`block`)" in md
     assert "## Diffusion decoding: threshold sweep" in md
+    assert "## Cost to reach quality" in md and "| dllm | 60 | not reached |" in md
     for png in body["details"]["plots"]:
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
 

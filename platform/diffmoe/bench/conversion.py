@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from diffmoe.config import StrictModel
 from diffmoe.tracking import MLflowSection
 
-from .config import CompareConfig, OutputSection
+from .config import CompareConfig, OutputSection, TaskSection
 from .quality import accuracy, convert_job, load_model, prepare_data, schedule_upto, train_config
 
 SIDES = ("ar", "converted", "mdlm", "block_scratch")
@@ -48,6 +48,7 @@ class ConversionSection(StrictModel):
 
 
 class ConversionBenchConfig(CompareConfig):
+    task: TaskSection = TaskSection(name="reverse")  # the task of the committed study
     conversion: ConversionSection = ConversionSection()
     mlflow: MLflowSection = MLflowSection(experiment="ar_to_diffusion")
     output: OutputSection = OutputSection(work_dir="artifacts/ar_to_diffusion", name="ar_to_diffusion")
@@ -78,7 +79,7 @@ def side_job(
 
     c = cfg.conversion
     job = train_config(cfg, "ar" if side == "ar" else "dllm", data_dir).model_dump()
-    job["optim"].update(schedule="constant")
+    job["optim"].update(schedule="constant", schedule_steps=None)
     job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
     job["mlflow"]["run_name"] = job["run"]["name"] = f"conversion-{side}"
     job["run"]["output_dir"] = str(Path(job["run"]["output_dir"]).with_name(side))

@@ -54,7 +54,7 @@ class DataConstrainedSection(StrictModel):
 
 class DataConstrainedConfig(CompareConfig):
     # a small unique budget (the point of the study); 10% of it held out for the validation loss
-    task: TaskSection = TaskSection(train_examples=1500, validation_fraction=0.1)
+    task: TaskSection = TaskSection(name="reverse", train_examples=1500, validation_fraction=0.1)
     data_constrained: DataConstrainedSection = DataConstrainedSection()
     mlflow: MLflowSection = MLflowSection(experiment="data_constrained")
     output: OutputSection = OutputSection(work_dir="artifacts/data_constrained", name="data_constrained")
@@ -99,7 +99,7 @@ def segment_job(cfg: DataConstrainedConfig, side: str, data_dir: Path, steps: in
     job = train_config(cfg, side, data_dir).model_dump()
     if cfg.data_constrained.corpus == "text":
         job["train"]["kind"] = "pretrain"
-    job["optim"].update(schedule="constant")
+    job["optim"].update(schedule="constant", schedule_steps=None)
     job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
     job["mlflow"]["run_name"] = job["run"]["name"] = f"data-constrained-{side}"
     return TrainJobConfig.model_validate(job)

@@ -123,6 +123,8 @@ def log_mlflow(cfg: CompareConfig, result: dict, files: list[Path]) -> dict[str,
             for k in ("val_loss_per_token", "accuracy", "offline_tokens_per_s", "forwards_per_token")
         }
         metrics["train/seconds"] = float(s["train"]["train_seconds"])
+        metrics["train/steps"] = float(s["train"]["steps"])
+        metrics["train/tokens"] = float(s["train"]["tokens"])
         log_metrics(client, rid, metrics)
         for stats in s["load"]:
             level = {}
@@ -151,7 +153,7 @@ def run_comparison(cfg: CompareConfig, command: str | None = None, log=print) ->
     trained = {}
     for side in sides(cfg):
         init_from = trained["ar"]["model_dir"] if side == "block" else None
-        trained[side] = train_side(cfg, side, prepared.data_dir, init_from)
+        trained[side] = train_side(cfg, side, prepared.data_dir, init_from, log)
         log(f"{side}: trained {trained[side]['steps']} steps in {trained[side]['train_seconds']}s")
     qual = quality(cfg, trained, prepared.data_dir, log)
     thresholds = {s: qual[s]["threshold"] for s in trained}  # the swept choice (None: the AR twin)

@@ -103,7 +103,8 @@ def _cpu_s(proc) -> float | None:
         return None
 
 
-def _machine_busy_s() -> float:
+def machine_busy_s() -> float:
+    """CPU-seconds every core of this machine spent busy since boot (all processes)."""
     import psutil
 
     t = psutil.cpu_times()
@@ -124,14 +125,14 @@ def measure_level(
     """One level: closed loop with ``c`` clients, or open loop (Poisson at ``rate`` requests/s)."""
     from .loadgen import run_level, run_open_loop
 
-    cpu0, busy0, t0 = _cpu_s(proc), _machine_busy_s(), time.perf_counter()
+    cpu0, busy0, t0 = _cpu_s(proc), machine_busy_s(), time.perf_counter()
     if rate is None:
         run = run_level(url, bodies, c, n, duration, expected=expected)
     else:
         run = run_open_loop(url, bodies, rate, n, duration, expected=expected)
     stats = asdict(asyncio.run(run))
     wall = time.perf_counter() - t0
-    cpu1, busy1 = _cpu_s(proc), _machine_busy_s()
+    cpu1, busy1 = _cpu_s(proc), machine_busy_s()
     tokens = stats["output_tokens_per_s"] * stats["wall_s"]
     stats["output_tokens"] = round(tokens)
     per_1k = 1000.0 / tokens if tokens else float("nan")

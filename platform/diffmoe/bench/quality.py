@@ -54,8 +54,8 @@ class Prepared:
 
 def make_task(cfg: CompareConfig):
     t = cfg.task
-    if t.name == "reverse":
-        return TASKS["reverse"](min_digits=t.min_digits, max_digits=t.max_digits)
+    if t.name in ("reverse", "sort"):
+        return TASKS[t.name](min_digits=t.min_digits, max_digits=t.max_digits)
     return TASKS["addition"](max_digits=t.max_digits)
 
 
@@ -79,27 +79,44 @@ def prepare_data(cfg: CompareConfig, log=print) -> Prepared:
     return Prepared(root / "sft", rows.get("train", 0), rows.get("validation", 0))
 
 
-def train_config(cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None):
+def budget_of(cfg: CompareConfig, side: str) -> int:
+    """A side's training budget in steps (the block side's conversion steps are its own)."""
+    return cfg.block.steps if side == "block" else cfg.train.steps
+
+
+def train_config(
+    cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None, stop_at: int | None = None
+):
     """The training job's config for one side: identical except ``causal`` for the AR twin; the
-    ``block`` side converts ``init_from`` (the trained AR twin) with its own steps and lr."""
+    ``block`` side converts ``init_from`` (the trained AR twin) with its own steps and lr.
+    ``stop_at``: end this segment of the run there, on the learning rates (and block ladder) of
+    the whole budget, so segments resumed one after another train exactly like one full run."""
     from diffmoe.train.config import TrainJobConfig
 
     work = Path(cfg.output.work_dir).resolve()
     t = cfg.train
+    budget = budget_of(cfg, side)
+    steps = stop_at or budget
     overrides = {**cfg.model.overrides, **({"causal": True} if side == "ar" else {})}
     job = {
         "model": {"name": cfg.model.name, "overrides": overrides},
         "data": {"path": str(data_dir)},
-        "optim": {"lr": t.lr, "warmup_steps": t.warmup_steps, "schedule": "cosine", "weight_decay": 0.01},
+        "optim": {
+            "lr": t.lr,
+            "warmup_steps": t.warmup_steps,
+            "schedule": "cosine",
+            "schedule_steps": budget,
+            "weight_decay": 0.01,
+        },
         "train": {
             "kind": "sft",
-            "max_steps": t.steps,
+            "max_steps": steps,
             "micro_batch_size": t.micro_batch_size,
             "seed": t.seed,
-            "log_every": max(1, t.steps // 20),
-            "val_every": t.steps,
+            "log_every": max(1, budget // 20),
+            "val_every": steps,
             "val_batches": t.val_batches,
-            "checkpoint_every": t.steps,
+            "checkpoint_every": steps,
         },
         "scaling": {"num_workers": t.num_workers, "cpus_per_worker": t.cpus_per_worker, "max_failures": 0},
         "mlflow": {
@@ -118,9 +135,7 @@ def train_config(cfg: CompareConfig, side: str, data_dir: Path, init_from: str |
         b = cfg.block
         if init_from is None:
             raise ValueError("the block side converts the trained AR twin: pass its model directory")
-        job["train"].update(max_steps=b.steps, val_every=b.steps, checkpoint_every=b.steps)
-        job["train"]["log_every"] = max(1, b.steps // 20)
-        convert_job(job, init_from, schedule_upto(b.ladder, b.steps, b.block_length), b.lr)
+        convert_job(job, init_from, schedule_upto(b.ladder, steps, b.block_length), b.lr)
     return TrainJobConfig.model_validate(job)
 
 
@@ -149,29 +164,61 @@ def schedule_upto(ladder, steps: int, final: int) -> list[tuple[int, int]]:
     return out
 
 
-def train_side(cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None) -> dict:
-    """Run the platform's training job for one side (a fresh run: no resume from an older one)."""
+def check_points(cfg: CompareConfig, side: str) -> list[int]:
+    """The steps at which a side's run pauses for its accuracy check (the last is its budget)."""
+    budget, every = budget_of(cfg, side), cfg.train.check_every
+    return [*range(every, budget, every), budget] if every else [budget]
+
+
+def train_side(
+    cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None, log=print
+) -> dict:
+    """Train one side with the platform's training job (a fresh run, never a resume of an older
+    one) until it reaches ``task.target_accuracy`` on the check prompts or its budget, whichever
+    comes first: the run pauses every ``train.check_every`` steps, the exported model is scored,
+    and the next segment resumes the same run. Seconds and machine CPU-seconds count training
+    only (not the checks)."""
+    from diffmoe.data import load_tokenizer
     from diffmoe.train.trainer import run_training
 
-    job = train_config(cfg, side, data_dir, init_from)
-    shutil.rmtree(Path(job.run.storage_path) / job.run.name, ignore_errors=True)
-    start = time.perf_counter()
-    result = run_training(job)
+    from .load import machine_busy_s
+
+    first = train_config(cfg, side, data_dir, init_from)
+    shutil.rmtree(Path(first.run.storage_path) / first.run.name, ignore_errors=True)
+    seconds = cpu_seconds = 0.0
+    checks, reached = [], None
+    for stop_at in check_points(cfg, side):
+        start, busy = time.perf_counter(), machine_busy_s()
+        result = run_training(train_config(cfg, side, data_dir, init_from, stop_at))
+        seconds += time.perf_counter() - start
+        cpu_seconds += machine_busy_s() - busy
+        if not cfg.train.check_every:
+            break
+        model = load_model(result.model_dir)
+        acc = accuracy(cfg, model, *load_tokenizer(result.model_dir), block_length_of(cfg, side), check=True)
+        checks.append({"steps": stop_at, "train_seconds": round(seconds, 1), "accuracy": acc["accuracy"]})
+        log(f"{side}: {stop_at} steps, check accuracy {acc['accuracy']:.3f}")
+        if acc["accuracy"] >= cfg.task.target_accuracy:
+            reached = stop_at
+            break
     return {
         "run_id": result.run_id,
         "model_dir": result.model_dir,
         "steps": result.final_step,
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "tokens": t_tokens(cfg, side),
+        "budget_steps": budget_of(cfg, side),
+        "reached_target_at_step": reached,  # None: no check reached it (or checks are off)
+        "checks": checks,
+        "train_seconds": round(seconds, 1),
+        "machine_cpu_seconds": round(cpu_seconds, 1),
+        "tokens": t_tokens(cfg, result.final_step),
         **({"converted_from": init_from} if side == "block" else {}),
     }
 
 
-def t_tokens(cfg: CompareConfig, side: str = "dllm") -> int:
-    """Training tokens of a side's own run: steps x batch x workers x seq_len (the block side's
-    conversion steps; the AR twin's tokens it started from are the AR side's)."""
+def t_tokens(cfg: CompareConfig, steps: int) -> int:
+    """Training tokens of ``steps`` optimizer steps: steps x batch x workers x seq_len (the block
+    side's are its own conversion steps, on top of the AR twin's)."""
     t = cfg.train
-    steps = cfg.block.steps if side == "block" else t.steps
     return steps * t.micro_batch_size * t.num_workers * cfg.task.seq_len
 
 
@@ -221,9 +268,15 @@ def validation_loss(model, ids, response, draws: int, batch: int = 64, seed: int
     return {"val_loss_per_token": total / max(tokens, 1), "val_tokens": tokens, "val_loss_kind": kind}
 
 
-def eval_prompts(cfg: CompareConfig, tokenizer, n: int | None = None):
-    """Held-out examples and their chat-templated prompt ids (the layout the SFT rows use)."""
-    examples = make_examples(make_task(cfg), n or cfg.task.eval_examples, seed=cfg.task.eval_seed)
+def eval_prompts(cfg: CompareConfig, tokenizer, n: int | None = None, check: bool = False):
+    """Held-out examples and their chat-templated prompt ids (the layout the SFT rows use).
+    ``check``: the training-time check set (``train.check_prompts``, another seed), so that when
+    to stop is never chosen on the prompts the report scores."""
+    if check:
+        n, seed = cfg.train.check_prompts, cfg.task.eval_seed + 1
+    else:
+        n, seed = n or cfg.task.eval_examples, cfg.task.eval_seed
+    examples = make_examples(make_task(cfg), n, seed=seed)
     ids = [
         list(
             tokenizer.apply_chat_template(
@@ -261,10 +314,12 @@ def stop_ids(tokenizer) -> list[int]:
     return end_of_turn_ids(tokenizer)
 
 
-def accuracy(cfg: CompareConfig, model, tokenizer, special, block_length: int | None = None) -> dict:
+def accuracy(
+    cfg: CompareConfig, model, tokenizer, special, block_length: int | None = None, check: bool = False
+) -> dict:
     """Exact match on held-out prompts, decoded offline by the same Engine the server runs
-    (``block_length``: a block-diffusion model's decoding block)."""
-    examples, prompts = eval_prompts(cfg, tokenizer)
+    (``block_length``: a block-diffusion model's decoding block; ``check``: the check prompts)."""
+    examples, prompts = eval_prompts(cfg, tokenizer, check=check)
     stops = stop_ids(tokenizer)
     engine = Engine(
         model,

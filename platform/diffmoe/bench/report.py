@@ -80,6 +80,7 @@ def headline(result: dict) -> dict:
         "p99_over_p50": lat["p99"] / lat["p50"] if lat.get("p50") else None,
         "accuracy_gap_points": 100 * (acc["dllm"] - acc["ar"]),
         "stops_at_end_marker": not result["config"]["load"]["ignore_eos"],
+        "cost_to_target": {s: sections.cost_to_target(result, s) for s in sides},
     }
 
 
@@ -140,10 +141,17 @@ def markdown(result: dict, command: str, info: dict, plots: list[str], date: str
         f"- Same data: task `{cfg['task']['name']}` ({cfg['task']['min_digits']}-{cfg['task']['max_digits']} digits), "
         f"{result['data']['train_rows']} SFT rows of {cfg['task']['seq_len']} tokens through the data pipeline; "
         f"{result['data']['validation_rows']} held-out validation rows.",
-        f"- Same token budget: {cfg['train']['steps']} steps x {cfg['train']['micro_batch_size']} rows x "
-        f"{cfg['train']['num_workers']} worker(s) = {t['dllm']['tokens']:,} tokens each, trained by the platform's "
+        f"- Same budget: {cfg['train']['steps']} steps x {cfg['train']['micro_batch_size']} rows x "
+        f"{cfg['train']['num_workers']} worker(s) of {cfg['task']['seq_len']} tokens, trained by the platform's "
         "training job (`run_training`: Ray Train + DeepSpeed), lr "
-        f"{cfg['train']['lr']}, cosine schedule. Both are trained with the SFT objective from scratch on the task.",
+        f"{cfg['train']['lr']}, cosine schedule over the budget. Both are trained with the SFT objective from "
+        "scratch on the task"
+        + (
+            f", each until it reaches the target (checked every {cfg['train']['check_every']} steps) or the "
+            "budget: see *Cost to reach quality*."
+            if cfg["train"].get("check_every")
+            else "."
+        ),
         *_block_setup(result),
         f"- Same server: the Ray Serve app (`run_app`), 1 replica each ({cfg['load']['replica_cpus']} CPUs, "
         f"{cfg['load']['replica_gpus']} GPUs), continuous batching up to {cfg['load']['max_batch_size']} requests; "
@@ -205,6 +213,7 @@ def markdown(result: dict, command: str, info: dict, plots: list[str], date: str
         "",
         *load_table(result),
         "",
+        *sections.training_cost_table(result),
         *sections.sweep_table(result),
         *sections.open_loop_table(result),
         *[f"![{Path(p).stem}]({Path(p).name})" for p in plots],
@@ -220,7 +229,7 @@ def _block_setup(result: dict) -> list[str]:
     b, q = result["config"]["block"], result["sides"]["block"]["quality"]
     return [
         f"- Block diffusion (`block`): the trained AR twin's weights mapped onto the LLaDA2 layout and trained "
-        f"on by the same job ({b['steps']} more steps, lr {b['lr']}, block-size ladder {b['ladder']} then "
+        f"on by the same job (up to {b['steps']} more steps, lr {b['lr']}, block-size ladder {b['ladder']} then "
         f"{b['block_length']}; {result['sides']['block']['train']['tokens']:,} tokens on top of the AR twin's), "
         f"decoded in blocks of {b['block_length']} with threshold {q.get('threshold')} and exact block caching."
     ]

@@ -1,5 +1,6 @@
-"""Two parts of the dLLM-vs-AR report: the diffusion sides' threshold sweeps (accuracy vs speed,
-offline) and the open loop (Poisson arrival rates against what each side served).
+"""Parts of the dLLM-vs-AR report: what each side cost to train to the target, the diffusion sides'
+threshold sweeps (accuracy vs speed, offline) and the open loop (Poisson arrival rates against what
+each side served).
 
 A closed loop never offers more than its clients can wait for; users do not wait for each other, so
 this sweep shows where each side saturates: achieved requests/s flattening below the offered rate,
@@ -15,6 +16,52 @@ COLOR = {"dllm": "C0", "ar": "C1", "block": "C2"}
 
 def _fmt(v, digits=3):
     return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def cost_to_target(result: dict, side: str) -> dict:
+    """What training a side took to the target (its whole budget when it missed it); the block
+    side's figures include the AR twin it was converted from."""
+    t, ar = result["sides"][side]["train"], result["sides"]["ar"]["train"]
+    parts = [t] if "converted_from" not in t else [t, ar]
+    cpu = [x.get("machine_cpu_seconds") for x in parts]
+    return {
+        "reached_at_step": t.get("reached_target_at_step"),
+        "tokens": sum(x["tokens"] for x in parts),
+        "train_seconds": round(sum(x["train_seconds"] for x in parts), 1),
+        "machine_cpu_seconds": None if None in cpu else round(sum(cpu), 1),
+    }
+
+
+def training_cost_table(result: dict) -> list[str]:
+    """What each side cost to reach the target (or its whole budget when it did not)."""
+    cfg = result["config"]
+    every, target = cfg["train"].get("check_every", 0), cfg["task"]["target_accuracy"]
+    how = (
+        f"Each side trains until its exact match on {cfg['train']['check_prompts']} check prompts (a seed apart "
+        f"from the reported ones) reaches {target}, checked every {every} steps, or until its budget. "
+        if every
+        else "Each side trains its whole budget (no checks: `train.check_every: 0`). "
+    )
+    rows = [
+        "## Cost to reach quality",
+        "",
+        how + "Own tokens: the side's own run; the block side starts from the AR twin, so its totals add the "
+        "AR side's. Seconds are the training job's wall time (Ray Train start-up and export "
+        "included, checks excluded); machine CPU-s is all busy CPU time on the machine meanwhile.",
+        "",
+        "| side | budget steps | reached target at step | own tokens | total tokens | total train s "
+        "| total machine CPU-s | check accuracy by step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for side, x in result["sides"].items():
+        t, cost = x["train"], cost_to_target(result, side)
+        curve = ", ".join(f"{c['steps']}: {c['accuracy']:.3f}" for c in t.get("checks", [])) or "n/a"
+        reached = cost["reached_at_step"]
+        rows.append(
+            f"| {side} | {t.get('budget_steps', t['steps'])} | {reached or 'not reached'} | {t['tokens']:,} "
+            f"| {cost['tokens']:,} | {cost['train_seconds']} | {_fmt(cost['machine_cpu_seconds'], 1)} | {curve} |"
+        )
+    return [*rows, ""]
 
 
 def open_loop_table(result: dict) -> list[str]:

@@ -99,7 +99,31 @@ class AdditionTask:
         return self.max_digits + 1
 
 
-TASKS = {"reverse": ReverseTask, "addition": AdditionTask}
+@dataclass(frozen=True)
+class SortTask:
+    """``"31415|"`` -> ``"11345"``: sort a digit string of varying length. Every answer token depends
+    on the whole prompt (a count over it), not on one source position as in reversal."""
+
+    min_digits: int = 4
+    max_digits: int = 12
+    name: str = "sort"
+
+    def sample(self, rng: random.Random) -> Example:
+        digits = "".join(
+            rng.choice("0123456789") for _ in range(rng.randint(self.min_digits, self.max_digits))
+        )
+        return Example(prompt=digits + "|", answer="".join(sorted(digits)))
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_digits + 1
+
+    @property
+    def max_answer_chars(self) -> int:
+        return self.max_digits
+
+
+TASKS = {"reverse": ReverseTask, "addition": AdditionTask, "sort": SortTask}
 
 
 def make_examples(task, n: int, seed: int) -> list[Example]:

@@ -46,6 +46,9 @@ class OptimSection(StrictModel):
     warmup_steps: int = Field(10, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+    # Length of the lr schedule in steps; null = train.max_steps. Set to a larger budget to stop a run
+    # early (or train it in resumed segments) on exactly the learning rates of the full run.
+    schedule_steps: int | None = Field(None, ge=1)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
 
 

@@ -200,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, cfg.optim, cfg.train.max_steps)
+        optimizer, lambda s: lr_multiplier(s, cfg.optim, cfg.optim.schedule_steps or cfg.train.max_steps)
     )
     engine, _, _, _ = deepspeed.initialize(
         model=ObjectiveModule(model, cfg),
