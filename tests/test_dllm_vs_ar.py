@@ -206,6 +206,15 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
         hist = client.get_metric_history(rid, "load/output_tokens_per_s")
         assert sorted(m.step for m in hist) == LEVELS
 
+    # A rerun over the same work directory with another task rebuilds the data (it never errors).
+    from diffmoe.bench.quality import prepare_data
+    from diffmoe.data import verify_dataset
+
+    before = verify_dataset(tmp_path / "work/data/sft").fingerprint
+    other = load(CompareConfig, None, [*tiny_settings(tmp_path), "task.name=reverse"])
+    again = prepare_data(other, log=lambda *a: None)
+    assert verify_dataset(again.data_dir).fingerprint != before and again.train_rows > 0
+
 
 def test_served_threshold_is_the_fastest_within_a_point_of_the_best():
     from diffmoe.bench.dllm_vs_ar import choose_threshold

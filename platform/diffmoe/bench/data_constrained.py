@@ -86,6 +86,7 @@ def prepare_text(cfg: DataConstrainedConfig, log) -> Prepared:
         seq_len=d.text_seq_len,
         validation_fraction=cfg.task.validation_fraction,
         output_dir=str(out),
+        overwrite=True,  # reused when unchanged, rebuilt when the settings changed
     )
     manifest = prepare_corpus(corpus, log=log)
     rows = {name: entry.sequences for name, entry in manifest.splits.items()}

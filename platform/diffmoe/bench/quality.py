@@ -60,7 +60,8 @@ def make_task(cfg: CompareConfig):
 
 
 def prepare_data(cfg: CompareConfig, log=print) -> Prepared:
-    """Task JSONL -> chat-templated SFT Parquet shards (train + validation) with a char tokenizer."""
+    """Task JSONL -> chat-templated SFT Parquet shards (train + validation) with a char tokenizer.
+    A rerun over the same work directory reuses them, or rebuilds them when the task changed."""
     from diffmoe.data import CorpusConfig, prepare_corpus
 
     root = Path(cfg.output.work_dir) / "data"
@@ -73,6 +74,7 @@ def prepare_data(cfg: CompareConfig, log=print) -> Prepared:
         seq_len=cfg.task.seq_len,
         validation_fraction=cfg.task.validation_fraction,
         output_dir=str(root / "sft"),
+        overwrite=True,  # the benchmark's own copy: reused when unchanged, rebuilt when the task changed
     )
     manifest = prepare_corpus(corpus, log=log)
     rows = {name: entry.sequences for name, entry in manifest.splits.items()}
