@@ -8,7 +8,9 @@
    same active parameters, at the issue's shape and at the 7B-A1B layer shape, bf16.
 3. The full 7B-A1B config in bf16 on one GPU: forward latency (serving) and fwd+bwd tokens/s
    (training, no optimizer), with model FLOP utilisation from active parameters.
-4. ``gpu_platform.py``: the LLaDA2 block-diffusion Engine at the llada2-mini shape (batch 1 and 32,
+4. The block-diffusion objective with the block-sparse flex mask (compiled) equals the dense mask
+   (loss, gradients) and is timed against it at 2L = 4096.
+5. ``gpu_platform.py``: the LLaDA2 block-diffusion Engine at the llada2-mini shape (batch 1 and 32,
    sampled); then the platform itself: ``jobs/prepare_corpus.py`` + ``jobs/pretrain.py`` on the GPU
    (Ray Train + DeepSpeed, bf16; the loss must fall, a checkpoint and the export must be written)
    and one sampled chat request to that model served by Ray Serve over HTTP. This part needs the
@@ -241,12 +243,53 @@ def sampled_generate() -> dict:
     return {"shape": list(out.shape), "device": str(out.device)}
 
 
+def flex_block_attention() -> dict:
+    """The block-diffusion objective on CUDA with the block-sparse flex mask (compiled, what
+    ``attention: auto`` picks on GPU) against the dense [B, 1, 2L, 2L] mask: loss and gradients
+    agree (fp32), and the time of one fwd+bwd at 2L = 4096 in bf16 for both."""
+    from diffmoe.diffusion.blocks import BlockObjectiveConfig, block_diffusion_loss
+    from diffmoe.model import LLaDA2MoeModelLM, llada2_named_config
+
+    def loss_and_grads(model, x, docs, attention):
+        model.zero_grad(set_to_none=True)
+        obj = BlockObjectiveConfig(block_length=32, attention=attention)
+        terms = block_diffusion_loss(
+            model, x, mask_id=1, objective=obj, document_ids=docs, generator=device_generator(x.device, 0)
+        )
+        terms.total.backward()
+        return terms.total.detach(), torch.cat(
+            [q.grad.flatten() for q in model.parameters() if q.grad is not None]
+        )
+
+    torch.manual_seed(0)
+    cfg = llada2_named_config("llada2-tiny", vocab_size=512, mask_token_id=1)
+    out = {}
+    with torch.device("cuda"):
+        model = LLaDA2MoeModelLM(cfg).train()
+        x = torch.randint(3, 512, (2, 512))
+        docs = torch.cat([torch.zeros(2, 200, dtype=torch.long), torch.ones(2, 312, dtype=torch.long)], 1)
+    (ld, gd), (lf, gf) = (loss_and_grads(model, x, docs, a) for a in ("dense", "flex"))
+    out["fp32_loss_rel_err"] = rel_err(lf, ld)
+    out["fp32_grad_rel_err"] = rel_err(gf, gd)
+    model = model.to(torch.bfloat16)
+    with torch.device("cuda"):
+        x = torch.randint(3, 512, (1, 2048))
+    for attention in ("dense", "flex"):
+        out[f"bf16_fwd_bwd_s_2L4096_{attention}"] = cuda_time(
+            lambda a=attention: loss_and_grads(model, x, None, a), reps=5, warmup=2
+        )
+    if out["fp32_loss_rel_err"] > 1e-4 or out["fp32_grad_rel_err"] > 1e-3:
+        raise AssertionError(f"flex and dense block-diffusion paths disagree: {out}")
+    return out
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     path = args[0] if args else f"docs/benchmarks/gpu/{time.strftime('%Y-%m-%d')}.json"
     parts = [
         ("parity", parity),
         ("sampled_generate", sampled_generate),
+        ("flex_block_attention", flex_block_attention),
         ("moe_layer_issue_shape", lambda: moe_speed(64, 8, 256, 128, 4096)),
         ("moe_layer_7b_shape", lambda: moe_speed(64, 8, 2048, 1024, 16384)),
         ("model_7b_a1b_bf16", model_7b),

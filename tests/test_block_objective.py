@@ -50,20 +50,27 @@ def reference(model, x, bl, seed, t_min, t_max, response=None):
     return total / scored, ces, conf
 
 
+@pytest.mark.parametrize("attention", ["dense", "flex"])
 @pytest.mark.parametrize("length,bl", [(12, 4), (10, 4), (8, 8)])
-def test_loss_equals_the_blockwise_reference(length, bl):
+def test_loss_equals_the_blockwise_reference(length, bl, attention):
     model = tiny()
     x = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
-    obj = BlockObjectiveConfig(block_length=bl, t_min=0.3, t_max=0.8, confidence_beta=0.5)
-    got = block_diffusion_loss(model, x, mask_id=MASK, objective=obj, generator=device_generator("cpu", 7))
+    obj = BlockObjectiveConfig(
+        block_length=bl, t_min=0.3, t_max=0.8, confidence_beta=0.5, attention=attention
+    )
+    with torch.set_grad_enabled(attention == "dense"):  # flex has no backward on CPU (GPU: gpu_check)
+        got = block_diffusion_loss(
+            model, x, mask_id=MASK, objective=obj, generator=device_generator("cpu", 7)
+        )
     want, ces, conf = reference(model, x, bl, 7, 0.3, 0.8)
     assert got.num_masked == len(ces) > 0
     assert float(got.diffusion) == pytest.approx(want, rel=1e-5)
     assert float(got.masked_ce) == pytest.approx(sum(ces) / len(ces), rel=1e-5)
     assert float(got.confidence) == pytest.approx(conf, rel=1e-4, abs=1e-6)
     assert float(got.total) == pytest.approx(want + 0.5 * conf, rel=1e-5)
-    got.total.backward()  # the CAP term is differentiable with the rest
-    assert model.lm_head.weight.grad is not None
+    if attention == "dense":
+        got.total.backward()  # the CAP term is differentiable with the rest
+        assert model.lm_head.weight.grad is not None
 
 
 def test_sft_never_masks_the_prompt_and_token_mean_weighting():
@@ -102,6 +109,41 @@ def test_mask_parts_and_documents():
     assert not torch.allclose(a[0, :6], b[0, :6], atol=1e-5)
     with pytest.raises(ValueError, match="t_min"):
         block_diffusion_loss(model, x, mask_id=MASK, objective=BlockObjectiveConfig(t_min=0.9, t_max=0.2))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_equals_the_dense_mask_with_documents():
+    """The block-sparse path (what GPUs run, compiled, where gpu_check also compares gradients)
+    gives the dense path's hidden states and loss on packed rows, 2L = 160 spanning two flex tiles
+    with partial ones; a wrong-sized BlockMask is refused."""
+    from diffmoe.diffusion.blocks import block_diffusion_block_mask, use_flex
+
+    docs = torch.tensor([[0] * 30 + [1] * 50, [0] * 80])
+    x = torch.randint(3, VOCAB, (2, 80), generator=torch.Generator().manual_seed(4))
+    ids, pos = torch.cat([x, x], 1), torch.arange(80).repeat(2)[None]
+    model = tiny()
+    with torch.no_grad():
+        dense = model(ids, attention_mask=block_diffusion_mask(80, 8, docs), position_ids=pos).logits
+        flex = model(ids, attention_mask=block_diffusion_block_mask(80, 8, docs), position_ids=pos).logits
+        assert torch.allclose(dense, flex, atol=1e-5)
+        losses = [
+            float(
+                block_diffusion_loss(
+                    model,
+                    x,
+                    mask_id=MASK,
+                    objective=BlockObjectiveConfig(block_length=8, attention=attention),
+                    document_ids=docs,
+                    generator=device_generator("cpu", 5),
+                ).total
+            )
+            for attention in ("dense", "flex")
+        ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert not use_flex("auto", "cpu") and use_flex("auto", "cuda") and not use_flex("dense", "cuda")
+    wrong = block_diffusion_block_mask(40, 8)  # (80, 80): not this forward's 2L = 160
+    with pytest.raises(ValueError, match="BlockMask over"):
+        model(ids, attention_mask=wrong, position_ids=pos)
 
 
 def test_validation_loss_of_a_block_diffusion_model_is_the_blockwise_bound():

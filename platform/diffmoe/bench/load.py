@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 
 from .config import CompareConfig
-from .quality import block_length_of, decoding_for, eval_prompts, stop_ids
+from .quality import block_length_of, decoding_for, eval_prompts, machine_busy_s, stop_ids
 
 
 def free_port() -> int:
@@ -101,14 +101,6 @@ def _cpu_s(proc) -> float | None:
         return t.user + t.system
     except Exception:  # noqa: BLE001 - the replica may have been replaced
         return None
-
-
-def machine_busy_s() -> float:
-    """CPU-seconds every core of this machine spent busy since boot (all processes)."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 def measure_level(

@@ -183,8 +183,6 @@ def train_side(
     from diffmoe.data import load_tokenizer
     from diffmoe.train.trainer import run_training
 
-    from .load import machine_busy_s
-
     first = train_config(cfg, side, data_dir, init_from)
     shutil.rmtree(Path(first.run.storage_path) / first.run.name, ignore_errors=True)
     seconds = cpu_seconds = 0.0
@@ -215,6 +213,14 @@ def train_side(
         "tokens": t_tokens(cfg, result.final_step),
         **({"converted_from": init_from} if side == "block" else {}),
     }
+
+
+def machine_busy_s() -> float:
+    """CPU-seconds every core of this machine spent busy since boot (all processes)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 def t_tokens(cfg: CompareConfig, steps: int) -> int:

@@ -255,9 +255,10 @@ def validation_loss_sum(
     if family == BLOCK_DIFFUSION:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("block-diffusion validation takes a 2-D padding mask (or none)")
-        return block_validation_nats(model, input_ids, mask_id, scored, generator, draws, obj.eps), int(
-            scored.sum()
+        nats = block_validation_nats(
+            model, input_ids, mask_id, scored, generator, draws, obj.eps, obj.block.attention
         )
+        return nats, int(scored.sum())
     if family == AUTOREGRESSIVE:
         target = scored[:, 1:]
         out = model.model(input_ids, attention_mask=attention_mask, output_router_logits=False)

@@ -37,6 +37,9 @@ class BlockObjectiveConfig(StrictModel):
     t_max: float = 1.0
     weighting: Literal["elbo", "token_mean"] = "elbo"  # CE / p (LLaDA bound) or plain mean over masked
     confidence_beta: float = 0.0  # CAP: weight of the entropy term on correctly predicted masked tokens
+    # dense: a [B, 1, 2L, 2L] mask through SDPA; flex: a block-sparse BlockMask through flex attention
+    # (never materialised; compiled into one kernel on GPU); auto: flex on GPU, dense elsewhere.
+    attention: Literal["auto", "dense", "flex"] = "auto"
 
 
 def block_diffusion_mask(
@@ -59,6 +62,41 @@ def block_diffusion_mask(
         doc = torch.cat([document_ids, document_ids], 1)
         mask = mask & (doc[:, None, :, None] == doc[:, None, None, :])
     return mask
+
+
+def block_diffusion_block_mask(
+    length: int, block_length: int, document_ids: torch.Tensor | None = None, device=None
+):
+    """The same mask as ``block_diffusion_mask``, as a flex-attention ``BlockMask``: only which
+    (128 x 128) tiles are full, partial or empty is stored, plus the rule for the partial ones."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if block_length < 1:
+        raise ValueError(f"block_length={block_length} must be >= 1")
+
+    def may_attend(b, h, q, k):
+        q_clean, k_clean = q >= length, k >= length
+        qb, kb = (q % length) // block_length, (k % length) // block_length
+        allowed = torch.where(q_clean, k_clean & (kb <= qb), torch.where(k_clean, kb < qb, kb == qb))
+        if document_ids is not None:
+            allowed = allowed & (document_ids[b, q % length] == document_ids[b, k % length])
+        return allowed
+
+    device = device if device is not None else "cpu"
+    rows = 1 if document_ids is None else document_ids.shape[0]
+    compiled = torch.device(device).type == "cuda"  # builds the tiles without an [2L, 2L] grid
+    return create_block_mask(may_attend, rows, None, 2 * length, 2 * length, device=device, _compile=compiled)
+
+
+def use_flex(attention: str, device) -> bool:
+    """``attention`` (auto | dense | flex) resolved for tensors on ``device``."""
+    return attention == "flex" or (attention == "auto" and torch.device(device).type == "cuda")
+
+
+def _two_half_mask(length, block_length, document_ids, device, attention: str, batch: int):
+    if use_flex(attention, device):
+        return block_diffusion_block_mask(length, block_length, document_ids, device)
+    return block_diffusion_mask(length, block_length, document_ids, device).expand(batch, -1, -1, -1)
 
 
 @dataclass
@@ -98,9 +136,9 @@ def block_diffusion_loss(
     noisy, masked = forward_process(input_ids, mask_id, p, response_mask, generator)
     ids = torch.cat([noisy, input_ids], 1)
     positions = torch.arange(length, device=input_ids.device).repeat(2)[None].expand(b, -1)
-    mask = block_diffusion_mask(length, obj.block_length, document_ids, input_ids.device)
+    mask = _two_half_mask(length, obj.block_length, document_ids, input_ids.device, obj.attention, b)
     want_router = aux_loss_coef > 0 or z_loss_coef > 0
-    kwargs = dict(attention_mask=mask.expand(b, -1, -1, -1), position_ids=positions)
+    kwargs = dict(attention_mask=mask, position_ids=positions)
     if hasattr(model, "lm_head") and hasattr(model, "model"):
         out = model.model(ids, output_router_logits=want_router, **kwargs)
         logits = model.lm_head(out.last_hidden_state[:, :length][masked]).float()
@@ -132,7 +170,14 @@ def block_diffusion_loss(
 
 
 def block_validation_nats(
-    model, input_ids, mask_id: int, scored, generator=None, draws: int = 1, eps: float = 1e-3
+    model,
+    input_ids,
+    mask_id: int,
+    scored,
+    generator=None,
+    draws: int = 1,
+    eps: float = 1e-3,
+    attention: str = "auto",
 ):
     """Validation nats of a block-diffusion model: per draw, p per row as in masked diffusion
     (never a crop), scored tokens masked with p in the noisy half of ``[x_t ; x_0]``, and the sum of
@@ -143,7 +188,7 @@ def block_validation_nats(
         raise ValueError(f"draws must be >= 1, got {draws}")
     b, length = input_ids.shape
     block_length = int(getattr(model.config, "block_length", 32) or 32)
-    mask = block_diffusion_mask(length, block_length, device=input_ids.device).expand(b, -1, -1, -1)
+    mask = _two_half_mask(length, block_length, None, input_ids.device, attention, b)
     positions = torch.arange(length, device=input_ids.device).repeat(2)[None].expand(b, -1)
     nats = torch.zeros((), dtype=torch.float32, device=input_ids.device)
     for _ in range(draws):

@@ -17,7 +17,6 @@ This module knows nothing about training, parallelism, decoding or serving.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -29,6 +28,7 @@ from .modeling import (
     RMSNorm,
     SwiGLU,
     apply_rope,
+    attend,
     run_backbone,
 )
 from .published_io import PublishedLayoutIO
@@ -66,14 +66,7 @@ class LLaDA2Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=cfg.attention_dropout if self.training else 0.0,
-            enable_gqa=nkv != nh,
-        )
+        out = attend(q, k, v, mask, cfg.attention_dropout if self.training else 0.0, nkv != nh)
         return self.dense(out.transpose(1, 2).reshape(b, n, -1)), new_kv
 
 

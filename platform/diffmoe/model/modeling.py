@@ -12,11 +12,13 @@ This module knows nothing about training, parallelism or serving.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
@@ -117,15 +119,25 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=cfg.attention_dropout if self.training else 0.0,
-            enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads,
-        )
+        dropout = cfg.attention_dropout if self.training else 0.0
+        out = attend(q, k, v, mask, dropout, cfg.num_key_value_heads != cfg.num_attention_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), new_kv
+
+
+def attend(q, k, v, mask, dropout_p: float, gqa: bool) -> torch.Tensor:
+    """Attention under a dense mask (SDPA), or under a ``BlockMask`` with flex attention: a
+    block-sparse mask that is never materialised as [L, L], fused into one kernel on GPU."""
+    if isinstance(mask, BlockMask):
+        if dropout_p:
+            raise ValueError("attention_dropout > 0 is not supported under a block-sparse (flex) mask")
+        return _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+@functools.cache
+def _flex_attention(compiled: bool):
+    """Compiled on GPU (the fused kernel); eager elsewhere (a correct, unfused reference)."""
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
 class SwiGLU(nn.Module):
@@ -344,9 +356,17 @@ def build_attention_mask(attention_mask, b, n, past_len, causal, device):
 
     ``attention_mask`` may be a 2-D key mask [B, past_len + n] (1 = real token) or a 4-D bool mask
     [B, 1 or heads, n, past_len + n]. Every query may always see itself, so a fully padded row
-    never yields NaNs that could leak into other rows.
+    never yields NaNs that could leak into other rows. A flex ``BlockMask`` over (n, past_len + n)
+    is used as given (its mask_mod must let every query see itself).
     """
     total = past_len + n
+    if isinstance(attention_mask, BlockMask):
+        if causal or tuple(attention_mask.seq_lengths) != (n, total):
+            raise ValueError(
+                f"a BlockMask over {tuple(attention_mask.seq_lengths)} for a {'causal ' if causal else ''}"
+                f"forward of {n} positions after {past_len} cached (expected ({n}, {total}), non-causal)"
+            )
+        return attention_mask
     mask = None
     if attention_mask is not None:
         if attention_mask.dim() == 2:
@@ -380,7 +400,7 @@ def build_attention_mask(attention_mask, b, n, past_len, causal, device):
 
 def _token_mask(attention_mask, b, n, past_len):
     """[B*n] float weights of the input tokens that count for router losses (padding excluded)."""
-    if attention_mask is None or attention_mask.dim() != 2:
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return None
     return attention_mask[:, past_len:].reshape(-1).float()
 
@@ -411,7 +431,8 @@ def run_backbone(
     x = embeddings(input_ids)
     cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
     mask = build_attention_mask(attention_mask, b, n, past_len, causal, x.device)
-    if mask is not None:  # additive once for every layer: SDPA on CPU runs about 2x faster than on bool
+    if mask is not None and not isinstance(mask, BlockMask):  # additive once for every layer: SDPA on CPU
+        # runs about 2x faster than on bool
         mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))
     want_router = cfg.output_router_logits if output_router_logits is None else output_router_logits
 
