@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -57,18 +58,21 @@ class Example:
 
 
 @dataclass(frozen=True)
-class ReverseTask:
-    """``"31415>"`` -> ``"51413"``: copy with position arithmetic, one answer token per input digit."""
+class DigitStringTask:
+    """A digit string of varying length and an end character in; an answer of the same length out."""
 
     min_digits: int = 4
     max_digits: int = 16
-    name: str = "reverse"
+    end: ClassVar[str] = ">"
+
+    def answer(self, digits: str) -> str:
+        raise NotImplementedError
 
     def sample(self, rng: random.Random) -> Example:
         digits = "".join(
             rng.choice("0123456789") for _ in range(rng.randint(self.min_digits, self.max_digits))
         )
-        return Example(prompt=digits + ">", answer=digits[::-1])
+        return Example(prompt=digits + self.end, answer=self.answer(digits))
 
     @property
     def max_prompt_chars(self) -> int:
@@ -77,6 +81,16 @@ class ReverseTask:
     @property
     def max_answer_chars(self) -> int:
         return self.max_digits
+
+
+@dataclass(frozen=True)
+class ReverseTask(DigitStringTask):
+    """``"31415>"`` -> ``"51413"``: copy with position arithmetic, one answer token per input digit."""
+
+    name: str = "reverse"
+
+    def answer(self, digits: str) -> str:
+        return digits[::-1]
 
 
 @dataclass(frozen=True)
@@ -100,27 +114,16 @@ class AdditionTask:
 
 
 @dataclass(frozen=True)
-class SortTask:
+class SortTask(DigitStringTask):
     """``"31415|"`` -> ``"11345"``: sort a digit string of varying length. Every answer token depends
     on the whole prompt (a count over it), not on one source position as in reversal."""
 
-    min_digits: int = 4
     max_digits: int = 12
     name: str = "sort"
+    end: ClassVar[str] = "|"
 
-    def sample(self, rng: random.Random) -> Example:
-        digits = "".join(
-            rng.choice("0123456789") for _ in range(rng.randint(self.min_digits, self.max_digits))
-        )
-        return Example(prompt=digits + "|", answer="".join(sorted(digits)))
-
-    @property
-    def max_prompt_chars(self) -> int:
-        return self.max_digits + 1
-
-    @property
-    def max_answer_chars(self) -> int:
-        return self.max_digits
+    def answer(self, digits: str) -> str:
+        return "".join(sorted(digits))
 
 
 TASKS = {"reverse": ReverseTask, "addition": AdditionTask, "sort": SortTask}
