@@ -117,6 +117,7 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
         t = result["sides"][side]["train"]
         assert [c["steps"] for c in t["checks"]] == steps and t["reached_target_at_step"] is None
         assert all(0 <= c["accuracy"] < 0.97 for c in t["checks"]) and t["machine_cpu_seconds"] > 0
+        assert 0 < t["step_seconds"] < t["train_seconds"]
     cost = result["headline"]["cost_to_target"]
     assert cost["block"]["tokens"] == block["train"]["tokens"] + result["sides"]["ar"]["train"]["tokens"]
     assert block["quality"]["block_length"] == 8 and "block diffusion" in block["objective"]

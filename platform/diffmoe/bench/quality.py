@@ -178,20 +178,21 @@ def train_side(
     """Train one side with the platform's training job (a fresh run, never a resume of an older
     one) until it reaches ``task.target_accuracy`` on the check prompts or its budget, whichever
     comes first: the run pauses every ``train.check_every`` steps, the exported model is scored,
-    and the next segment resumes the same run. Seconds and machine CPU-seconds count training
-    only (not the checks)."""
+    and the next segment resumes the same run. Seconds and machine CPU-seconds count the training
+    jobs (each segment's start-up included, the checks not); ``step_seconds`` the steps alone."""
     from diffmoe.data import load_tokenizer
     from diffmoe.train.trainer import run_training
 
     first = train_config(cfg, side, data_dir, init_from)
     shutil.rmtree(Path(first.run.storage_path) / first.run.name, ignore_errors=True)
-    seconds = cpu_seconds = 0.0
+    seconds = cpu_seconds = step_seconds = 0.0
     checks, reached = [], None
     for stop_at in check_points(cfg, side):
         start, busy = time.perf_counter(), machine_busy_s()
         result = run_training(train_config(cfg, side, data_dir, init_from, stop_at))
         seconds += time.perf_counter() - start
         cpu_seconds += machine_busy_s() - busy
+        step_seconds += float(result.metrics.get("step_seconds", 0.0))
         if not cfg.train.check_every:
             break
         model = load_model(result.model_dir)
@@ -209,6 +210,7 @@ def train_side(
         "reached_target_at_step": reached,  # None: no check reached it (or checks are off)
         "checks": checks,
         "train_seconds": round(seconds, 1),
+        "step_seconds": round(step_seconds, 1),  # the optimizer steps alone (no start-ups or checks)
         "machine_cpu_seconds": round(cpu_seconds, 1),
         "tokens": t_tokens(cfg, result.final_step),
         **({"converted_from": init_from} if side == "block" else {}),

@@ -24,10 +24,12 @@ def cost_to_target(result: dict, side: str) -> dict:
     t, ar = result["sides"][side]["train"], result["sides"]["ar"]["train"]
     parts = [t] if "converted_from" not in t else [t, ar]
     cpu = [x.get("machine_cpu_seconds") for x in parts]
+    steps = [x.get("step_seconds") for x in parts]  # None: a run from before it was recorded
     return {
         "reached_at_step": t.get("reached_target_at_step"),
         "tokens": sum(x["tokens"] for x in parts),
         "train_seconds": round(sum(x["train_seconds"] for x in parts), 1),
+        "step_seconds": None if None in steps else round(sum(steps), 1),
         "machine_cpu_seconds": None if None in cpu else round(sum(cpu), 1),
     }
 
@@ -46,12 +48,14 @@ def training_cost_table(result: dict) -> list[str]:
         "## Cost to reach quality",
         "",
         how + "Own tokens: the side's own run; the block side starts from the AR twin, so its totals add the "
-        "AR side's. Seconds are the training job's wall time (Ray Train start-up and export "
-        "included, checks excluded); machine CPU-s is all busy CPU time on the machine meanwhile.",
+        "AR side's. `train s` is the training jobs' wall time (each segment's Ray Train start-up, "
+        "restore and export included, checks excluded); `steps s` the optimizer steps alone, what the "
+        "same steps cost in one uninterrupted run; machine CPU-s is all busy CPU time on the machine "
+        "during the jobs.",
         "",
         "| side | budget steps | reached target at step | own tokens | total tokens | total train s "
-        "| total machine CPU-s | check accuracy by step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| of which steps s | total machine CPU-s | check accuracy by step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for side, x in result["sides"].items():
         t, cost = x["train"], cost_to_target(result, side)
@@ -59,7 +63,8 @@ def training_cost_table(result: dict) -> list[str]:
         reached = cost["reached_at_step"]
         rows.append(
             f"| {side} | {t.get('budget_steps', t['steps'])} | {reached or 'not reached'} | {t['tokens']:,} "
-            f"| {cost['tokens']:,} | {cost['train_seconds']} | {_fmt(cost['machine_cpu_seconds'], 1)} | {curve} |"
+            f"| {cost['tokens']:,} | {cost['train_seconds']} | {_fmt(cost['step_seconds'], 1)} "
+            f"| {_fmt(cost['machine_cpu_seconds'], 1)} | {curve} |"
         )
     return [*rows, ""]
 

@@ -240,6 +240,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if val is not None:
             logger.log({"val/loss": val}, step)
     tokens, busy, waited = 0, 0.0, 0.0
+    step_seconds = 0.0  # this run's optimizer steps alone: no start-up, validation, checkpoints
     started, start_step, last_progress = time.perf_counter(), step, time.perf_counter()
     last_loss, last_rate = None, None
     nonfinite = state.get("nonfinite_skipped", 0)  # micro-batches dropped for a NaN/inf loss
@@ -278,6 +279,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.step()
             tokens += batch["input_ids"].numel() * world
             busy += time.perf_counter() - t0
+            step_seconds += time.perf_counter() - t0
             if not engine.is_gradient_accumulation_boundary():
                 t0 = time.perf_counter()
                 continue
@@ -335,7 +337,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     model,
                     state,
                     rank,
-                    {"step": step, "resumed_from_step": resumed_from, "epoch": epoch},
+                    {
+                        "step": step,
+                        "resumed_from_step": resumed_from,
+                        "epoch": epoch,
+                        "step_seconds": round(step_seconds, 3),
+                    },
                     step == cfg.train.max_steps,
                 )
             if step >= cfg.train.max_steps:
