@@ -1,6 +1,6 @@
 """AR -> block-diffusion conversion against diffusion from scratch: accuracy vs training tokens.
 
-Four sides, same task (reverse digits, chat SFT rows of 48 tokens), backbone, batch and training
+Four sides, same task (sort digit strings of 4-12 digits, chat SFT rows of 48 tokens), backbone, batch and training
 job (diffmoe.bench.conversion): (a) the AR twin, (b) a block-diffusion model converted from (a)'s
 final weights, (c) masked diffusion from scratch, (d) block diffusion from scratch (same job as (b)
 from (a)'s untrained weights). Target (issue 18): (b) reaches >= 0.95 of (a)'s final accuracy using

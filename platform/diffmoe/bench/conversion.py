@@ -43,12 +43,14 @@ class ConversionSection(StrictModel):
     # conversion's warm-up ladder [[steps, block_length], ...] before the serving block length
     ladder: list[tuple[int, int]] = Field(default_factory=lambda: [(25, 1), (25, 4)])
     serving_block_length: int = Field(8, ge=1)
-    convert_lr: float = Field(1e-3, gt=0)  # continued training: below the from-scratch lr
+    # 3e-3 (the from-scratch lr): 0.41 / 0.62 / 0.86 exact match on reverse after 100 / 200 / 400
+    # conversion steps, against 0.37 / 0.54 / 0.72 at 1e-3
+    convert_lr: float = Field(3e-3, gt=0)
     target_accuracy_share: float = Field(0.95, gt=0, le=1)  # converted must reach this share of AR's
 
 
 class ConversionBenchConfig(CompareConfig):
-    task: TaskSection = TaskSection(name="reverse")  # the task of the committed study
+    task: TaskSection = TaskSection()  # sort: reverse is learnt by every side within 500 steps
     conversion: ConversionSection = ConversionSection()
     mlflow: MLflowSection = MLflowSection(experiment="ar_to_diffusion")
     output: OutputSection = OutputSection(work_dir="artifacts/ar_to_diffusion", name="ar_to_diffusion")
@@ -201,6 +203,7 @@ class CapSection(StrictModel):
 
 
 class CapBenchConfig(ConversionBenchConfig):
+    task: TaskSection = TaskSection(name="reverse")  # the committed CAP study's task
     cap: CapSection = CapSection()
     output: OutputSection = OutputSection(work_dir="artifacts/cap", name="cap")
 
