@@ -194,6 +194,19 @@ def test_progress_line_reports_step_loss_rate_and_eta():
     )
 
 
+def test_schedule_steps_makes_a_segment_follow_the_whole_budgets_learning_rates():
+    from diffmoe.train.schedule import lr_lambda, lr_multiplier
+
+    whole = TrainJobConfig.model_validate({"train": {"max_steps": 3000}, "optim": {"warmup_steps": 100}})
+    segment = whole.model_copy(deep=True)
+    segment.train.max_steps, segment.optim.schedule_steps = 500, 3000
+    assert [lr_lambda(segment)(s) for s in (0, 250, 499)] == [lr_lambda(whole)(s) for s in (0, 250, 499)]
+    alone = whole.model_copy(deep=True)
+    alone.train.max_steps = 500  # without schedule_steps the cosine would end at step 500
+    assert lr_lambda(alone)(499) < lr_lambda(segment)(499)
+    assert lr_lambda(segment)(499) == lr_multiplier(499, whole.optim, 3000)
+
+
 def test_block_schedule_picks_each_phase_and_keeps_the_last():
     from diffmoe.diffusion import ObjectiveConfig
 

@@ -47,7 +47,7 @@ from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
 from .metrics import MetricsLogger, expert_load_metrics, progress_line
 from .nonfinite import NonFiniteLossError, handle_nonfinite, loss_is_finite
 from .sample_order import SampleOrder, ShardReader, TrainStream, record_samples, resume_position
-from .schedule import lr_multiplier
+from .schedule import lr_lambda
 
 PROBE_SEED = 1234  # fixed batch whose logits the run saves, for parity checks after export
 
@@ -199,9 +199,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(
         groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, cfg.optim, cfg.optim.schedule_steps or cfg.train.max_steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=ObjectiveModule(model, cfg),
         optimizer=optimizer,

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import math
 
-from .config import OptimSection
+from .config import OptimSection, TrainJobConfig
+
+
+def lr_lambda(cfg: TrainJobConfig):
+    """The run's multiplier by step: the schedule spans ``optim.schedule_steps`` when set (a run
+    stopped early, or trained in resumed segments, follows the full budget's learning rates),
+    else ``train.max_steps``."""
+    span = cfg.optim.schedule_steps or cfg.train.max_steps
+    return lambda step: lr_multiplier(step, cfg.optim, span)
 
 
 def lr_multiplier(step: int, optim: OptimSection, max_steps: int) -> float:
