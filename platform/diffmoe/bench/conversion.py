@@ -38,7 +38,7 @@ SIDES = ("ar", "converted", "mdlm", "block_scratch")
 class ConversionSection(StrictModel):
     # steps at which each side's accuracy is measured (each point is a pause of one training run)
     ar_checkpoints: list[int] = Field(default_factory=lambda: [500, 1500])
-    convert_checkpoints: list[int] = Field(default_factory=lambda: [0, 100, 200, 400])
+    convert_checkpoints: list[int] = Field(default_factory=lambda: [0, 100, 200, 400, 800, 1500])
     scratch_checkpoints: list[int] = Field(default_factory=lambda: [500, 1000, 1500])
     # conversion's warm-up ladder [[steps, block_length], ...] before the serving block length
     ladder: list[tuple[int, int]] = Field(default_factory=lambda: [(25, 1), (25, 4)])
