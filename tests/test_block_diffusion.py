@@ -183,10 +183,30 @@ def _mixed_requests(n: int = 16):
     return out
 
 
+def _alone(model, prompt, cfg) -> list[int]:
+    """What ``generate`` decodes for one request alone, cut at its first end id."""
+    from diffmoe.generation import generate
+
+    ids = generate(
+        model,
+        torch.tensor([prompt]),
+        gen_length=cfg.gen_length,
+        steps=cfg.steps,
+        block_length=cfg.block_length,
+        threshold=cfg.threshold,
+        editing_threshold=cfg.editing_threshold,
+        max_post_steps=cfg.max_post_steps,
+        mask_id=MASK,
+        eos_id=[2, *cfg.stop_token_ids],
+    )[0, len(prompt) :].tolist()
+    ends = [i for i, t in enumerate(ids) if t in (2, *cfg.stop_token_ids)]
+    return ids[: ends[0]] if ends else ids
+
+
 def test_engine_with_mixed_requests_equals_generate_alone():
     """16 requests joining and leaving a batch of 6 (rows at different blocks step together) decode
     what ``generate`` decodes for each alone, and stream only finished blocks."""
-    from diffmoe.generation import Engine, generate
+    from diffmoe.generation import Engine
 
     model = tiny()
     requests = _mixed_requests()
@@ -200,20 +220,7 @@ def test_engine_with_mixed_requests_equals_generate_alone():
             if event.finished:
                 outputs[event.request_id] = event.output
     for rid, (prompt, cfg) in zip(rids, requests):
-        ids = generate(
-            model,
-            torch.tensor([prompt]),
-            gen_length=cfg.gen_length,
-            steps=cfg.steps,
-            block_length=cfg.block_length,
-            threshold=cfg.threshold,
-            editing_threshold=cfg.editing_threshold,
-            max_post_steps=cfg.max_post_steps,
-            mask_id=MASK,
-            eos_id=[2, *cfg.stop_token_ids],
-        )[0, len(prompt) :].tolist()
-        ends = [i for i, t in enumerate(ids) if t in (2, *cfg.stop_token_ids)]
-        want = ids[: ends[0]] if ends else ids
+        want = _alone(model, prompt, cfg)
         got = outputs[rid]
         assert got.token_ids == want, (rid, cfg)
         assert sum(streamed[rid], []) == want
@@ -239,3 +246,40 @@ def test_engine_block_cache_feeds_finished_blocks_once():
     # the prompt's whole block is folded into the first step: one forward fewer than generate_blocks
     assert out.steps == stats["forwards"] - 1
     assert out.tokens_fed == stats["tokens_fed"]
+
+
+def test_engine_block_cache_is_written_in_place_and_survives_rows_stepping_alone(monkeypatch):
+    """The batch's cache is one buffer per layer that forwards write into (no per-step copy: the
+    buffers are replaced only when they grow); rows that step alone now and then (what the engine
+    does after a failed batched step) leave their slot with their cache and rejoin with it, and
+    every request still decodes what it decodes alone."""
+    from diffmoe.generation import Engine
+    from diffmoe.generation.block_cache import _LayerView
+
+    appends = []
+    real_append = _LayerView.append_in_place
+    monkeypatch.setattr(
+        _LayerView, "append_in_place", lambda self, k, v: appends.append(1) or real_append(self, k, v)
+    )
+    model = tiny()
+    requests = _mixed_requests(12)
+    engine = Engine(model, max_batch_size=5, mask_id=MASK, eos_id=2)
+    rids = [engine.add_request(p, c) for p, c in requests]
+    outputs, buffers, steps = {}, [], 0
+    while len(outputs) < len(rids):
+        if steps % 4 == 3 and engine.active:
+            events, failed, _ = engine._isolate()
+            assert not failed
+        else:
+            events = engine.step()
+        steps += 1
+        for event in events:
+            if event.finished:
+                outputs[event.request_id] = event.output
+        keys = engine._blocks.cache.keys
+        if keys and not any(b is keys[0] for b in buffers):
+            buffers.append(keys[0])
+    for rid, (prompt, cfg) in zip(rids, requests):
+        assert outputs[rid].token_ids == _alone(model, prompt, cfg), (rid, cfg)
+    assert len(appends) > 3 * steps  # forwards attended to the buffer (3 layers each) ...
+    assert len(buffers) <= 6 < steps / 4, (len(buffers), steps)  # ... which was rarely replaced

@@ -15,19 +15,16 @@ A finished block never changes again, so streaming (``collect``) emits each bloc
 editing included. Decoding is per row: at temperature 0 a request decodes the same tokens alone, in
 any batch, and as ``generate_blocks`` does for it alone.
 
-Cache layout: per request, per layer one (k, v) of its finished positions, grown by one block when a
-block finishes. A step stacks the rows' caches into one padded batch; that stack is kept and reused
-while every row holds the same cache (every step inside a block), so the copy happens when a row
-finishes a block or the batch changes, not on every step. It is not a preallocated or paged cache:
-the model's attention still concatenates the stack with the fed positions' keys each forward.
+Cache: the batch's finished positions live in one preallocated buffer per layer (``block_cache``);
+each forward writes the fed positions' keys/values into it and attends to views, so no step copies
+the cache; a finished block's keys/values are stored once, when it is fed for the last time.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .autoregressive import PastStack
+from .block_cache import BlockKVCache
 from .block_diffusion import commit_block, sample_tokens
 from .sampler import block_logits, transfer_schedule
 from .sequence import Sequence
@@ -96,37 +93,20 @@ class BlockSequence(Sequence):
 
 
 class BlockStepper:
-    """Runs one denoising step for a batch of ``BlockSequence``s and keeps the stacked cache."""
+    """Runs one denoising step for a batch of ``BlockSequence``s over the batch's ``BlockKVCache``."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
-        self._past = PastStack()
-
-    @staticmethod
-    def _stack(group):
-        """(per layer (k, v) of all rows right-padded to the longest cache, or None; that width)."""
-        width = max(s.cached for s in group)
-        if width == 0:
-            return None, 0
-        ref = next(s.past for s in group if s.past is not None)
-        past = []
-        for layer in range(len(ref)):
-            kv = []
-            for i in (0, 1):
-                parts = []
-                for s in group:
-                    p = s.past[layer][i] if s.past is not None else ref[layer][i][:, :, :0]
-                    parts.append(F.pad(p, (0, 0, 0, width - p.shape[2])) if p.shape[2] != width else p)
-                kv.append(torch.cat(parts) if len(parts) > 1 else parts[0])
-            past.append(tuple(kv))
-        return past, width
+        self.cache = BlockKVCache()
 
     def step(self, group) -> int:
         """One step for every row of ``group``; returns the number of forwards (1)."""
+        group = self.cache.bind(group)  # rows in slot order from here on
         rows = len(group)
-        past, past_width = self._past.get(group, self._stack)
         spans = [s.fed_span() for s in group]
         width = max(e - b for b, e in spans)
+        past = self.cache.views(width)
+        past_width = 0 if past is None else past[0][0].shape[2]
         ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
             ids[r, : e - b] = s.x[b:e]
@@ -158,14 +138,8 @@ class BlockStepper:
             s.tokens_fed += spans[r][1] - b
             if s.pending is not None:  # keep the keys/values of the positions fed once
                 upto = s.block_span[0] - b
-                new = [(k[r : r + 1, :, :upto], v[r : r + 1, :, :upto]) for k, v in kv]
-                s.past = (
-                    new
-                    if s.past is None
-                    else [
-                        (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
-                        for (pk, pv), (k, v) in zip(s.past, new)
-                    ]
+                self.cache.store(
+                    r, s.cached, [(k[r : r + 1, :, :upto], v[r : r + 1, :, :upto]) for k, v in kv]
                 )
                 s.cached += upto
                 s.pending = None

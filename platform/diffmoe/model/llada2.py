@@ -30,6 +30,7 @@ from .modeling import (
     apply_rope,
     attend,
     run_backbone,
+    with_past,
 )
 from .published_io import PublishedLayoutIO
 from .router import Routing, route
@@ -63,9 +64,7 @@ class LLaDA2Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
         new_kv = (k, v)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)
-            v = torch.cat([past_kv[1], v], dim=2)
+        k, v = with_past(past_kv, k, v)
         out = attend(q, k, v, mask, cfg.attention_dropout if self.training else 0.0, nkv != nh)
         return self.dense(out.transpose(1, 2).reshape(b, n, -1)), new_kv
 

@@ -116,12 +116,21 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         new_kv = (k, v)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)
-            v = torch.cat([past_kv[1], v], dim=2)
+        k, v = with_past(past_kv, k, v)
         dropout = cfg.attention_dropout if self.training else 0.0
         out = attend(q, k, v, mask, dropout, cfg.num_key_value_heads != cfg.num_attention_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), new_kv
+
+
+def with_past(past_kv, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys/values to attend to: the cached ones, then this call's. A (k, v) pair is
+    concatenated (a copy); a cache with ``append_in_place`` (the serving engine's preallocated
+    block cache) writes this call's into its buffer and returns views, so nothing is copied."""
+    if past_kv is None:
+        return k, v
+    if hasattr(past_kv, "append_in_place"):
+        return past_kv.append_in_place(k, v)
+    return torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
 
 
 def attend(q, k, v, mask, dropout_p: float, gqa: bool) -> torch.Tensor:

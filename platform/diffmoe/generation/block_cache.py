@@ -1,0 +1,141 @@
+"""The Engine's key/value cache for block diffusion: one preallocated buffer per layer for the batch.
+
+Layout: per layer a key and a value buffer [slots, kv_heads, capacity, head_dim]. Slot r holds the
+r-th request of the batch; its finished positions sit at [0, cached_r). A forward feeds each row's
+positions at [W, W + fed) with W = the longest cache of the batch: the model writes them there
+(``append_in_place``) and attends to views of [0, W + fed), so no step copies the cache. Between a
+shorter row's cache end and W lies padding, masked by the engine. When a row's block is final, its
+keys/values move to [cached_r, cached_r + block), in place already for the longest row.
+
+Rows join at the end; a row that leaves frees its slot by moving the last row into it (one row copied,
+once). A row that leaves unfinished (stepped alone after a failed batch) takes a copy of its cache
+along (``Sequence.past``) and brings it back when it rejoins. Capacity grows geometrically, copying
+what is cached, so a long request costs a handful of copies over its lifetime rather than one per step.
+
+Why preallocated rather than paged: attention here is SDPA, which takes one dense [B, H, L, D] key
+tensor; pages would have to be gathered into such a tensor every forward, the very copy this avoids.
+A paged layout pays off with a paged attention kernel (FlashInfer, flash-attn's block tables on GPU),
+which this engine does not use yet. A model that computes remotely (the expert-parallel stand-in) gets
+the same views as plain tensors; its new keys/values come back through ``use_cache``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LayerView:
+    """One layer's cache for one forward: behaves as the (k, v) pair of the cached region (so code
+    that unpacks or reads shapes works unchanged) and appends this call's keys/values in place."""
+
+    def __init__(self, cache: BlockKVCache, layer: int, width: int):
+        self.cache, self.layer, self.width = cache, layer, width
+
+    def _buffers(self):
+        return self.cache.keys[self.layer], self.cache.values[self.layer]
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i not in (0, 1):
+            raise IndexError(i)
+        return self._buffers()[i][: self.cache.rows, :, : self.width]
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
+
+    def append_in_place(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the fed positions after the cached region; return views of cached + fed."""
+        kb, vb = self._buffers()
+        n, end = self.cache.rows, self.width + k.shape[2]
+        kb[:n, :, self.width : end] = k
+        vb[:n, :, self.width : end] = v
+        return kb[:n, :, :end], vb[:n, :, :end]
+
+
+class BlockKVCache:
+    """Slots of the batch's rows and their keys/values (see the module docstring)."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.slots: list = []  # the sequences, in slot order
+
+    @property
+    def rows(self) -> int:
+        return len(self.slots)
+
+    def bind(self, group) -> list:
+        """Make the slots hold exactly ``group``; return it in slot order (the order to feed rows)."""
+        present = {id(s) for s in group}
+        for s in [s for s in self.slots if id(s) not in present]:
+            self._leave(s)
+        held = {id(s) for s in self.slots}
+        for s in group:
+            if id(s) not in held:
+                self._join(s)
+        return list(self.slots)
+
+    def views(self, fed_width: int) -> list[_LayerView] | None:
+        """Per layer the cache as the model's ``past_key_values`` for a forward feeding
+        ``fed_width`` positions per row; None while nothing is cached (no buffers yet)."""
+        width = max((s.cached for s in self.slots), default=0)
+        if width == 0 or not self.keys:
+            return None
+        self._reserve(self.rows, width + fed_width)
+        return [_LayerView(self, i, width) for i in range(len(self.keys))]
+
+    def store(self, slot: int, start: int, new) -> None:
+        """Keep ``new`` (per layer (k, v) [1, kv_heads, n, head_dim], this row's newly final
+        positions) as positions [start, start + n) of ``slot``."""
+        if not self.keys:
+            self._allocate(new, max(len(self.slots), 1), start + new[0][0].shape[2])
+        self._reserve(self.rows, start + new[0][0].shape[2])
+        for (kb, vb), (k, v) in zip(zip(self.keys, self.values), new):
+            n = k.shape[2]
+            kb[slot, :, start : start + n] = k[0]
+            vb[slot, :, start : start + n] = v[0]
+
+    def _allocate(self, like, slots: int, length: int) -> None:
+        self.keys = [torch.zeros(_shape(k, slots, length), dtype=k.dtype, device=k.device) for k, _ in like]
+        self.values = [torch.zeros(_shape(v, slots, length), dtype=v.dtype, device=v.device) for _, v in like]
+
+    def _reserve(self, slots: int, length: int) -> None:
+        """Grow the buffers (geometrically, copying what is cached) to hold ``slots`` x ``length``."""
+        have_slots, have_len = self.keys[0].shape[0], self.keys[0].shape[2]
+        if slots <= have_slots and length <= have_len:
+            return
+        new_slots = max(slots, have_slots if slots <= have_slots else 2 * have_slots)
+        new_len = max(length, have_len if length <= have_len else have_len + have_len // 2)
+        keep = max((s.cached for s in self.slots), default=0)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                grown = old.new_zeros(_shape(old, new_slots, new_len))
+                grown[: old.shape[0], :, :keep] = old[:, :, :keep]
+                buffers[i] = grown
+
+    def _join(self, s) -> None:
+        self.slots.append(s)
+        if s.past is not None:  # rejoining with the cache it took along
+            self.store(len(self.slots) - 1, 0, s.past)
+            s.past = None
+
+    def _leave(self, s) -> None:
+        slot, last = self.slots.index(s), len(self.slots) - 1
+        if self.keys and s.finish_reason is None and s.cached:  # may rejoin: take the cache along
+            s.past = [
+                (k[slot : slot + 1, :, : s.cached].clone(), v[slot : slot + 1, :, : s.cached].clone())
+                for k, v in zip(self.keys, self.values)
+            ]
+        if slot != last and self.keys:
+            moved = self.slots[last].cached
+            for kb, vb in zip(self.keys, self.values):
+                kb[slot, :, :moved] = kb[last, :, :moved]
+                vb[slot, :, :moved] = vb[last, :, :moved]
+        self.slots[slot] = self.slots[last]
+        self.slots.pop()
+
+
+def _shape(t: torch.Tensor, slots: int, length: int) -> tuple[int, int, int, int]:
+    return slots, t.shape[1], length, t.shape[3]
