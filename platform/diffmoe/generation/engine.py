@@ -23,7 +23,6 @@ import asyncio
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 
 import torch
@@ -67,7 +66,7 @@ class Engine:
         self._window_past = PastStack()  # cached steps reuse the stacked caches inside a block
         self._blocks = BlockStepper(self.model, self.device) if self.family == "block_diffusion" else None
         self.active: dict[str, Sequence] = {}
-        self._pending: deque[Sequence] = deque()
+        self._pending: dict[str, Sequence] = {}  # queued, in arrival order
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -112,9 +111,9 @@ class Engine:
             device=self.device,
         )
         with self._lock:
-            if rid in self.active or any(s.id == rid for s in self._pending):
+            if rid in self.active or rid in self._pending:
                 raise ValueError(f"request_id {rid!r} is already in flight")
-            self._pending.append(seq)
+            self._pending[rid] = seq
         return rid
 
     def cancel(self, request_id: str) -> None:
@@ -132,13 +131,12 @@ class Engine:
         events = []
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
-            kept = deque(s for s in self._pending if s.id not in cancelled)
-            events += [s.finish("cancelled") for s in self._pending if s.id in cancelled]
-            self._pending = kept
+            for rid in cancelled & self._pending.keys():
+                events.append(self._pending.pop(rid).finish("cancelled"))
             for rid in cancelled & self.active.keys():
                 events.append(self.active.pop(rid).finish("cancelled"))
             while self._pending and len(self.active) < self.max_batch_size:
-                seq = self._pending.popleft()
+                seq = self._pending.pop(next(iter(self._pending)))
                 seq.admitted = time.perf_counter()
                 self.active[seq.id] = seq
             batch = list(self.active.values())
