@@ -230,6 +230,21 @@ def test_served_threshold_is_the_fastest_within_a_point_of_the_best():
     assert choose_threshold(sweep[2:])["threshold"] == 0.95  # equal speed: the safer threshold
 
 
+def test_cap_is_compared_at_equal_accuracy_each_model_at_its_fastest_threshold():
+    from diffmoe.bench.conversion import at_matched_accuracy
+
+    def pts(*rows):
+        return [{"threshold": t, "accuracy": a, "tokens_per_step": s} for t, a, s in rows]
+
+    plain = pts((0.5, 0.80, 4.0), (0.7, 0.89, 3.0), (0.9, 0.90, 2.0))
+    cap = pts((0.5, 0.86, 5.0), (0.7, 0.95, 3.3), (0.9, 0.96, 2.5))
+    m = at_matched_accuracy(plain, cap, served=0.9, tolerance=0.02)  # level 0.88
+    assert m["without_cap"]["threshold"] == 0.7 and m["with_cap"]["threshold"] == 0.7
+    assert m["ratio"] == pytest.approx(3.3 / 3.0)  # not 5.0 / 2.0: the 0.5 CAP point is below the level
+    worse = pts((0.5, 0.50, 6.0), (0.7, 0.80, 4.0), (0.9, 0.85, 3.0))
+    assert at_matched_accuracy(plain, worse, served=0.9, tolerance=0.02)["ratio"] is None
+
+
 def test_data_constrained_epochs_steps_and_crossing():
     from diffmoe.bench.data_constrained import DataConstrainedConfig, crossing_epoch, steps_for, summarise
 

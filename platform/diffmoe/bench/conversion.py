@@ -30,7 +30,16 @@ from diffmoe.config import StrictModel
 from diffmoe.tracking import MLflowSection
 
 from .config import CompareConfig, OutputSection, TaskSection
-from .quality import accuracy, convert_job, load_model, prepare_data, schedule_upto, train_config
+from .quality import (
+    accuracy,
+    convert_job,
+    load_model,
+    prepare_data,
+    schedule_upto,
+    sweep_point,
+    threshold_sweep,
+    train_config,
+)
 
 SIDES = ("ar", "converted", "mdlm", "block_scratch")
 
@@ -220,8 +229,44 @@ def run_cap_benchmark(cfg: CapBenchConfig, log=print) -> dict:
         points = cfg.conversion.ar_checkpoints
         curves["ar"], ar_dir = run_side(cfg, "ar", data, points, None, tokens_per_step, log)
     points = cfg.cap.checkpoints
-    curves["converted"], _ = run_side(cfg, "converted", data, points, ar_dir, tokens_per_step, log)
-    curves["converted_cap"], _ = run_side(
+    curves["converted"], plain_dir = run_side(cfg, "converted", data, points, ar_dir, tokens_per_step, log)
+    curves["converted_cap"], cap_dir = run_side(
         cfg, "converted_cap", data, points, ar_dir, tokens_per_step, log, cfg.cap.confidence_beta
     )
-    return {"curves": curves, "ar_model": ar_dir, "seconds": round(time.perf_counter() - start, 1)}
+    sweeps = {side: final_sweep(cfg, d) for side, d in (("converted", plain_dir), ("converted_cap", cap_dir))}
+    for side, sweep in sweeps.items():
+        log(f"{side}: threshold sweep {sweep}")
+    return {
+        "curves": curves,
+        "sweeps": sweeps,
+        "ar_model": ar_dir,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def final_sweep(cfg: CapBenchConfig, model_dir: str) -> list[dict]:
+    """The final model's accuracy and tokens per forward at each threshold of the sweep (the served
+    one included), decoded by the serving Engine in blocks of ``serving_block_length``."""
+    from diffmoe.data import load_tokenizer
+
+    thresholds = sorted({*cfg.decoding.threshold_sweep, cfg.decoding.threshold})
+    cfg = cfg.model_copy(update={"decoding": cfg.decoding.model_copy(update={"threshold_sweep": thresholds})})
+    tok, special = load_tokenizer(model_dir)
+    sweep = threshold_sweep(cfg, load_model(model_dir), tok, special, cfg.conversion.serving_block_length)
+    return [sweep_point(x) for x in sweep]
+
+
+def at_matched_accuracy(plain: list[dict], cap: list[dict], served: float, tolerance: float) -> dict:
+    """CAP's speed at equal quality: each model at its fastest threshold (most tokens per forward)
+    whose accuracy is at least the plain model's at the served threshold minus ``tolerance``. Both
+    pick from the same sweep, so a lower threshold helps neither more than the other. ``ratio`` is
+    None when no CAP setting gets there."""
+    level = next(x["accuracy"] for x in plain if x["threshold"] == served) - tolerance
+
+    def fastest(sweep):
+        ok = [x for x in sweep if x["accuracy"] >= level]
+        return max(ok, key=lambda x: (x["tokens_per_step"], x["threshold"])) if ok else None
+
+    without, with_cap = fastest(plain), fastest(cap)
+    ratio = None if with_cap is None else with_cap["tokens_per_step"] / without["tokens_per_step"]
+    return {"accuracy_level": round(level, 4), "without_cap": without, "with_cap": with_cap, "ratio": ratio}

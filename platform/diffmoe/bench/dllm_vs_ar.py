@@ -21,6 +21,8 @@ from .quality import (
     load_model,
     prepare_data,
     sides,
+    sweep_point,
+    threshold_sweep,
     train_side,
     validation_loss,
     validation_rows,
@@ -64,13 +66,10 @@ def quality(cfg: CompareConfig, trained: dict[str, dict], data_dir: Path, log=pr
         block = block_length_of(cfg, side)
         q = validation_loss(model, ids, response, cfg.decoding.val_draws, seed=cfg.train.seed)
         if side != "ar" and cfg.decoding.threshold_sweep:
-            sweep = [
-                {"threshold": t, **accuracy(_at_threshold(cfg, t), model, tok, special, block)}
-                for t in cfg.decoding.threshold_sweep
-            ]
+            sweep = threshold_sweep(cfg, model, tok, special, block)
             chosen = choose_threshold(sweep)
-            q.update(chosen, threshold_sweep=[_sweep_point(x) for x in sweep])
-            log(f"{side}: threshold sweep {[_sweep_point(x) for x in sweep]} -> {chosen['threshold']}")
+            q.update(chosen, threshold_sweep=[sweep_point(x) for x in sweep])
+            log(f"{side}: threshold sweep {[sweep_point(x) for x in sweep]} -> {chosen['threshold']}")
         else:
             q.update(accuracy(cfg, model, tok, special, block))
             q["threshold"] = None if side == "ar" else cfg.decoding.threshold
@@ -83,15 +82,6 @@ def quality(cfg: CompareConfig, trained: dict[str, dict], data_dir: Path, log=pr
             f"accuracy {q['accuracy']:.3f}, offline {q['offline_tokens_per_s']:.0f} tokens/s"
         )
     return out
-
-
-def _at_threshold(cfg: CompareConfig, threshold: float) -> CompareConfig:
-    return cfg.model_copy(update={"decoding": cfg.decoding.model_copy(update={"threshold": threshold})})
-
-
-def _sweep_point(x: dict) -> dict:
-    keys = ("threshold", "accuracy", "forwards_per_token", "tokens_per_step", "offline_tokens_per_s")
-    return {k: round(x[k], 4) for k in keys}
 
 
 def choose_threshold(sweep: list[dict]) -> dict:

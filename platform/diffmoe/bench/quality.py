@@ -353,3 +353,20 @@ def accuracy(
         tokens_per_step=sum(len(o.token_ids) + 1 for o in outs) / max(sum(o.steps for o in outs), 1),
     )
     return result
+
+
+def threshold_sweep(cfg: CompareConfig, model, tokenizer, special, block_length: int | None = None) -> list:
+    """``accuracy`` at each of ``decoding.threshold_sweep`` (a diffusion model's speed/quality curve)."""
+    return [
+        {"threshold": t, **accuracy(_at_threshold(cfg, t), model, tokenizer, special, block_length)}
+        for t in cfg.decoding.threshold_sweep
+    ]
+
+
+def sweep_point(x: dict) -> dict:
+    keys = ("threshold", "accuracy", "forwards_per_token", "tokens_per_step", "offline_tokens_per_s")
+    return {k: round(x[k], 4) for k in keys}
+
+
+def _at_threshold(cfg: CompareConfig, threshold: float) -> CompareConfig:
+    return cfg.model_copy(update={"decoding": cfg.decoding.model_copy(update={"threshold": threshold})})
