@@ -109,6 +109,13 @@ def test_mask_parts_and_documents():
     assert not torch.allclose(a[0, :6], b[0, :6], atol=1e-5)
     with pytest.raises(ValueError, match="t_min"):
         block_diffusion_loss(model, x, mask_id=MASK, objective=BlockObjectiveConfig(t_min=0.9, t_max=0.2))
+    # without documents every micro-batch shares one mask (built once); with them each gets its own
+    from diffmoe.diffusion.blocks import _two_half_mask
+
+    one, two = (_two_half_mask(12, 4, None, "cpu", "dense", 3) for _ in range(2))
+    assert one.data_ptr() == two.data_ptr() and one.shape == (3, 1, 24, 24)
+    assert torch.equal(one[0, 0], block_diffusion_mask(12, 4)[0, 0])
+    assert _two_half_mask(12, 4, docs, "cpu", "dense", 1).data_ptr() != one.data_ptr()
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

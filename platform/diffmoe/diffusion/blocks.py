@@ -19,6 +19,7 @@ those predictions so that more of them clear a decoding threshold (more tokens p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,9 +95,21 @@ def use_flex(attention: str, device) -> bool:
 
 
 def _two_half_mask(length, block_length, document_ids, device, attention: str, batch: int):
-    if use_flex(attention, device):
-        return block_diffusion_block_mask(length, block_length, document_ids, device)
-    return block_diffusion_mask(length, block_length, document_ids, device).expand(batch, -1, -1, -1)
+    flex = use_flex(attention, device)
+    if document_ids is None:  # the same mask every micro-batch: built once
+        mask = _mask_without_documents(length, block_length, str(torch.device(device)), flex)
+    elif flex:
+        mask = block_diffusion_block_mask(length, block_length, document_ids, device)
+    else:
+        mask = block_diffusion_mask(length, block_length, document_ids, device)
+    return mask if flex else mask.expand(batch, -1, -1, -1)
+
+
+@functools.lru_cache(maxsize=16)
+def _mask_without_documents(length: int, block_length: int, device: str, flex: bool):
+    """Shared, never written to: SDPA and flex attention only read their masks."""
+    build = block_diffusion_block_mask if flex else block_diffusion_mask
+    return build(length, block_length, None, device)
 
 
 @dataclass
