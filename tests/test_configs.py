@@ -68,6 +68,8 @@ def test_config_errors_name_the_key():
         load(TrainJobConfig, None, ["optim.lr"])
     with pytest.raises(ConfigError, match="config file not found"):
         load(TrainJobConfig, "no/such.yaml")
+    with pytest.raises(ConfigError, match="train.check.every needs deepspeed.ep_size 1"):
+        load(TrainJobConfig, None, ["train.check.every=10", "deepspeed.ep_size=2", "scaling.num_workers=2"])
 
 
 def test_elastic_ep_size_picks_a_divisor_of_world_and_experts():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from diffmoe.bench import CompareConfig
-from diffmoe.bench.quality import check_points, train_config
+from diffmoe.bench.quality import train_config
 from diffmoe.config import ConfigError, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def tiny_settings(tmp_path: Path) -> list[str]:
         "train.micro_batch_size=8",
         "train.warmup_steps=1",
         "train.val_batches=1",
-        "train.check_every=30",  # two segments per twin, each scored on the check prompts
+        "train.check_every=30",  # two checks per twin inside its run (30 and the budget, 60)
         "train.check_prompts=4",
         "decoding.val_draws=1",
         f"load.concurrency={LEVELS}",
@@ -75,15 +75,19 @@ def test_config_and_job_help():
         load(CompareConfig, None, ["block.block_length=7"])
     with pytest.raises(ValueError, match="trained AR twin"):
         train_config(cfg, "block", Path("data"))
-    # Train until the target: segments end at the checks, on the learning rates of the whole budget.
-    assert check_points(cfg, "ar") == list(range(250, 3001, 250)) and check_points(cfg, "block")[-1] == 1500
-    seg = train_config(cfg, "dllm", Path("data"), stop_at=500)
-    assert seg.train.max_steps == 500 and seg.optim.schedule_steps == cfg.train.steps
-    seg = train_config(cfg, "block", Path("data"), init_from="models/ar", stop_at=40)
-    assert seg.train.objective.block_schedule == [(25, 1), (15, 4)]  # a prefix of the whole ladder
-    odd = load(CompareConfig, None, ["train.steps=1000", "train.check_every=300", "block.steps=200"])
-    assert check_points(odd, "dllm") == [300, 600, 900, 1000] and check_points(odd, "block") == [200]
-    assert check_points(load(CompareConfig, None, ["train.check_every=0"]), "ar") == [3000]
+    # Train until the target: each run checks itself on the check prompts (their own seed) and ends
+    # at the target; the block side decodes its checks in its serving blocks.
+    c = dllm.train.check
+    assert (c.every, c.prompts, c.seed, c.target) == (
+        250,
+        128,
+        cfg.task.eval_seed + 1,
+        cfg.task.target_accuracy,
+    )
+    assert dllm.train.max_steps == cfg.train.steps and c.block_length is None
+    assert block.train.check.block_length == cfg.block.block_length
+    off = load(CompareConfig, None, ["train.check_every=0"])
+    assert train_config(off, "ar", Path("data")).train.check.every == 0
     out = subprocess.run(
         [sys.executable, str(ROOT / "jobs/benchmark.py"), "--help"],
         capture_output=True,
@@ -200,6 +204,9 @@ def test_whole_comparison_smallest_settings(ray_cluster, tmp_path):
         "train-ar",
         "train-block",
     } <= names
+    for side, steps in (("dllm", [30, 60]), ("ar", [30, 60]), ("block", [20])):  # the runs' own checks
+        hist = client.get_metric_history(result["sides"][side]["train"]["run_id"], "check/accuracy")
+        assert sorted(m.step for m in hist) == steps
     for side, rid in result["mlflow_run_ids"].items():
         run = client.get_run(rid)
         assert run.data.params["side"] == side

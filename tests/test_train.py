@@ -203,7 +203,9 @@ def test_killed_worker_process_restarts_from_checkpoint(ray_cluster, tiny_corpus
     _assert_exactly_once(trained, tiny_corpus, cfg.train.seed)
 
 
-def test_finetune_from_pretrained_directory_scores_only_responses(ep2_run, tiny_sft, workdir):
+def test_finetune_from_pretrained_directory_scores_only_responses_and_stops_at_quality(
+    ep2_run, tiny_sft, workdir
+):
     import pyarrow.parquet as pq
 
     from diffmoe.train.loop import ObjectiveModule
@@ -214,14 +216,24 @@ def test_finetune_from_pretrained_directory_scores_only_responses(ep2_run, tiny_
         tiny_sft,
         "sft",
         model={"init_from": pre.model_dir},
-        train={"kind": "sft", "max_steps": 6, "checkpoint_every": 6, "val_every": 6},
+        train={
+            "kind": "sft",
+            "max_steps": 6,
+            "checkpoint_every": 6,
+            "val_every": 6,
+            # the run checks itself on a task every 2 steps; target 0 ends it at the first check
+            "check": {"every": 2, "task": "reverse", "prompts": 3, "seq_len": 64, "target": 0.0},
+        },
         run={"register_as": "tiny-chat", "register_alias": "candidate"},
     )
     result = run_training(cfg)
-    assert result.final_step == 6
+    assert result.final_step == 2 and result.metrics["stopped_at_quality"] is True
+    ((step, accuracy),) = result.metrics["checks"]
+    assert step == 2 and 0 <= accuracy <= 1
     client = MlflowClient(cfg.mlflow.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.tags["kind"] == "sft" and "val/loss" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(result.run_id, "check/accuracy")] == [2]
     # registered in the Model Registry, linked to the run; the alias resolves to the exported model
     version = client.get_model_version_by_alias("tiny-chat", "candidate")
     assert version.run_id == result.run_id and result.registered == f"models:/tiny-chat/{version.version}"

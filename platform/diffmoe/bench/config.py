@@ -48,10 +48,10 @@ class TrainSection(StrictModel):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
     val_batches: int = Field(4, ge=1)  # the training loop's own val/loss (logged to MLflow)
-    # Train until the target: every check_every steps a side's run pauses, its exported model decodes
-    # check_prompts held-out prompts (a seed apart from the reported ones), and it stops once that
-    # exact match reaches task.target_accuracy; ``steps`` (block.steps) is then the budget, and the
-    # lr schedule spans it. 0 = train every side its full budget, no checks.
+    # Train until the target: every check_every steps a side's training run decodes check_prompts
+    # held-out prompts (a seed apart from the reported ones) and ends once that exact match reaches
+    # task.target_accuracy (the job's train.check); ``steps`` (block.steps) is then the budget, and
+    # the lr schedule spans it. 0 = train every side its full budget, no checks.
     check_every: int = Field(250, ge=0)
     check_prompts: int = Field(128, ge=1)
 

@@ -90,7 +90,8 @@ def side_job(
 
     c = cfg.conversion
     job = train_config(cfg, "ar" if side == "ar" else "dllm", data_dir).model_dump()
-    job["optim"].update(schedule="constant", schedule_steps=None)
+    job["optim"].update(schedule="constant")
+    job["train"]["check"]["every"] = 0  # curves at fixed steps: no stopping at the target
     job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
     job["mlflow"]["run_name"] = job["run"]["name"] = f"conversion-{side}"
     job["run"]["output_dir"] = str(Path(job["run"]["output_dir"]).with_name(side))

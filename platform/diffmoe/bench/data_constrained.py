@@ -100,7 +100,8 @@ def segment_job(cfg: DataConstrainedConfig, side: str, data_dir: Path, steps: in
     job = train_config(cfg, side, data_dir).model_dump()
     if cfg.data_constrained.corpus == "text":
         job["train"]["kind"] = "pretrain"
-    job["optim"].update(schedule="constant", schedule_steps=None)
+    job["optim"].update(schedule="constant")
+    job["train"]["check"]["every"] = 0  # curves at fixed steps: no stopping at the target
     job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
     job["mlflow"]["run_name"] = job["run"]["name"] = f"data-constrained-{side}"
     return TrainJobConfig.model_validate(job)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from diffmoe.config import model_family
-from diffmoe.generation import DecodingConfig, Engine
-from diffmoe.generation.tasks import TASKS, make_examples, score, write_char_tokenizer, write_jsonl
+from diffmoe.generation import DecodingConfig, task_check
+from diffmoe.generation.tasks import make_examples, write_char_tokenizer, write_jsonl
 from diffmoe.rng import device_generator
 
 from .config import CompareConfig
@@ -53,10 +53,7 @@ class Prepared:
 
 
 def make_task(cfg: CompareConfig):
-    t = cfg.task
-    if t.name in ("reverse", "sort"):
-        return TASKS[t.name](min_digits=t.min_digits, max_digits=t.max_digits)
-    return TASKS["addition"](max_digits=t.max_digits)
+    return task_check.make_task(cfg.task.name, cfg.task.min_digits, cfg.task.max_digits)
 
 
 def prepare_data(cfg: CompareConfig, log=print) -> Prepared:
@@ -86,19 +83,16 @@ def budget_of(cfg: CompareConfig, side: str) -> int:
     return cfg.block.steps if side == "block" else cfg.train.steps
 
 
-def train_config(
-    cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None, stop_at: int | None = None
-):
+def train_config(cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None):
     """The training job's config for one side: identical except ``causal`` for the AR twin; the
-    ``block`` side converts ``init_from`` (the trained AR twin) with its own steps and lr.
-    ``stop_at``: end this segment of the run there, on the learning rates (and block ladder) of
-    the whole budget, so segments resumed one after another train exactly like one full run."""
+    ``block`` side converts ``init_from`` (the trained AR twin) with its own steps and lr. With
+    ``train.check_every`` the run checks its exact match on the check prompts that often and ends
+    once it reaches ``task.target_accuracy`` (``train.check``, measured inside the run)."""
     from diffmoe.train.config import TrainJobConfig
 
     work = Path(cfg.output.work_dir).resolve()
     t = cfg.train
-    budget = budget_of(cfg, side)
-    steps = stop_at or budget
+    steps = budget_of(cfg, side)
     overrides = {**cfg.model.overrides, **({"causal": True} if side == "ar" else {})}
     job = {
         "model": {"name": cfg.model.name, "overrides": overrides},
@@ -107,7 +101,6 @@ def train_config(
             "lr": t.lr,
             "warmup_steps": t.warmup_steps,
             "schedule": "cosine",
-            "schedule_steps": budget,
             "weight_decay": 0.01,
         },
         "train": {
@@ -115,10 +108,24 @@ def train_config(
             "max_steps": steps,
             "micro_batch_size": t.micro_batch_size,
             "seed": t.seed,
-            "log_every": max(1, budget // 20),
+            "log_every": max(1, steps // 20),
             "val_every": steps,
             "val_batches": t.val_batches,
             "checkpoint_every": steps,
+            "check": {
+                "every": t.check_every,
+                "task": cfg.task.name,
+                "min_digits": cfg.task.min_digits,
+                "max_digits": cfg.task.max_digits,
+                "prompts": t.check_prompts,
+                "seed": check_seed(cfg),
+                "seq_len": cfg.task.seq_len,
+                "target": cfg.task.target_accuracy,
+                "threshold": cfg.decoding.threshold,
+                "cache": cfg.decoding.cache,
+                "block_length": block_length_of(cfg, side),
+                "max_batch_size": cfg.load.max_batch_size,
+            },
         },
         "scaling": {"num_workers": t.num_workers, "cpus_per_worker": t.cpus_per_worker, "max_failures": 0},
         "mlflow": {
@@ -166,42 +173,24 @@ def schedule_upto(ladder, steps: int, final: int) -> list[tuple[int, int]]:
     return out
 
 
-def check_points(cfg: CompareConfig, side: str) -> list[int]:
-    """The steps at which a side's run pauses for its accuracy check (the last is its budget)."""
-    budget, every = budget_of(cfg, side), cfg.train.check_every
-    return [*range(every, budget, every), budget] if every else [budget]
-
-
 def train_side(
     cfg: CompareConfig, side: str, data_dir: Path, init_from: str | None = None, log=print
 ) -> dict:
     """Train one side with the platform's training job (a fresh run, never a resume of an older
     one) until it reaches ``task.target_accuracy`` on the check prompts or its budget, whichever
-    comes first: the run pauses every ``train.check_every`` steps, the exported model is scored,
-    and the next segment resumes the same run. Seconds and machine CPU-seconds count the training
-    jobs (each segment's start-up included, the checks not); ``step_seconds`` the steps alone."""
-    from diffmoe.data import load_tokenizer
+    comes first (``train.check_every``: the run's own check). Seconds and machine CPU-seconds count
+    the training job (start-up and checks included); ``step_seconds`` the steps alone."""
     from diffmoe.train.trainer import run_training
 
-    first = train_config(cfg, side, data_dir, init_from)
-    shutil.rmtree(Path(first.run.storage_path) / first.run.name, ignore_errors=True)
-    seconds = cpu_seconds = step_seconds = 0.0
-    checks, reached = [], None
-    for stop_at in check_points(cfg, side):
-        start, busy = time.perf_counter(), machine_busy_s()
-        result = run_training(train_config(cfg, side, data_dir, init_from, stop_at))
-        seconds += time.perf_counter() - start
-        cpu_seconds += machine_busy_s() - busy
-        step_seconds += float(result.metrics.get("step_seconds", 0.0))
-        if not cfg.train.check_every:
-            break
-        model = load_model(result.model_dir)
-        acc = accuracy(cfg, model, *load_tokenizer(result.model_dir), block_length_of(cfg, side), check=True)
-        checks.append({"steps": stop_at, "train_seconds": round(seconds, 1), "accuracy": acc["accuracy"]})
-        log(f"{side}: {stop_at} steps, check accuracy {acc['accuracy']:.3f}")
-        if acc["accuracy"] >= cfg.task.target_accuracy:
-            reached = stop_at
-            break
+    job = train_config(cfg, side, data_dir, init_from)
+    shutil.rmtree(Path(job.run.storage_path) / job.run.name, ignore_errors=True)
+    start, busy = time.perf_counter(), machine_busy_s()
+    result = run_training(job)
+    seconds, cpu_seconds = time.perf_counter() - start, machine_busy_s() - busy
+    checks = [{"steps": s, "accuracy": a} for s, a in result.metrics.get("checks", [])]
+    for c in checks:
+        log(f"{side}: {c['steps']} steps, check accuracy {c['accuracy']:.3f}")
+    reached = next((c["steps"] for c in checks if c["accuracy"] >= cfg.task.target_accuracy), None)
     return {
         "run_id": result.run_id,
         "model_dir": result.model_dir,
@@ -210,7 +199,7 @@ def train_side(
         "reached_target_at_step": reached,  # None: no check reached it (or checks are off)
         "checks": checks,
         "train_seconds": round(seconds, 1),
-        "step_seconds": round(step_seconds, 1),  # the optimizer steps alone (no start-ups or checks)
+        "step_seconds": round(float(result.metrics.get("step_seconds", 0.0)), 1),  # optimizer steps alone
         "machine_cpu_seconds": round(cpu_seconds, 1),
         "tokens": t_tokens(cfg, result.final_step),
         **({"converted_from": init_from} if side == "block" else {}),
@@ -283,19 +272,15 @@ def eval_prompts(cfg: CompareConfig, tokenizer, n: int | None = None, check: boo
     ``check``: the training-time check set (``train.check_prompts``, another seed), so that when
     to stop is never chosen on the prompts the report scores."""
     if check:
-        n, seed = cfg.train.check_prompts, cfg.task.eval_seed + 1
+        n, seed = cfg.train.check_prompts, check_seed(cfg)
     else:
         n, seed = n or cfg.task.eval_examples, cfg.task.eval_seed
     examples = make_examples(make_task(cfg), n, seed=seed)
-    ids = [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=True
-            )["input_ids"]
-        )
-        for ex in examples
-    ]
-    return examples, ids
+    return examples, task_check.chat_prompts(tokenizer, examples)
+
+
+def check_seed(cfg: CompareConfig) -> int:
+    return cfg.task.eval_seed + 1
 
 
 def decoding_for(
@@ -304,17 +289,15 @@ def decoding_for(
     """Both sides: the answer canvas is the rest of a training row (the SFT layout), one block.
     The diffusion side uses threshold decoding; the AR side ignores the diffusion settings. A
     block-diffusion model decodes in blocks of ``block_length`` (canvas rounded up to whole blocks)."""
-    gen = cfg.task.seq_len - prompt_len
-    if block_length:
-        gen = -(-gen // block_length) * block_length
-    return DecodingConfig(
-        gen_length=gen,
-        block_length=block_length or gen,
-        threshold=cfg.decoding.threshold,
-        cache=cfg.decoding.cache,
-        temperature=cfg.decoding.temperature,
-        stop_token_ids=stop_ids,
-        seed=0,
+    d = cfg.decoding
+    return task_check.answer_decoding(
+        cfg.task.seq_len,
+        prompt_len,
+        stop_ids,
+        threshold=d.threshold,
+        cache=d.cache,
+        temperature=d.temperature,
+        block_length=block_length,
     )
 
 
@@ -331,28 +314,10 @@ def accuracy(
     (``block_length``: a block-diffusion model's decoding block; ``check``: the check prompts)."""
     examples, prompts = eval_prompts(cfg, tokenizer, check=check)
     stops = stop_ids(tokenizer)
-    engine = Engine(
-        model,
-        tokenizer,
-        max_batch_size=cfg.load.max_batch_size,
-        mask_id=special.mask_id,
-        eos_id=special.eos_id,
-    )
     configs = [decoding_for(cfg, len(p), stops, block_length) for p in prompts]
-    start = time.perf_counter()
-    outs = engine.run(prompts, configs)
-    seconds = time.perf_counter() - start
-    result = score(examples, [o.text for o in outs])
-    tokens = sum(len(o.token_ids) for o in outs)
-    result.update(
-        answer_tokens=tokens,
-        offline_seconds=round(seconds, 3),
-        offline_tokens_per_s=tokens / seconds,
-        forwards_per_token=engine.forwards / max(tokens, 1),
-        # per request: answer tokens (EOS included) per forward it took part in (parallel decoding)
-        tokens_per_step=sum(len(o.token_ids) + 1 for o in outs) / max(sum(o.steps for o in outs), 1),
+    return task_check.engine_accuracy(
+        model, tokenizer, special, examples, prompts, configs, cfg.load.max_batch_size
     )
-    return result
 
 
 def threshold_sweep(cfg: CompareConfig, model, tokenizer, special, block_length: int | None = None) -> list:

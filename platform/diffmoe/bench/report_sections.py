@@ -48,10 +48,9 @@ def training_cost_table(result: dict) -> list[str]:
         "## Cost to reach quality",
         "",
         how + "Own tokens: the side's own run; the block side starts from the AR twin, so its totals add the "
-        "AR side's. `train s` is the training jobs' wall time (each segment's Ray Train start-up, "
-        "restore and export included, checks excluded); `steps s` the optimizer steps alone, what the "
-        "same steps cost in one uninterrupted run; machine CPU-s is all busy CPU time on the machine "
-        "during the jobs.",
+        "AR side's. `train s` is the training job's wall time (Ray Train start-up, the checks, which run "
+        "inside the job, and export included); `steps s` the optimizer steps alone; machine CPU-s is all "
+        "busy CPU time on the machine during the job.",
         "",
         "| side | budget steps | reached target at step | own tokens | total tokens | total train s "
         "| of which steps s | total machine CPU-s | check accuracy by step |",

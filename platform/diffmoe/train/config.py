@@ -52,6 +52,26 @@ class OptimSection(StrictModel):
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
 
 
+class CheckSection(StrictModel):
+    """Stop at quality: every ``every`` steps the model decodes held-out prompts of a checkable task
+    (diffmoe.generation.tasks) with the serving Engine (metric check/accuracy), and the run ends,
+    checkpointed and exported as at its last step, once exact match reaches ``target``. The prompts
+    come from their own seed, so a report scoring other prompts never chose when to stop."""
+
+    every: int = Field(0, ge=0)  # 0: off (train the whole max_steps)
+    task: Literal["reverse", "sort", "addition"] = "sort"  # diffmoe.generation.tasks
+    min_digits: int = Field(4, ge=1)  # reverse and sort
+    max_digits: int = Field(12, ge=1)
+    prompts: int = Field(128, ge=1)  # shared out over the workers; the counts are summed
+    seed: int = 12346  # of the check prompts: keep it apart from any prompts a report scores
+    seq_len: int = Field(48, ge=8)  # prompt + answer canvas: the dataset's row length
+    target: float = Field(0.97, ge=0, le=1)  # exact match to stop at (0: at the first check)
+    threshold: float = Field(0.9, gt=0, le=1)  # diffusion decoding (an AR model decodes greedily)
+    cache: Literal["none", "prefix", "dual"] = "prefix"  # the decoding KV cache
+    block_length: int | None = Field(None, ge=1)  # block diffusion: the decoding block
+    max_batch_size: int = Field(32, ge=1)  # rows decoded together by the Engine
+
+
 class TrainSection(StrictModel):
     kind: Literal["pretrain", "sft"] = "pretrain"
     max_steps: int = Field(100, ge=1)  # optimizer steps
@@ -69,6 +89,7 @@ class TrainSection(StrictModel):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = Field(100, ge=0)  # skip: fail once more micro-batches were dropped
     objective: ObjectiveConfig = ObjectiveConfig()
+    check: CheckSection = CheckSection()
     # A directory: each worker appends one JSON line per micro-batch (optimizer step, the step the
     # run resumed from, global sample indices) to rank<N>.jsonl. For audits of the data order.
     sample_log: str | None = None
@@ -168,6 +189,11 @@ class TrainJobConfig(StrictModel):
         ep = self.deepspeed.ep_size
         if isinstance(s.num_workers, int) and s.num_workers % ep:
             raise ValueError(f"deepspeed.ep_size={ep} does not divide scaling.num_workers={s.num_workers}")
+        if self.train.check.every and ep > 1:
+            raise ValueError(
+                f"train.check.every needs deepspeed.ep_size 1 (got {ep}): the check decodes each "
+                "worker's share of the prompts on its own, outside the expert-parallel all-to-all"
+            )
         if self.model.convert_to and not self.model.init_from:
             raise ValueError("model.convert_to needs model.init_from: the causal (AR) checkpoint to convert")
         schedule = self.train.objective.block_schedule

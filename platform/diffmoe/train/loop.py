@@ -46,6 +46,7 @@ from .checkpointing import (
 from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
 from .metrics import MetricsLogger, expert_load_metrics, progress_line
 from .nonfinite import NonFiniteLossError, handle_nonfinite, loss_is_finite
+from .quality_check import QualityCheck
 from .sample_order import SampleOrder, ShardReader, TrainStream, record_samples, resume_position
 from .schedule import lr_lambda
 
@@ -237,12 +238,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val = validate(engine, val_shard, cfg, device)
         if val is not None:
             logger.log({"val/loss": val}, step)
+    tok_dir = Path(cfg.data.path) / "tokenizer"
+    check = QualityCheck(cfg.train.check, tok_dir, rank, world) if cfg.train.check.every else None
+    checks = state.get("checks", [])  # [step, accuracy] of every quality check so far
     tokens, busy, waited = 0, 0.0, 0.0
     step_seconds = 0.0  # this run's optimizer steps alone: no start-up, validation, checkpoints
     started, start_step, last_progress = time.perf_counter(), step, time.perf_counter()
     last_loss, last_rate = None, None
     nonfinite = state.get("nonfinite_skipped", 0)  # micro-batches dropped for a NaN/inf loss
-    while step < cfg.train.max_steps:
+    last = step >= cfg.train.max_steps
+    while not last:
         t0 = time.perf_counter()
         for batch, epoch, consumed, indices in stream:  # endless: epoch after epoch
             waited += time.perf_counter() - t0
@@ -284,7 +289,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += 1
             if cfg.train.objective.balance == "expert_bias":
                 update_expert_bias(model, cfg.train.objective.bias_update_rate)
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            last, loads = step == cfg.train.max_steps, None
+            if check is not None and check.due(step, cfg.train.max_steps):
+                loads = expert_load_metrics(model)  # this step's routing, before the check's decoding
+                acc = check.accuracy(model, device)
+                checks.append([step, acc])
+                logger.log({"check/accuracy": acc}, step)
+                last = last or acc >= cfg.train.check.target  # at quality: the run's last step
+            if step % cfg.train.log_every == 0 or last:
                 metrics = {
                     "train/loss": _mean_across_ranks(terms.diffusion.item(), device),
                     "train/masked_ce": _mean_across_ranks(terms.masked_ce.item(), device),
@@ -303,23 +315,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
-                metrics.update(expert_load_metrics(model))
+                metrics.update(loads if loads is not None else expert_load_metrics(model))
                 logger.log(metrics, step)
                 last_loss, last_rate = metrics["train/loss"], metrics["train/tokens_per_s"]
             now = time.perf_counter()
-            if rank == 0 and (
-                now - last_progress >= cfg.train.progress_every_s or step == cfg.train.max_steps
-            ):
+            if rank == 0 and (now - last_progress >= cfg.train.progress_every_s or last):
                 line = progress_line(
                     step, cfg.train.max_steps, start_step, now - started, last_loss, last_rate
                 )
                 print(line, flush=True)
                 last_progress = now
-            if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
+            if step % cfg.train.val_every == 0 or last:
                 val = validate(engine, val_shard, cfg, device)
                 if val is not None:
                     logger.log({"val/loss": val}, step)
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            if step % cfg.train.checkpoint_every == 0 or last:
                 state = {
                     "step": step,
                     "epoch": epoch,
@@ -329,6 +339,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "resumed_from_step": resumed_from,
                     "ep_size": ep_size,
                     "nonfinite_skipped": nonfinite,
+                    "checks": checks,
                 }
                 report(
                     engine,
@@ -340,10 +351,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "resumed_from_step": resumed_from,
                         "epoch": epoch,
                         "step_seconds": round(step_seconds, 3),
+                        "checks": checks,
+                        "stopped_at_quality": last and step < cfg.train.max_steps,
                     },
-                    step == cfg.train.max_steps,
+                    last,
                 )
-            if step >= cfg.train.max_steps:
+            if last:
                 break
             t0 = time.perf_counter()
     logger.close()
