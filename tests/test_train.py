@@ -213,7 +213,7 @@ def test_finetune_from_pretrained_directory_scores_only_responses_and_stops_at_q
     _, pre = ep2_run
     cfg = _config(
         workdir,
-        tiny_sft,
+        Path(os.path.relpath(tiny_sft)),  # relative to the driver's directory, not the workers'
         "sft",
         model={"init_from": pre.model_dir},
         train={

@@ -238,7 +238,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val = validate(engine, val_shard, cfg, device)
         if val is not None:
             logger.log({"val/loss": val}, step)
-    tok_dir = Path(cfg.data.path) / "tokenizer"
+    tok_dir = Path(loop_config["tokenizer_dir"])  # absolute: a worker's cwd is not the driver's
     check = QualityCheck(cfg.train.check, tok_dir, rank, world) if cfg.train.check.every else None
     checks = state.get("checks", [])  # [step, accuracy] of every quality check so far
     tokens, busy, waited = 0, 0.0, 0.0

@@ -271,6 +271,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
                     os.path.abspath(p) for p in shard_paths(cfg.data.path, manifest, cfg.data.train_split)
                 ],
                 "train_shard_rows": [s.rows for s in manifest.splits[cfg.data.train_split].shards],
+                "tokenizer_dir": os.path.abspath(Path(cfg.data.path) / "tokenizer"),  # for train.check
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
