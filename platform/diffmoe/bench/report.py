@@ -188,7 +188,7 @@ def markdown(result: dict, command: str, info: dict, plots: list[str], date: str
         "",
         *_headline_lines(h),
         "",
-        *_reading(h, q, cfg),
+        *_reading(h, result),
         "",
         "## Quality",
         "",
@@ -273,13 +273,14 @@ def _headline_lines(h: dict) -> list[str]:
     ]
 
 
-def _reading(h: dict, q: dict, cfg: dict) -> list[str]:
+def _reading(h: dict, result: dict) -> list[str]:
     """Plain statements the numbers support (computed, so they cannot drift from the tables)."""
     out = []
     if abs(h["accuracy_gap_points"]) > 1:
+        steps = {s: result["sides"][s]["train"]["steps"] for s in ("dllm", "ar")}
         out.append(
-            f"Accuracy gap {h['accuracy_gap_points']:+.1f} points (dLLM - AR) after {cfg['train']['steps']} "
-            "steps each."
+            f"Accuracy gap {h['accuracy_gap_points']:+.1f} points (dLLM - AR), after {steps['dllm']} and "
+            f"{steps['ar']} training steps."
         )
     return out
 
