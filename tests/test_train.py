@@ -263,6 +263,9 @@ def test_bad_configs_fail_before_claiming_resources(tiny_corpus, tmp_path):
         run_training(_config(tmp_path, tmp_path / "missing", "x"))
     with pytest.raises(TrainConfigError, match="train.kind='sft'"):
         run_training(_config(tmp_path, tiny_corpus, "x", train={"kind": "sft"}))
+    short = {"every": 5, "task": "reverse", "seq_len": 8}  # the chat prompt alone is longer
+    with pytest.raises(TrainConfigError, match="train.check.seq_len=8 leaves no answer canvas"):
+        run_training(_config(tmp_path, tiny_corpus, "x", train={"check": short}))
     other = LLaDAMoEModelLM.from_pretrained  # a model whose tokenizer ids differ from the data's
     from diffmoe.model import named_config
 

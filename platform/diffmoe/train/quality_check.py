@@ -29,6 +29,12 @@ class QualityCheck:
         task = task_check.make_task(section.task, section.min_digits, section.max_digits)
         self.examples = make_examples(task, section.prompts, section.seed)[rank::world]
         self.prompts = task_check.chat_prompts(self.tokenizer, self.examples)
+        longest = max(map(len, self.prompts), default=0)
+        if longest >= section.seq_len:
+            raise ValueError(
+                f"train.check.seq_len={section.seq_len} leaves no answer canvas after a prompt of "
+                f"{longest} tokens (seq_len is prompt + answer: the dataset's row length)"
+            )
         stops = end_of_turn_ids(self.tokenizer)
         self.configs = [
             task_check.answer_decoding(

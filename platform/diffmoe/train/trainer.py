@@ -153,7 +153,27 @@ def preflight(cfg: TrainJobConfig) -> tuple[ModelConfig, Manifest]:
             f"data seq_len {manifest.seq_len} exceeds the model's max_position_embeddings "
             f"{model_config.max_position_embeddings}"
         )
+    if cfg.train.check.every:
+        check_quality_check(cfg, model_config)
     return model_config, manifest
+
+
+def check_quality_check(cfg: TrainJobConfig, model_config: ModelConfig) -> None:
+    """``train.check`` built once on the driver (tokenizer, prompts, canvases), so what would fail
+    on the workers at the first check fails here, before resources are claimed."""
+    from .quality_check import QualityCheck
+
+    c = cfg.train.check
+    canvas = c.seq_len if not c.block_length else -(-c.seq_len // c.block_length) * c.block_length
+    if canvas > model_config.max_position_embeddings:
+        raise TrainConfigError(
+            f"train.check.seq_len={c.seq_len} (canvas {canvas}) exceeds the model's "
+            f"max_position_embeddings {model_config.max_position_embeddings}"
+        )
+    try:
+        QualityCheck(c, Path(cfg.data.path) / "tokenizer", rank=0, world=1)
+    except (ValueError, OSError) as err:
+        raise TrainConfigError(f"train.check: {err}") from None
 
 
 def train_split_fits_in_memory(cfg: TrainJobConfig, manifest: Manifest) -> bool:
