@@ -34,11 +34,10 @@ def plot(curves: dict, level: float, path: Path) -> None:
     }
     fig, ax = plt.subplots(figsize=(7, 4))
     for side, curve in curves.items():
-        xs = [max(p["tokens"], 1) for p in curve]
-        ax.plot(xs, [p["accuracy"] for p in curve], marker="o", label=labels[side])
+        xs = [p["tokens"] / 1e6 for p in curve]
+        ax.plot(xs, [p["accuracy"] for p in curve], marker="o", markersize=3, label=labels[side])
     ax.axhline(level, color="grey", linestyle=":", label=f"target {level:.3f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens (log; 0 steps drawn at 1)")
+    ax.set_xlabel("training tokens (millions; the converted side's own)")
     ax.set_ylabel("exact match, held-out prompts")
     ax.legend(fontsize=8)
     fig.tight_layout()

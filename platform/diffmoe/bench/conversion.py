@@ -10,16 +10,17 @@ platform's own training job (Ray Train + DeepSpeed + MLflow):
 - ``block_scratch``: block diffusion from scratch: the same conversion job started from the causal
   twin's *initial* (untrained) weights, so backbone, init and objective match ``converted``.
 
-A side trains in segments that end at its checkpoints; each segment resumes the same run (same run
-name and storage), so a curve is one training run observed along the way, not several runs.
-Learning rates are constant after warm-up, so where a run pauses changes nothing. Accuracy is exact
-match on held-out prompts decoded by the serving Engine (threshold decoding for the diffusion sides,
-block diffusion in blocks of ``serving_block_length``). Conversion at 0 steps is measured too:
-the AR weights decoded by the block sampler before any diffusion training.
+A side is one training run to its budget, observed along the way: the run measures its own exact
+match (``train.check``) every ``curve_every`` steps on the held-out prompts, decoded by the serving
+Engine (threshold decoding for the diffusion sides, block diffusion in blocks of
+``serving_block_length``). Learning rates are constant after warm-up, so the model at step k is the
+model a run of k steps would end with. Conversion at 0 steps is measured too: the AR weights decoded
+by the block sampler before any diffusion training.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ SIDES = ("ar", "converted", "mdlm", "block_scratch")
 
 
 class ConversionSection(StrictModel):
-    # steps at which each side's accuracy is measured (each point is a pause of one training run)
+    # steps at which each side's accuracy is reported; the last is the side's budget
     ar_checkpoints: list[int] = Field(default_factory=lambda: [500, 1500])
     convert_checkpoints: list[int] = Field(default_factory=lambda: [0, 100, 200, 400, 800, 1500])
     scratch_checkpoints: list[int] = Field(default_factory=lambda: [500, 1000, 1500])
@@ -56,6 +57,9 @@ class ConversionSection(StrictModel):
     # conversion steps, against 0.37 / 0.54 / 0.72 at 1e-3
     convert_lr: float = Field(3e-3, gt=0)
     target_accuracy_share: float = Field(0.95, gt=0, le=1)  # converted must reach this share of AR's
+    # Each side is one training run whose accuracy is measured inside it (train.check on the reported
+    # prompts) every gcd(curve_every, checkpoints) steps: the curve has every checkpoint, and more.
+    curve_every: int = Field(100, ge=1)
 
 
 class ConversionBenchConfig(CompareConfig):
@@ -83,15 +87,16 @@ def side_job(
     steps: int,
     init_from: str | None,
     confidence_beta: float = 0.0,
+    check=None,
 ):
-    """The training job of ``side`` stopped at ``steps`` (a segment of one run); ``confidence_beta``
-    turns on CAP for a block-diffusion side."""
+    """The training job of ``side`` for ``steps``; ``confidence_beta`` turns on CAP for a
+    block-diffusion side; ``check`` (a ``CheckSection``) measures the curve inside the run."""
     from diffmoe.train.config import TrainJobConfig
 
     c = cfg.conversion
     job = train_config(cfg, "ar" if side == "ar" else "dllm", data_dir).model_dump()
     job["optim"].update(schedule="constant")
-    job["train"]["check"]["every"] = 0  # curves at fixed steps: no stopping at the target
+    job["train"]["check"] = {"every": 0} if check is None else check.model_dump()
     job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
     job["mlflow"]["run_name"] = job["run"]["name"] = f"conversion-{side}"
     job["run"]["output_dir"] = str(Path(job["run"]["output_dir"]).with_name(side))
@@ -150,27 +155,56 @@ def run_side(
     log,
     confidence_beta: float = 0.0,
 ):
-    """Train ``side`` through its checkpoints (CAP with ``confidence_beta``); accuracy at each.
-    Returns the curve and the last exported model directory."""
-    curve, seconds = [], 0.0
-    storage = Path(cfg.output.work_dir).resolve() / "runs" / f"conversion-{side}"
-    shutil.rmtree(storage, ignore_errors=True)  # a fresh run, never a resume of an older benchmark
+    """Train ``side`` in one run to its last point (CAP with ``confidence_beta``), its exact match
+    measured inside the run on the reported prompts (``train.check``, target 1.0: a run stops early
+    only when perfect) every gcd(curve_every, points) steps. The last point is measured again on
+    the exported model, with decoding speed. Returns the curve and the exported model directory."""
     from diffmoe.train.trainer import run_training
 
+    storage = Path(cfg.output.work_dir).resolve() / "runs" / f"conversion-{side}"
+    shutil.rmtree(storage, ignore_errors=True)  # a fresh run, never a resume of an older benchmark
     block = side.startswith("converted") or side == "block_scratch"
-    for steps in points:
-        if steps == 0:
-            model, tok_dir = converted_in_memory(init_from), init_from
-        else:
-            start = time.perf_counter()
-            result = run_training(side_job(cfg, side, data_dir, steps, init_from, confidence_beta))
-            seconds += time.perf_counter() - start
-            model, tok_dir = load_model(result.model_dir), result.model_dir
-        point = {"steps": steps, "tokens": steps * tokens_per_step, "train_seconds": round(seconds, 1)}
-        point.update(measure(cfg, model, tok_dir, block))
-        log(f"{side} @ {steps} steps: accuracy {point['accuracy']:.3f}")
+    curve = []
+    if points and points[0] == 0:  # the AR weights decoded as a block-diffusion model, untrained
+        point = {"steps": 0, "tokens": 0, **measure(cfg, converted_in_memory(init_from), init_from, block)}
+        log(f"{side} @ 0 steps: accuracy {point['accuracy']:.3f}")
         curve.append(point)
-    return curve, (None if not points or points[-1] == 0 else result.model_dir)
+    steps = [p for p in points if p > 0]
+    if not steps:
+        return curve, None
+    check = curve_check(cfg, math.gcd(cfg.conversion.curve_every, *steps), block)
+    job = side_job(cfg, side, data_dir, steps[-1], init_from, confidence_beta, check)
+    start = time.perf_counter()
+    result = run_training(job)
+    seconds = round(time.perf_counter() - start, 1)
+    for at, acc in result.metrics["checks"]:
+        curve.append({"steps": at, "tokens": at * tokens_per_step, "accuracy": acc})
+        log(f"{side} @ {at} steps: accuracy {acc:.3f}")
+    last = curve[-1]
+    last.update(measure(cfg, load_model(result.model_dir), result.model_dir, block))
+    last.update(train_seconds=seconds, step_seconds=round(float(result.metrics["step_seconds"]), 1))
+    return curve, result.model_dir
+
+
+def curve_check(cfg, every: int, block: bool):
+    """The in-run measurement of a curve: the reported prompts and decoding, never a reason to stop
+    before the budget unless every answer is right."""
+    from diffmoe.train.config import CheckSection
+
+    return CheckSection(
+        every=every,
+        task=cfg.task.name,
+        min_digits=cfg.task.min_digits,
+        max_digits=cfg.task.max_digits,
+        prompts=cfg.task.eval_examples,
+        seed=cfg.task.eval_seed,
+        seq_len=cfg.task.seq_len,
+        target=1.0,
+        threshold=cfg.decoding.threshold,
+        cache=cfg.decoding.cache,
+        block_length=cfg.conversion.serving_block_length if block else None,
+        max_batch_size=cfg.load.max_batch_size,
+    )
 
 
 def first_crossing(curve: list[dict], level: float) -> dict | None:
