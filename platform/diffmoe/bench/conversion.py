@@ -33,6 +33,7 @@ from diffmoe.tracking import MLflowSection
 from .config import CompareConfig, OutputSection, TaskSection
 from .quality import (
     accuracy,
+    check_section,
     convert_job,
     load_model,
     prepare_data,
@@ -87,16 +88,16 @@ def side_job(
     steps: int,
     init_from: str | None,
     confidence_beta: float = 0.0,
-    check=None,
+    check: dict | None = None,
 ):
     """The training job of ``side`` for ``steps``; ``confidence_beta`` turns on CAP for a
-    block-diffusion side; ``check`` (a ``CheckSection``) measures the curve inside the run."""
+    block-diffusion side; ``check`` (a ``train.check`` section) measures the curve inside the run."""
     from diffmoe.train.config import TrainJobConfig
 
     c = cfg.conversion
     job = train_config(cfg, "ar" if side == "ar" else "dllm", data_dir).model_dump()
     job["optim"].update(schedule="constant")
-    job["train"]["check"] = {"every": 0} if check is None else check.model_dump()
+    job["train"]["check"] = {"every": 0} if check is None else check
     job["train"].update(max_steps=steps, checkpoint_every=steps, val_every=steps)
     job["mlflow"]["run_name"] = job["run"]["name"] = f"conversion-{side}"
     job["run"]["output_dir"] = str(Path(job["run"]["output_dir"]).with_name(side))
@@ -186,24 +187,13 @@ def run_side(
     return curve, result.model_dir
 
 
-def curve_check(cfg, every: int, block: bool):
+def curve_check(cfg, every: int, block: bool) -> dict:
     """The in-run measurement of a curve: the reported prompts and decoding, never a reason to stop
     before the budget unless every answer is right."""
-    from diffmoe.train.config import CheckSection
-
-    return CheckSection(
-        every=every,
-        task=cfg.task.name,
-        min_digits=cfg.task.min_digits,
-        max_digits=cfg.task.max_digits,
-        prompts=cfg.task.eval_examples,
-        seed=cfg.task.eval_seed,
-        seq_len=cfg.task.seq_len,
-        target=1.0,
-        threshold=cfg.decoding.threshold,
-        cache=cfg.decoding.cache,
-        block_length=cfg.conversion.serving_block_length if block else None,
-        max_batch_size=cfg.load.max_batch_size,
+    block_length = cfg.conversion.serving_block_length if block else None
+    t = cfg.task
+    return check_section(
+        cfg, every=every, prompts=t.eval_examples, seed=t.eval_seed, target=1.0, block_length=block_length
     )
 
 

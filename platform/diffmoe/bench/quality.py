@@ -112,20 +112,14 @@ def train_config(cfg: CompareConfig, side: str, data_dir: Path, init_from: str |
             "val_every": steps,
             "val_batches": t.val_batches,
             "checkpoint_every": steps,
-            "check": {
-                "every": t.check_every,
-                "task": cfg.task.name,
-                "min_digits": cfg.task.min_digits,
-                "max_digits": cfg.task.max_digits,
-                "prompts": t.check_prompts,
-                "seed": check_seed(cfg),
-                "seq_len": cfg.task.seq_len,
-                "target": cfg.task.target_accuracy,
-                "threshold": cfg.decoding.threshold,
-                "cache": cfg.decoding.cache,
-                "block_length": block_length_of(cfg, side),
-                "max_batch_size": cfg.load.max_batch_size,
-            },
+            "check": check_section(
+                cfg,
+                every=t.check_every,
+                prompts=t.check_prompts,
+                seed=check_seed(cfg),
+                target=cfg.task.target_accuracy,
+                block_length=block_length_of(cfg, side),
+            ),
         },
         "scaling": {"num_workers": t.num_workers, "cpus_per_worker": t.cpus_per_worker, "max_failures": 0},
         "mlflow": {
@@ -146,6 +140,25 @@ def train_config(cfg: CompareConfig, side: str, data_dir: Path, init_from: str |
             raise ValueError("the block side converts the trained AR twin: pass its model directory")
         convert_job(job, init_from, schedule_upto(b.ladder, steps, b.block_length), b.lr)
     return TrainJobConfig.model_validate(job)
+
+
+def check_section(cfg: CompareConfig, *, every, prompts, seed, target, block_length) -> dict:
+    """A training job's ``train.check`` for this config's task and decoding: ``prompts`` from
+    ``seed``, ending the run at ``target`` exact match."""
+    return {
+        "every": every,
+        "task": cfg.task.name,
+        "min_digits": cfg.task.min_digits,
+        "max_digits": cfg.task.max_digits,
+        "prompts": prompts,
+        "seed": seed,
+        "seq_len": cfg.task.seq_len,
+        "target": target,
+        "threshold": cfg.decoding.threshold,
+        "cache": cfg.decoding.cache,
+        "block_length": block_length,
+        "max_batch_size": cfg.load.max_batch_size,
+    }
 
 
 def convert_job(job: dict, init_from: str, block_schedule, lr: float | None, confidence_beta: float = 0.0):
