@@ -146,6 +146,24 @@ def test_select_transfer_rules():
     assert got.tolist() == [[False, True, True, False, False], [False, False, True, False, True]]
 
 
+def test_select_transfer_threshold_rows_match_the_ranked_rule():
+    """All-threshold batches skip the sort; they must commit what the ranked rule does: the masked
+    positions at or above the threshold, else the most confident one, leftmost of ties."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        conf = (torch.rand(6, 8, generator=g, dtype=torch.float64) * 4).round() / 4  # many ties
+        masked = torch.rand(6, 8, generator=g) < 0.6
+        masked[0] = False  # a row with nothing left to commit
+        thr = (torch.rand(6, generator=g, dtype=torch.float64) * 4).round() / 4
+        got = select_transfer(conf, masked, threshold=thr)
+        for r in range(6):
+            idx = [i for i in range(8) if masked[r, i]]
+            want = [i for i in idx if conf[r, i] >= thr[r]]
+            if idx and not want:
+                want = [max(idx, key=lambda i: (conf[r, i].item(), -i))]
+            assert got[r].nonzero().flatten().tolist() == want
+
+
 def test_transfer_schedule_splits_evenly_with_remainder_first():
     assert transfer_schedule(torch.tensor([10, 3]), 4).tolist() == [[3, 3, 2, 2], [1, 1, 1, 0]]
 

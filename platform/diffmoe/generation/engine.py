@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .autoregressive import PastStack, ar_step, stack_past
 from .block_engine import BlockSequence, BlockStepper
@@ -214,9 +215,7 @@ class Engine:
         """Whole sequences, right-padded; rows with a cache keep their keys/values outside the window."""
         lengths = [s.length for s in group]
         width = max(lengths)
-        ids = torch.full((len(group), width), self.mask_id, dtype=torch.long)
-        for r, s in enumerate(group):
-            ids[r, : s.length] = s.x
+        ids = pad_sequence([s.x for s in group], batch_first=True, padding_value=self.mask_id)
         key_mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
         use_cache = any(s.cfg.cache != "none" for s in group)
         pos = self._block_index(group, [s.block_span[0] for s in group])
@@ -228,7 +227,7 @@ class Engine:
             s.steps += 1
             s.tokens_fed += s.length
             if use_cache and s.cfg.cache != "none":
-                s.keep_cache([(k[r : r + 1, :, : s.length], v[r : r + 1, :, : s.length]) for k, v in kv])
+                s.keep_cache(kv, r)
         return logits
 
     def _forward_window(self, group):
@@ -267,10 +266,10 @@ class Engine:
     def _commit(self, group, logits):
         """Predict and choose per row (vectorised where settings allow), then write the commits."""
         rows, width = logits.shape[:2]
-        masked = torch.zeros(rows, width, dtype=torch.bool)
-        for r, s in enumerate(group):
-            bs, be = s.block_span
-            masked[r, : be - bs] = s.x[bs:be] == self.mask_id
+        # every row's current block, padded with -1 (never the mask id) to the widest block
+        blocks = pad_sequence([s.x[slice(*s.block_span)] for s in group], batch_first=True, padding_value=-1)
+        blocks = torch.nn.functional.pad(blocks, (0, width - blocks.shape[1]), value=-1)
+        masked = blocks == self.mask_id
         greedy = [
             r for r, s in enumerate(group) if s.cfg.temperature == 0 and s.cfg.remasking == "low_confidence"
         ]
@@ -301,9 +300,10 @@ class Engine:
             [nan if s.cfg.factor is None else s.cfg.factor for s in group], dtype=torch.float64
         )
         transfer = select_transfer(conf, masked, count, threshold, factor)
+        new = torch.where(transfer, x0, blocks)
+        still_masked = (new == self.mask_id).any(-1).tolist()
         for r, s in enumerate(group):
-            n = s.cfg.block_length
-            s.commit(x0[r, :n], transfer[r, :n])
+            s.commit(new[r, : s.cfg.block_length], still_masked[r])
 
     # ---- asyncio interface ------------------------------------------------------------------
     def _ensure_loop(self) -> None:

@@ -98,6 +98,13 @@ def select_transfer(conf, masked, count=None, threshold=None, factor=None) -> to
     leftmost position.
     """
     rows, n = conf.shape
+    if _threshold_only(count, threshold, factor):
+        # every row decides by threshold: the committed set is the masked positions at or above it,
+        # or the most confident one (leftmost of ties) where none is; no sort needed
+        candidates = conf.masked_fill(~masked, NEG_INF)
+        transfer = candidates >= threshold.to(conf.device)[:, None]
+        best = torch.zeros_like(transfer).scatter(1, candidates.argmax(-1, keepdim=True), True)
+        return torch.where(transfer.any(-1, keepdim=True), transfer, best) & masked
     ranked, order = conf.masked_fill(~masked, NEG_INF).sort(dim=-1, descending=True, stable=True)
     num = torch.full((rows,), -1, dtype=torch.long) if count is None else count.long().clone()
     if threshold is not None:
@@ -113,6 +120,14 @@ def select_transfer(conf, masked, count=None, threshold=None, factor=None) -> to
     take = torch.arange(n, device=conf.device)[None] < num[:, None]
     transfer = torch.zeros_like(masked).scatter(1, order, take)
     return transfer & masked
+
+
+def _threshold_only(count, threshold, factor) -> bool:
+    if threshold is None or bool(threshold.isnan().any()):
+        return False
+    if count is not None and bool((count >= 0).any()):
+        return False
+    return factor is None or bool(factor.isnan().all())
 
 
 def block_logits(model, ids, positions, **kwargs):

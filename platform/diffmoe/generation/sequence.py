@@ -44,6 +44,36 @@ class RequestOutput:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: queued, first_token, total
 
 
+class WindowCut:
+    """One row's cache outside its window, cut from a batched pass's keys/values when first read.
+
+    Reads like the list of per-layer (k, v) [1, heads, P, head_dim] it stands for. Until then it
+    only references the batch's tensors (which the other rows of that pass share)."""
+
+    def __init__(self, kv, row: int, length: int, window: tuple[int, int]):
+        self._source, self._row, self._length, self._window = kv, row, length, window
+        self._layers = None
+
+    def _cut(self):
+        if self._layers is None:
+            r, (ws, we), n = self._row, self._window, self._length
+            self._layers = [
+                tuple(torch.cat([t[r : r + 1, :, :ws], t[r : r + 1, :, we:n]], 2) for t in layer)
+                for layer in self._source
+            ]
+            self._source = None  # the batch's tensors can go once every row has cut its part
+        return self._layers
+
+    def __getitem__(self, layer):
+        return self._cut()[layer]
+
+    def __len__(self) -> int:
+        return len(self._cut())
+
+    def __iter__(self):
+        return iter(self._cut())
+
+
 class Sequence:
     def __init__(
         self,
@@ -103,28 +133,25 @@ class Sequence:
             return True
         return cfg.refresh_every is not None and self.step_in_block % cfg.refresh_every == 0
 
-    def keep_cache(self, kv) -> None:
-        """After a full pass: keep this row's keys/values outside the window (``kv``: per layer
-        (k, v) [1, heads, length, head_dim])."""
+    def keep_cache(self, kv, row: int) -> None:
+        """After a full pass: keep this row's keys/values outside the window (``kv``: the batch's
+        per-layer (k, v) [R, heads, width, head_dim], this row at ``row``). The cut is made only if
+        a cached step reads it: a row that finishes its block in one pass never pays for it."""
         if self.cfg.cache == "none":
             return
-        ws, we = self.window
-        self.past = [
-            (torch.cat([k[:, :, :ws], k[:, :, we:]], 2), torch.cat([v[:, :, :ws], v[:, :, we:]], 2))
-            for k, v in kv
-        ]
+        self.past = WindowCut(kv, row, self.length, self.window)
 
     def count_now(self) -> int:
         """Tokens the fixed schedule commits this step, -1 for threshold / factor decoding."""
         return -1 if self.schedule is None else int(self.schedule[self.step_in_block])
 
-    def commit(self, x0: torch.Tensor, transfer: torch.Tensor) -> None:
-        """Write the committed predictions into the current block and advance the schedule."""
+    def commit(self, block: torch.Tensor, still_masked: bool) -> None:
+        """Write the current block after this step's commits (the engine merges them for the whole
+        batch at once) and advance the schedule; a block without masks moves on to the next."""
         bs, be = self.block_span
-        block = self.x[bs:be]
-        self.x[bs:be] = torch.where(transfer, x0, block)
+        self.x[bs:be] = block
         self.step_in_block += 1
-        if not bool((self.x[bs:be] == self.mask_id).any()):
+        if not still_masked:
             self.block += 1
             self.step_in_block = 0
             self.past = None  # the next block starts with a full refresh

@@ -38,13 +38,14 @@ class TextStream:
         self._anchor, self._anchor_text = 0, ""  # decode(ids[:anchor]), settled text
 
     def _decode(self, ids: Sequence[int]) -> str:
-        if self.tokenizer is None:
+        if self.tokenizer is None or not len(ids):
             return ""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _text_of(self, ids: Sequence[int]) -> str:
+    def _text_of(self, ids: Sequence[int], final: bool = False) -> str:
         """``decode(ids)`` for an answer that only grows between calls, decoding only its new tail
-        (plus ``CONTEXT`` tokens before it) instead of the whole answer every step."""
+        (plus ``CONTEXT`` tokens before it) instead of the whole answer every step. The last call
+        (``final``) settles nothing: no later call would use it."""
         if self.tokenizer is None:
             return ""
         if len(ids) < self._anchor:  # not a continuation: start over
@@ -56,7 +57,7 @@ class TextStream:
             return self._decode(ids)
         text = self._anchor_text + tail[len(context) :]
         anchor = len(ids) - CONTEXT  # settle all but the last few tokens, unless mid-character
-        if anchor > self._anchor:
+        if anchor > self._anchor and not final:
             settled = self._decode(ids[start:anchor])
             if (
                 settled.startswith(context)
@@ -77,7 +78,7 @@ class TextStream:
     def update(self, ids: Sequence[int], final: bool) -> tuple[list[int], str, bool]:
         """``ids``: all final answer tokens (already cut at EOS / max_tokens). ``final``: no more will
         come. Returns (new token ids, new text, hit a stop string)."""
-        text = self._text_of(ids)
+        text = self._text_of(ids, final)
         stopped = False
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
