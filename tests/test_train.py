@@ -80,7 +80,7 @@ def ep2_run(ray_cluster, tiny_corpus, workdir):
         "ep2",
         scaling={"num_workers": 2},
         deepspeed={"ep_size": 2},
-        train={"sample_log": str(workdir / "samples-ep2")},
+        train={"sample_log": str(workdir / "samples-ep2"), "ema_decay": 0.9},
     )
     return cfg, run_training(cfg)
 
@@ -125,9 +125,20 @@ def test_two_workers_expert_parallel_learn_and_track_in_mlflow(ep2_run, workdir)
     # DeepSpeed-MoE wrote one file per expert (8 experts x 2 layers) in the checkpoint.
     expert_files = list(Path(result.checkpoint_path).glob("deepspeed/ckpt/layer_*_expert_*_model_states.pt"))
     assert len(expert_files) == 16
+    # train.ema_decay: the checkpoint keeps the weight average beside the weights, and the run
+    # exports the average (every expert of both ranks), not the last step's weights
+    exported = load_file(os.path.join(result.model_dir, "model.safetensors"))
+    average = load_file(os.path.join(result.checkpoint_path, "ema", "model.safetensors"))
+    trained = load_file(os.path.join(result.checkpoint_path, "model", "model.safetensors"))
+    assert exported.keys() == average.keys() == trained.keys()
+    assert all(torch.equal(exported[k], average[k]) for k in exported)
+    expert = "model.layers.1.mlp.experts.7.down_proj.weight"  # held by rank 1
+    assert not torch.equal(average[expert], trained[expert])
+    assert "'decay': 0.9" in run.data.tags["ema.last"]
 
 
 def test_training_time_forward_equals_exported_model(ep2_run):
+    """The probe is the expert-parallel training forward with the weight average swapped in."""
     _, result = ep2_run
     model = LLaDAMoEModelLM.from_pretrained(result.model_dir)
     probe = load_file(os.path.join(result.model_dir, "training_probe_logits.safetensors"))
@@ -147,7 +158,12 @@ def test_resume_with_a_different_worker_count(ep2_run, tiny_corpus, workdir):
             workdir,
             tiny_corpus,
             "ep2",
-            train={"max_steps": 34, "document_mask": True, "sample_log": str(workdir / "samples-ep2")},
+            train={
+                "max_steps": 34,
+                "document_mask": True,
+                "sample_log": str(workdir / "samples-ep2"),
+                "ema_decay": 0.9,
+            },
         )
     )
     assert resumed.metrics["resumed_from_step"] == 30
@@ -155,6 +171,7 @@ def test_resume_with_a_different_worker_count(ep2_run, tiny_corpus, workdir):
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(resumed.run_id)
     assert "'how': 'weights'" in run.data.tags["restored.last"]
     assert "'zero_stage': 0" in run.data.tags["deepspeed.last"]  # one worker: nothing to partition
+    assert "'restored': True" in run.data.tags["ema.last"]  # the average continues, on 1 worker
     saved = json.loads((Path(first.checkpoint_path) / "trainer_state.json").read_text())
     assert str(saved["weights_fingerprint"]) in run.data.tags["weights_fingerprint.last"]
     trained = _trained_samples(workdir / "samples-ep2")  # 30 steps x 2 x 8, then 4 x 1 x 8

@@ -261,3 +261,29 @@ def test_workers_get_an_absolute_init_from(tmp_path, monkeypatch):
     cfg = TrainJobConfig.model_validate({"model": {"init_from": "artifacts/ar"}})
     assert worker_view(cfg)["model"]["init_from"] == str(tmp_path / "artifacts" / "ar")
     assert worker_view(TrainJobConfig())["model"]["init_from"] is None
+
+
+def test_weight_average_updates_swaps_in_and_restores_exactly():
+    from diffmoe.train.ema import WeightAverage
+
+    model = _tiny()
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = WeightAverage(model, 0.75)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert ema.decay_at(0) == 0.1 and ema.decay_at(26) == 0.75  # early steps weigh the init less
+    ema.update(step=1000)  # 0.75 * start + 0.25 * (start + 1)
+    trained = [p.detach().clone() for p in model.parameters()]
+    with ema.swapped():
+        for p, s0 in zip(model.parameters(), start):
+            torch.testing.assert_close(p, s0 + 0.25)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))  # bit for bit
+    with pytest.raises(RuntimeError), ema.swapped():
+        raise RuntimeError("a failing check still gets the trained weights back")
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    ema.take_from_module()
+    with ema.swapped():
+        assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    with pytest.raises(ValueError, match="ema_decay=1.0"):
+        WeightAverage(model, 1.0)

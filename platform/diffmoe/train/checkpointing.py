@@ -5,6 +5,7 @@ A checkpoint directory holds
   one file per expert). Exact resume, but only for the same data- and expert-parallel sizes.
 - ``model/``: the consolidated weights in the published Hugging Face layout (all experts), streamed
   to rank 0's writer one tensor at a time (no rank holds the whole model).
+- ``ema/``: with ``train.ema_decay``, the weight average in the same layout (``ema.py``).
 - ``trainer_state.json``: step, epoch, the data stream position (``sample_order.py``), world and EP size.
 
 Resuming with the same sizes loads ``deepspeed/``; with different sizes it loads ``model/`` and
@@ -24,23 +25,47 @@ import torch
 from diffmoe.model.checkpoint import ShardWriter
 from diffmoe.parallel import iter_published_state, load_published_directory
 
+from .ema import EMA_DIR
+
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ckpt"
 
 
-def save_checkpoint(engine, model, state: dict[str, Any], rank: int, directory: Path) -> None:
-    """Collective: every rank calls it with its own local ``directory``."""
+def save_checkpoint(engine, model, state: dict[str, Any], rank: int, directory: Path, ema=None) -> None:
+    """Collective: every rank calls it with its own local ``directory``. With a weight average
+    (``ema``) its published-layout copy goes to ``ema/``."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG)
-    writer = ShardWriter(directory / "model") if rank == 0 else None
+    digest = _write_published(model, rank, directory / "model")
+    if ema is not None:
+        with ema.swapped():
+            _write_published(model, rank, directory / EMA_DIR)
+    if rank == 0:
+        state = {**state, "weights_fingerprint": digest}
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _write_published(model, rank: int, directory: Path) -> str | None:
+    """Stream the weights in the published layout to rank 0's writer; rank 0 gets their digest."""
+    writer = ShardWriter(directory) if rank == 0 else None
     digest = hashlib.sha256()
     for name, tensor in iter_published_state(model):  # collective: every rank runs it to the end
         if writer is not None:
             _digest_update(digest, name, tensor)
             writer.add(name, tensor)
-    if writer is not None:
-        writer.close(model.config)
-        state = {**state, "weights_fingerprint": digest.hexdigest()}
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if writer is None:
+        return None
+    writer.close(model.config)
+    return digest.hexdigest()
+
+
+def restore_average(ema, model, directory: Path) -> bool:
+    """Load the checkpoint's ``ema/`` into the average (this rank's share); False when it has none."""
+    if not (directory / EMA_DIR).is_dir():
+        return False
+    with ema.swapped():  # the module is the scratch space; the trained weights come back after
+        load_published_directory(model, directory / EMA_DIR)
+        ema.take_from_module()
+    return True
 
 
 def _digest_update(digest, name: str, tensor: torch.Tensor) -> None:

@@ -90,6 +90,10 @@ class TrainSection(StrictModel):
     max_nonfinite_skips: int = Field(100, ge=0)  # skip: fail once more micro-batches were dropped
     objective: ObjectiveConfig = ObjectiveConfig()
     check: CheckSection = CheckSection()
+    # Keep an exponential moving average of the weights (e.g. 0.99: about the last 100 steps) and
+    # make it the model: train.check decodes with it and the run exports it. Checkpoints keep it
+    # beside the trained weights (ema/), so resumes continue it. null: off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     # A directory: each worker appends one JSON line per micro-batch (optimizer step, the step the
     # run resumed from, global sample indices) to rank<N>.jsonl. For audits of the data order.
     sample_log: str | None = None

@@ -40,10 +40,12 @@ from .checkpointing import (
     check_fingerprint,
     load_weights_before_engine,
     read_state,
+    restore_average,
     restore_engine,
     save_checkpoint,
 )
 from .config import TrainJobConfig, effective_ep_size, effective_zero_stage
+from .ema import WeightAverage, averaged
 from .metrics import MetricsLogger, expert_load_metrics, progress_line
 from .nonfinite import NonFiniteLossError, handle_nonfinite, loss_is_finite
 from .quality_check import QualityCheck
@@ -210,6 +212,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             restore_engine(engine, Path(d), state)
+    # after DeepSpeed: ZeRO may have re-pointed the parameters' storage
+    ema = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    ema_restored = False
+    if ema is not None and checkpoint:
+        with checkpoint.as_directory() as d:
+            ema_restored = restore_average(ema, model, Path(d))
     resumed_from = state["step"]
 
     logger = MetricsLogger(loop_config, rank, world, enabled=rank == 0)
@@ -217,6 +225,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger.event(
         "deepspeed", {"zero_stage": engine.zero_optimization_stage(), "ep_size": ep_size, "bf16": bf16}
     )
+    if ema is not None:
+        logger.event("ema", {"decay": ema.decay, "restored": ema_restored})
     logger.event("worker_env", {k: os.environ.get(k) for k in sorted(cfg.scaling.worker_env)})
     order = SampleOrder(loop_config["train_shard_rows"], cfg.train.seed)
     reader = ShardReader(loop_config["train_shards"], keep_all=bool(loop_config.get("cache_train")))
@@ -287,12 +297,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 t0 = time.perf_counter()
                 continue
             step += 1
+            if ema is not None:
+                ema.update(step)
             if cfg.train.objective.balance == "expert_bias":
                 update_expert_bias(model, cfg.train.objective.bias_update_rate)
             last, loads = step == cfg.train.max_steps, None
             if check is not None and check.due(step, cfg.train.max_steps):
                 loads = expert_load_metrics(model)  # this step's routing, before the check's decoding
-                acc = check.accuracy(model, device)
+                with averaged(ema):  # the model the run would export now
+                    acc = check.accuracy(model, device)
                 checks.append([step, acc])
                 logger.log({"check/accuracy": acc}, step)
                 last = last or acc >= cfg.train.check.target  # at quality: the run's last step
@@ -344,6 +357,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 report(
                     engine,
                     model,
+                    ema,
                     state,
                     rank,
                     {
@@ -362,13 +376,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger.close()
 
 
-def report(engine, model, state, rank, metrics, final: bool) -> None:
+def report(engine, model, ema, state, rank, metrics, final: bool) -> None:
     """Checkpoint on every rank into a local directory and hand it to Ray Train (collective)."""
     local = Path(tempfile.mkdtemp(prefix="diffmoe-ckpt-"))
     try:
-        save_checkpoint(engine, model, state, rank, local)
+        save_checkpoint(engine, model, state, rank, local, ema)
         if final:
-            save_probe_logits(model, rank, local)
+            with averaged(ema):  # the probe matches the exported weights
+                save_probe_logits(model, rank, local)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
     finally:
         shutil.rmtree(local, ignore_errors=True)

@@ -23,6 +23,7 @@ from diffmoe.model.checkpoint import load_config
 from diffmoe.model.convert import llada2_config_from
 
 from .config import TrainJobConfig
+from .ema import EMA_DIR
 
 ModelConfig = LLaDAMoEConfig | LLaDA2MoeConfig
 
@@ -227,10 +228,12 @@ def loss_curve_png(client, run_id: str, path: Path) -> None:
 
 
 def export_hf_model(checkpoint_dir: Path, dataset_dir: Path, output_dir: Path) -> Path:
-    """Final checkpoint's consolidated weights + the dataset's tokenizer -> a Hugging Face directory."""
+    """Final checkpoint's consolidated weights (its weight average when the run kept one) + the
+    dataset's tokenizer -> a Hugging Face directory."""
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir / "model", tmp)
+    averaged = checkpoint_dir / EMA_DIR
+    shutil.copytree(averaged if averaged.is_dir() else checkpoint_dir / "model", tmp)
     for f in (dataset_dir / "tokenizer").iterdir():
         shutil.copy2(f, tmp / f.name)
     if (checkpoint_dir / "probe_logits.safetensors").is_file():
