@@ -283,3 +283,69 @@ def test_engine_block_cache_is_written_in_place_and_survives_rows_stepping_alone
         assert outputs[rid].token_ids == _alone(model, prompt, cfg), (rid, cfg)
     assert len(appends) > 3 * steps  # forwards attended to the buffer (3 layers each) ...
     assert len(buffers) <= 6 < steps / 4, (len(buffers), steps)  # ... which was rarely replaced
+
+
+class _KeepsCache(torch.nn.Module):
+    """What the engine sees of an expert-parallel replica whose ranks keep the block cache: two
+    in-process cache holders (``HeldRows``), rows pinned by ``RowRouter``, LM head here. Records
+    what crossed to the ranks per step: token ids and plans only."""
+
+    keeps_block_cache = True
+
+    def __init__(self, model, ranks: int = 2):
+        from diffmoe.generation.block_cache import HeldRows, RowRouter
+
+        super().__init__()
+        self.backbone, self.lm_head, self.config = model.model, model.lm_head, model.config
+        self.holders = [HeldRows() for _ in range(ranks)]
+        self.router = RowRouter(ranks)
+        self.sent = []
+
+    def block_step(self, ids, plans, evict):
+        rows, drops = self.router.route(plans, evict)
+        hidden = torch.empty(ids.shape[0], ids.shape[1], self.config.hidden_size)
+        for holder, idx, drop in zip(self.holders, rows, drops):
+            holder.evict(drop)
+            self.sent.append((ids[idx], [plans[i] for i in idx]))
+            if idx:
+                hidden[idx] = holder.step(self.backbone, ids[idx], [plans[i] for i in idx])
+        return hidden
+
+
+def test_engine_with_the_cache_kept_by_the_model_equals_generate_alone():
+    """The expert-parallel path: the cache lives with the model's ranks (rows pinned to one rank for
+    life), the engine sends only token ids and per-row lengths, rows step alone now and then, and
+    every request decodes what it decodes alone; finished rows' caches are evicted."""
+    from diffmoe.generation import Engine
+    from diffmoe.generation.block_cache import RowPlan
+
+    model = tiny()
+    remote = _KeepsCache(model)
+    requests = _mixed_requests(12)
+    engine = Engine(remote, max_batch_size=5, mask_id=MASK, eos_id=2)
+    rids = [engine.add_request(p, c) for p, c in requests]
+    outputs, steps = {}, 0
+    while len(outputs) < len(rids):
+        if steps % 4 == 3 and engine.active:
+            events, failed, _ = engine._isolate()
+            assert not failed
+        else:
+            events = engine.step()
+        steps += 1
+        outputs.update((e.request_id, e.output) for e in events if e.finished)
+    for rid, (prompt, cfg) in zip(rids, requests):
+        assert outputs[rid].token_ids == _alone(model, prompt, cfg), (rid, cfg)
+    assert engine._blocks.cache.keys == []  # the engine itself never held a key or value
+    assert all(isinstance(p, RowPlan) for _, plans in remote.sent for p in plans)
+    assert sum(len(h.rows) for h in remote.holders) <= 5  # finished rows were evicted
+    assert min(remote.router.load) >= 0 and len(remote.router.rank_of) <= 5
+    from diffmoe.generation.block_cache import HeldRows
+
+    held, ids = HeldRows(), torch.tensor([[3, 4, MASK, MASK]])
+    held.step(model.model, ids, [RowPlan("y", 0, 4, 0, 2, store=2)])
+    assert held.rows["y"].cached == 2
+    # a step the engine saw fail elsewhere stored here: the engine's count (0) wins, fed again
+    held.step(model.model, ids, [RowPlan("y", 0, 4, 0, 2, store=2)])
+    assert held.rows["y"].cached == 2
+    with pytest.raises(RuntimeError, match="cached positions"):  # a cache behind the engine is refused
+        held.step(model.model, ids[:, 2:], [RowPlan("y", 5, 2, 5, 2)])

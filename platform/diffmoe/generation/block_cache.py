@@ -15,11 +15,14 @@ what is cached, so a long request costs a handful of copies over its lifetime ra
 Why preallocated rather than paged: attention here is SDPA, which takes one dense [B, H, L, D] key
 tensor; pages would have to be gathered into such a tensor every forward, the very copy this avoids.
 A paged layout pays off with a paged attention kernel (FlashInfer, flash-attn's block tables on GPU),
-which this engine does not use yet. A model that computes remotely (the expert-parallel stand-in) gets
-the same views as plain tensors; its new keys/values come back through ``use_cache``.
+which this engine does not use yet. A model that computes remotely (the expert-parallel stand-in)
+keeps the cache where it computes instead (``HeldRows``, one per worker, rows pinned by ``RowRouter``)
+and is sent only ``RowPlan``s: no key or value crosses processes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -139,3 +142,126 @@ class BlockKVCache:
 
 def _shape(t: torch.Tensor, slots: int, length: int) -> tuple[int, int, int, int]:
     return slots, t.shape[1], length, t.shape[3]
+
+
+def step_mask(begin, fed, block_lengths, cached, width: int, past_width: int) -> torch.Tensor:
+    """Bool [R, 1, width, past_width + width] of one block-diffusion step (True = attend): each row's
+    cached positions [0, cached_r), then, among the ``fed_r`` positions it feeds from absolute
+    position ``begin_r``, its own block and earlier ones (block-causal). Tensors [R], on the CPU."""
+    pos = begin[:, None] + torch.arange(width)[None]
+    block = pos // block_lengths[:, None]
+    current = (block[:, None, :] <= block[:, :, None]) & (torch.arange(width)[None] < fed[:, None])[
+        :, None, :
+    ]
+    old = torch.arange(past_width)[None] < cached[:, None]
+    return torch.cat([old[:, None, :].expand(-1, width, -1), current], -1)[:, None]
+
+
+@dataclass
+class RowPlan:
+    """What a cache-keeping model needs to know of one row for one step (see ``HeldRows``)."""
+
+    key: str  # the request id: rows are matched to their cache by it
+    cached: int  # positions whose keys/values the cache holds (the model checks it agrees)
+    fed: int  # positions this row feeds (the rest of the width is padding)
+    begin: int  # absolute position of the first one fed
+    block_length: int
+    store: int = 0  # keep the first ``store`` fed positions' keys/values after this forward
+
+
+class _HeldRow:
+    """A row as ``BlockKVCache`` sees it, on the side that holds the cache."""
+
+    def __init__(self, key: str):
+        self.key, self.cached, self.finish_reason, self.past = key, 0, None, None
+
+
+class HeldRows:
+    """The block cache kept where the model runs (an expert-parallel worker), so that only token ids
+    and per-row lengths travel per step, never keys/values: a ``BlockKVCache`` over rows known by
+    request id. A row absent from a step keeps its cache (``BlockKVCache`` takes it along) until the
+    engine evicts it."""
+
+    def __init__(self):
+        self.cache = BlockKVCache()
+        self.rows: dict[str, _HeldRow] = {}
+
+    def evict(self, keys) -> None:
+        for key in keys:
+            row = self.rows.pop(key, None)
+            if row is not None:
+                row.finish_reason, row.past = "evicted", None  # leaves the slots without a copy
+
+    def step(self, backbone, ids, plans: list[RowPlan]) -> torch.Tensor:
+        """Run ``backbone`` on ``ids`` [R, width] (row r planned by ``plans[r]``) over the held
+        cache; store what the plans say; return the final hidden states [R, width, hidden]."""
+        rows = [self.rows.setdefault(p.key, _HeldRow(p.key)) for p in plans]
+        for row, p in zip(rows, plans):
+            if row.cached > p.cached:  # a step the engine saw fail (on another rank) stored here
+                row.cached = p.cached  # the engine feeds those positions again
+            elif row.cached < p.cached:
+                raise RuntimeError(
+                    f"row {p.key!r}: the engine counts {p.cached} cached positions, this cache only {row.cached}"
+                )
+        at = {id(row): r for r, row in enumerate(rows)}
+        order = [at[id(row)] for row in self.cache.bind(rows)]  # slot order
+        plans = [plans[r] for r in order]
+        device = next(backbone.parameters()).device
+        width = ids.shape[1]
+        views = self.cache.views(width)
+        past_width = 0 if views is None else views[0][0].shape[2]
+        lengths = {
+            name: torch.tensor([getattr(p, name) for p in plans])
+            for name in ("begin", "fed", "block_length", "cached")
+        }
+        mask = step_mask(
+            lengths["begin"], lengths["fed"], lengths["block_length"], lengths["cached"], width, past_width
+        )
+        positions = lengths["begin"][:, None] + torch.arange(width)[None]
+        store = any(p.store for p in plans)
+        out = backbone(
+            ids[order].to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            past_key_values=views,
+            use_cache=store,
+        )
+        for r, p in enumerate(plans):
+            if p.store:
+                row = self.rows[p.key]
+                kv = [
+                    (k[r : r + 1, :, : p.store], v[r : r + 1, :, : p.store]) for k, v in out.past_key_values
+                ]
+                self.cache.store(r, row.cached, kv)
+                row.cached += p.store
+        hidden = torch.empty_like(out.last_hidden_state)
+        hidden[order] = out.last_hidden_state
+        return hidden
+
+
+class RowRouter:
+    """Pins each row (by cache key) to one of ``ranks`` cache holders for its whole life, the least
+    loaded when it first appears, so its cache never moves between ranks."""
+
+    def __init__(self, ranks: int):
+        self.ranks = ranks
+        self.rank_of: dict[str, int] = {}
+        self.load = [0] * ranks
+
+    def route(self, plans: list[RowPlan], evict) -> tuple[list[list[int]], list[list[str]]]:
+        """Per rank: the indices of ``plans`` it runs, and the evicted keys it held."""
+        drops: list[list[str]] = [[] for _ in range(self.ranks)]
+        for key in evict:
+            rank = self.rank_of.pop(key, None)
+            if rank is not None:
+                drops[rank].append(key)
+                self.load[rank] -= 1
+        rows: list[list[int]] = [[] for _ in range(self.ranks)]
+        for r, p in enumerate(plans):
+            rank = self.rank_of.get(p.key)
+            if rank is None:
+                rank = min(range(self.ranks), key=self.load.__getitem__)
+                self.rank_of[p.key] = rank
+                self.load[rank] += 1
+            rows[rank].append(r)
+        return rows, drops

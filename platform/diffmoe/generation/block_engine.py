@@ -17,14 +17,18 @@ any batch, and as ``generate_blocks`` does for it alone.
 
 Cache: the batch's finished positions live in one preallocated buffer per layer (``block_cache``);
 each forward writes the fed positions' keys/values into it and attends to views, so no step copies
-the cache; a finished block's keys/values are stored once, when it is fed for the last time.
+the cache; a finished block's keys/values are stored once, when it is fed for the last time. A model
+that keeps the cache itself (``keeps_block_cache``: the expert-parallel stand-in, whose workers hold
+it) is sent each row's ``RowPlan`` instead, and finished rows are evicted from it.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from .block_cache import BlockKVCache
+from .block_cache import BlockKVCache, RowPlan, step_mask
 from .block_diffusion import commit_block, sample_tokens
 from .sampler import block_logits, transfer_schedule
 from .sequence import Sequence
@@ -43,6 +47,8 @@ class BlockSequence(Sequence):
         self.pending = (0, self.block * bl)  # positions fed once and then cached: the prompt's whole blocks
         self.cached = 0  # positions whose keys/values are in ``past``
         self.post = 0  # editing steps after the block's last mask
+        self.cache_key: str | None = None  # its cache's name where the model keeps the cache
+        self.dropped = False  # left the engine unfinished (its step failed)
         self.schedule = self._schedule()
 
     @property
@@ -98,53 +104,82 @@ class BlockStepper:
     def __init__(self, model, device):
         self.model, self.device = model, device
         self.cache = BlockKVCache()
+        # A model that keeps the cache where it runs (``keeps_block_cache``: the expert-parallel
+        # stand-in) is sent token ids and per-row lengths instead; it holds the rows of ``held``.
+        self.remote = bool(getattr(model, "keeps_block_cache", False))
+        self.held: dict[str, BlockSequence] = {}
+        self._keys = itertools.count()
 
     def step(self, group) -> int:
         """One step for every row of ``group``; returns the number of forwards (1)."""
-        group = self.cache.bind(group)  # rows in slot order from here on
+        if not self.remote:
+            group = self.cache.bind(group)  # rows in slot order from here on
         rows = len(group)
         spans = [s.fed_span() for s in group]
         width = max(e - b for b, e in spans)
-        past = self.cache.views(width)
-        past_width = 0 if past is None else past[0][0].shape[2]
         ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
             ids[r, : e - b] = s.x[b:e]
         begin = torch.tensor([b for b, _ in spans])
         fed = torch.tensor([e - b for b, e in spans])
-        pos = begin[:, None] + torch.arange(width)[None]  # absolute positions
-        block = pos // torch.tensor([s.cfg.block_length for s in group])[:, None]
-        current = (block[:, None, :] <= block[:, :, None]) & (torch.arange(width)[None] < fed[:, None])[
-            :, None, :
-        ]
-        cached = torch.arange(past_width)[None] < torch.tensor([s.cached for s in group])[:, None]
-        mask = torch.cat([cached[:, None, :].expand(-1, width, -1), current], -1)[:, None]
+        stores = [s.block_span[0] - b if s.pending is not None else 0 for s, (b, _) in zip(group, spans)]
         block_width = max(s.cfg.block_length for s in group)
         starts = torch.tensor([s.block_span[0] - b for s, (b, _) in zip(group, spans)])
-        ends = torch.tensor([e - b - 1 for b, e in spans])
-        index = torch.minimum(starts[:, None] + torch.arange(block_width)[None], ends[:, None])
-        refresh = any(s.pending is not None for s in group)
-        logits, kv = block_logits(
-            self.model,
-            ids.to(self.device),
-            index.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=pos.to(self.device),
-            past_key_values=past,
-            use_cache=refresh,
-        )
-        for r, (s, (b, _)) in enumerate(zip(group, spans)):
+        index = torch.minimum(starts[:, None] + torch.arange(block_width)[None], fed[:, None] - 1)
+        if self.remote:
+            logits = self._remote_logits(group, ids, begin, fed, stores, index)
+        else:
+            past = self.cache.views(width)
+            past_width = 0 if past is None else past[0][0].shape[2]
+            lengths = torch.tensor([s.cfg.block_length for s in group])
+            cached = torch.tensor([s.cached for s in group])
+            mask = step_mask(begin, fed, lengths, cached, width, past_width)
+            pos = begin[:, None] + torch.arange(width)[None]  # absolute positions
+            logits, kv = block_logits(
+                self.model,
+                ids.to(self.device),
+                index.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=pos.to(self.device),
+                past_key_values=past,
+                use_cache=any(stores),
+            )
+            for r, (s, upto) in enumerate(zip(group, stores)):
+                if upto:  # keep the keys/values of the positions fed once
+                    self.cache.store(
+                        r, s.cached, [(k[r : r + 1, :, :upto], v[r : r + 1, :, :upto]) for k, v in kv]
+                    )
+        for s, (b, e), upto in zip(group, spans, stores):
             s.steps += 1
-            s.tokens_fed += spans[r][1] - b
-            if s.pending is not None:  # keep the keys/values of the positions fed once
-                upto = s.block_span[0] - b
-                self.cache.store(
-                    r, s.cached, [(k[r : r + 1, :, :upto], v[r : r + 1, :, :upto]) for k, v in kv]
-                )
+            s.tokens_fed += e - b
+            if s.pending is not None:
                 s.cached += upto
                 s.pending = None
         self._choose_and_commit(group, logits)
         return 1
+
+    def _remote_logits(self, group, ids, begin, fed, stores, index):
+        """The step on a model that keeps the cache: plans out, hidden states back, LM head here.
+        Rows held from earlier steps that have finished (or were dropped) are evicted."""
+        for s in group:
+            if s.cache_key is None:  # unique for the engine's life, unlike a client's request id
+                s.cache_key = f"{s.id}#{next(self._keys)}"
+        present = {s.cache_key for s in group}
+        evict = [k for k, s in self.held.items() if k not in present and (s.finish_reason or s.dropped)]
+        for key in evict:
+            del self.held[key]
+        self.held.update((s.cache_key, s) for s in group)
+        plans = [
+            RowPlan(s.cache_key, s.cached, int(n), int(b), s.cfg.block_length, upto)
+            for s, b, n, upto in zip(group, begin, fed, stores)
+        ]
+        hidden = self.model.block_step(ids, plans, evict)
+        picked = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.model.lm_head(picked)
+
+    def forget(self, seq) -> None:
+        """``seq`` left the engine unfinished (its step failed): its held cache goes at the next step."""
+        seq.dropped = True
 
     def _choose_and_commit(self, group, logits) -> None:
         """Predict per row (batched at temperature 0), then commit all rows in one call."""

@@ -176,6 +176,8 @@ class Engine:
             except Exception as err:  # noqa: BLE001 - reported to that request only
                 failed[seq.id] = err
                 seq.past = None
+                if self._blocks is not None:
+                    self._blocks.forget(seq)
                 with self._lock:
                     self.active.pop(seq.id, None)
         return events, failed, advanced

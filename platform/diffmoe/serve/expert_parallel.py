@@ -2,6 +2,8 @@
 
 The replica keeps the engine (scheduling, canvases, KV caches) and hands each forward pass to
 ``ExpertParallelModel``, a stand-in for the model that splits the batch's rows across the K workers.
+Block diffusion is the exception to "the replica keeps the caches": there each worker keeps the
+caches of the rows pinned to it (``block_step``), and only token ids and lengths travel per step.
 Workers run the backbone only and send back final hidden states (bf16 on GPU), never
 vocabulary-wide logits: the replica holds the LM head and applies it only at the positions the
 sampler reads (``sampler.block_logits``), which for a 157k vocabulary is ~77x fewer bytes per
@@ -22,6 +24,8 @@ from types import SimpleNamespace
 import ray
 import torch
 from torch import nn
+
+from diffmoe.generation.block_cache import HeldRows, RowRouter
 
 
 @ray.remote
@@ -65,6 +69,7 @@ class ExpertParallelWorker:
         load_published_directory(model, directory)
         self.backbone = model.model.eval()  # the LM head lives on the replica
         del model
+        self.held = HeldRows()  # block diffusion: this rank's rows' caches, kept here
         return config.num_experts // self.world
 
     @torch.inference_mode()
@@ -83,6 +88,17 @@ class ExpertParallelWorker:
         kv = None if kv is None else [(k.cpu(), v.cpu()) for k, v in kv]
         return out.last_hidden_state.cpu(), kv
 
+    @torch.inference_mode()
+    def block_step(self, ids, plans, evict):
+        """One block-diffusion step of this rank's rows over the caches it keeps (``HeldRows``):
+        final hidden states on the CPU. Without rows it runs a dummy row (the all-to-alls need
+        every rank) and returns None."""
+        self.held.evict(evict)
+        if not plans:
+            self.backbone(ids[:1].to(self.device))
+            return None
+        return self.held.step(self.backbone, ids, plans).cpu()
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 
@@ -97,7 +113,13 @@ def _split(t, parts: int):
 class ExpertParallelModel(nn.Module):
     """What the engine sees as ``model``: ``model.model`` (the backbone) fans the rows out to the
     workers and gathers hidden states and caches back in row order; ``lm_head`` runs here, on the
-    replica's device (its GPU when it has one), only where the sampler needs logits."""
+    replica's device (its GPU when it has one), only where the sampler needs logits.
+
+    Block diffusion (LLaDA2.x) goes through ``block_step`` instead: each row is pinned to one worker
+    for its life and its keys/values stay there, so a step sends token ids and per-row lengths and
+    gets hidden states back; the caches never cross processes."""
+
+    keeps_block_cache = True  # read by the engine's block-diffusion stepper only
 
     def __init__(self, workers: list, config, lm_head_weight: torch.Tensor):
         super().__init__()
@@ -110,6 +132,7 @@ class ExpertParallelModel(nn.Module):
         with torch.no_grad():
             self.lm_head.weight.copy_(lm_head_weight)
         self.model = _Backbone(workers, device, dtype)  # not a submodule: it owns no parameters
+        self.router = RowRouter(len(workers))
 
     @classmethod
     def start(
@@ -161,6 +184,22 @@ class ExpertParallelModel(nn.Module):
         return SimpleNamespace(
             logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values
         )
+
+    def block_step(self, ids, plans, evict):
+        """Final hidden states [R, width, hidden] of one block-diffusion step, rows on their
+        workers (see the class docstring); ``evict``: cache keys of rows that are gone."""
+        rows, drops = self.router.route(plans, evict)
+        refs = [
+            worker.block_step.remote(ids[idx] if idx else ids[:1], [plans[i] for i in idx], drop)
+            for worker, idx, drop in zip(self.workers, rows, drops)
+        ]
+        hidden = None
+        for idx, out in zip(rows, ray.get(refs)):
+            if idx:
+                if hidden is None:
+                    hidden = out.new_empty(ids.shape[0], *out.shape[1:])
+                hidden[idx] = out
+        return hidden.to(self.model.device, self.model.dtype)
 
     async def ping(self) -> None:
         """Raises if a worker is dead (Ray's actor-ready probe; queued behind a running forward)."""
