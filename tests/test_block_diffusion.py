@@ -248,6 +248,27 @@ def test_engine_block_cache_feeds_finished_blocks_once():
     assert out.tokens_fed == stats["tokens_fed"]
 
 
+def _decode_stepping_alone_now_and_then(engine, model, after_step=lambda: None) -> int:
+    """12 mixed requests through ``engine`` (a batch of 5), every fourth step through the engine's
+    isolation path (each row alone, as after a failed batched step); every request must decode what
+    it decodes alone. Returns the number of steps."""
+    requests = _mixed_requests(12)
+    rids = [engine.add_request(p, c) for p, c in requests]
+    outputs, steps = {}, 0
+    while len(outputs) < len(rids):
+        if steps % 4 == 3 and engine.active:
+            events, failed, _ = engine._isolate()
+            assert not failed
+        else:
+            events = engine.step()
+        steps += 1
+        outputs.update((e.request_id, e.output) for e in events if e.finished)
+        after_step()
+    for rid, (prompt, cfg) in zip(rids, requests):
+        assert outputs[rid].token_ids == _alone(model, prompt, cfg), (rid, cfg)
+    return steps
+
+
 def test_engine_block_cache_is_written_in_place_and_survives_rows_stepping_alone(monkeypatch):
     """The batch's cache is one buffer per layer that forwards write into (no per-step copy: the
     buffers are replaced only when they grow); rows that step alone now and then (what the engine
@@ -262,25 +283,15 @@ def test_engine_block_cache_is_written_in_place_and_survives_rows_stepping_alone
         _LayerView, "append_in_place", lambda self, k, v: appends.append(1) or real_append(self, k, v)
     )
     model = tiny()
-    requests = _mixed_requests(12)
     engine = Engine(model, max_batch_size=5, mask_id=MASK, eos_id=2)
-    rids = [engine.add_request(p, c) for p, c in requests]
-    outputs, buffers, steps = {}, [], 0
-    while len(outputs) < len(rids):
-        if steps % 4 == 3 and engine.active:
-            events, failed, _ = engine._isolate()
-            assert not failed
-        else:
-            events = engine.step()
-        steps += 1
-        for event in events:
-            if event.finished:
-                outputs[event.request_id] = event.output
+    buffers = []
+
+    def watch():
         keys = engine._blocks.cache.keys
         if keys and not any(b is keys[0] for b in buffers):
             buffers.append(keys[0])
-    for rid, (prompt, cfg) in zip(rids, requests):
-        assert outputs[rid].token_ids == _alone(model, prompt, cfg), (rid, cfg)
+
+    steps = _decode_stepping_alone_now_and_then(engine, model, watch)
     assert len(appends) > 3 * steps  # forwards attended to the buffer (3 layers each) ...
     assert len(buffers) <= 6 < steps / 4, (len(buffers), steps)  # ... which was rarely replaced
 
@@ -321,20 +332,8 @@ def test_engine_with_the_cache_kept_by_the_model_equals_generate_alone():
 
     model = tiny()
     remote = _KeepsCache(model)
-    requests = _mixed_requests(12)
     engine = Engine(remote, max_batch_size=5, mask_id=MASK, eos_id=2)
-    rids = [engine.add_request(p, c) for p, c in requests]
-    outputs, steps = {}, 0
-    while len(outputs) < len(rids):
-        if steps % 4 == 3 and engine.active:
-            events, failed, _ = engine._isolate()
-            assert not failed
-        else:
-            events = engine.step()
-        steps += 1
-        outputs.update((e.request_id, e.output) for e in events if e.finished)
-    for rid, (prompt, cfg) in zip(rids, requests):
-        assert outputs[rid].token_ids == _alone(model, prompt, cfg), (rid, cfg)
+    _decode_stepping_alone_now_and_then(engine, model)
     assert engine._blocks.cache.keys == []  # the engine itself never held a key or value
     assert all(isinstance(p, RowPlan) for _, plans in remote.sent for p in plans)
     assert sum(len(h.rows) for h in remote.holders) <= 5  # finished rows were evicted
