@@ -9,7 +9,7 @@ serving Engine in blocks of 8 on the same held-out prompts, at every threshold o
 with CAP / without, each model at its fastest threshold whose accuracy is within 0.02 of the run
 without CAP at the served threshold (``at_matched_accuracy``); the same-threshold figures are kept
 in the details. LLaDA2.0-mini reports 2.55 -> 3.72 (1.46x); target >= 1.2. Writes
-docs/benchmarks/cap.json.
+docs/benchmarks/<output.name>.json (cap.json by default).
 
     .venv/bin/python benchmarks/bench_cap.py [--set cap.ar_model=artifacts/ar_to_diffusion/models/ar]
 """
@@ -30,7 +30,7 @@ def bench(cfg, command: str) -> dict:
     matched = at_matched_accuracy(sweeps["converted"], sweeps["converted_cap"], cfg.decoding.threshold, 0.02)
     ratio = matched["ratio"] or 0.0  # 0: no CAP setting reaches the accuracy level
     write_result(
-        "cap",
+        cfg.output.name,  # "cap" unless --set output.name=... (another seed, another block length)
         command=command,
         baseline="the same conversion run without the CAP term, at its fastest threshold of equal accuracy",
         ratio=ratio,
