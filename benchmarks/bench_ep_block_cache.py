@@ -23,8 +23,6 @@ import statistics
 import tempfile
 import time
 
-import torch
-
 from bench_block_diffusion import BLOCK, GEN, MASK, THRESHOLD, model, prompts
 from common import ROOT, write_result
 from diffmoe.generation import DecodingConfig, Engine
