@@ -248,6 +248,21 @@ def test_engine_block_cache_feeds_finished_blocks_once():
     assert out.tokens_fed == stats["tokens_fed"]
 
 
+def test_engine_block_cache_keeps_earlier_rows_when_a_later_row_grows_it():
+    """Rows of very different prompt lengths store their prompts in the same step: each later,
+    longer row grows the buffers, which must keep what the earlier rows of that step stored."""
+    from diffmoe.generation import DecodingConfig, Engine
+
+    model = tiny()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (9, 41, 90)]
+    cfg = DecodingConfig(gen_length=16, block_length=8, threshold=0.5)
+    for order in (prompts, prompts[::-1]):
+        outs = Engine(model, max_batch_size=3, mask_id=MASK, eos_id=2).run(order, cfg)
+        for prompt, out in zip(order, outs):
+            assert out.token_ids == _alone(model, prompt, cfg)
+
+
 def _decode_stepping_alone_now_and_then(engine, model, after_step=lambda: None) -> int:
     """12 mixed requests through ``engine`` (a batch of 5), every fourth step through the engine's
     isolation path (each row alone, as after a failed batched step); every request must decode what

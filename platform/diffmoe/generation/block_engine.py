@@ -149,11 +149,13 @@ class BlockStepper:
                     self.cache.store(
                         r, s.cached, [(k[r : r + 1, :, :upto], v[r : r + 1, :, :upto]) for k, v in kv]
                     )
+                    s.cached += upto  # now: a later row's store may grow the buffers, keeping [0, cached)
         for s, (b, e), upto in zip(group, spans, stores):
             s.steps += 1
             s.tokens_fed += e - b
             if s.pending is not None:
-                s.cached += upto
+                if self.remote:
+                    s.cached += upto
                 s.pending = None
         self._choose_and_commit(group, logits)
         return 1
