@@ -5,7 +5,7 @@ job (diffmoe.bench.conversion): (a) the AR twin, (b) a block-diffusion model con
 final weights, (c) masked diffusion from scratch, (d) block diffusion from scratch (same job as (b)
 from (a)'s untrained weights). Target (issue 18): (b) reaches >= 0.95 of (a)'s final accuracy using
 <= 25% of the tokens (d) needs to get there, i.e. ratio = tokens(d) / tokens(b) at that accuracy >= 4.
-Writes docs/benchmarks/ar_to_diffusion.json and ar_to_diffusion.png.
+Writes docs/benchmarks/<output.name>.json and .png (ar_to_diffusion by default).
 
     .venv/bin/python benchmarks/bench_ar_to_diffusion.py [--set conversion.convert_checkpoints=[0,100] ...]
 """
@@ -87,10 +87,11 @@ def bench(cfg, command: str) -> dict:
     result = run_conversion_benchmark(cfg)
     share = cfg.conversion.target_accuracy_share
     ratio, summary, checks = summarise(result, share)
-    png = ROOT / "docs" / "benchmarks" / "ar_to_diffusion.png"
+    name = cfg.output.name  # "ar_to_diffusion" unless --set output.name=... (e.g. another seed)
+    png = ROOT / "docs" / "benchmarks" / f"{name}.png"
     plot(result["curves"], summary["target_level"], png)
     write_result(
-        "ar_to_diffusion",
+        name,
         command=command,
         baseline=BASELINE,
         ratio=ratio,
@@ -114,10 +115,10 @@ def bench(cfg, command: str) -> dict:
                 "curve (a). Accuracy is exact match on task.eval_examples held-out prompts, "
                 "decoded by the serving Engine at temperature 0."
             ),
-            "plot": "ar_to_diffusion.png",
+            "plot": png.name,
         },
     )
-    return {"benchmark": "ar_to_diffusion", "ratio": ratio}
+    return {"benchmark": name, "ratio": ratio}
 
 
 def main(argv: list[str] | None = None) -> int:
