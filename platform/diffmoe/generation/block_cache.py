@@ -187,10 +187,15 @@ class HeldRows:
         self.rows: dict[str, _HeldRow] = {}
 
     def evict(self, keys) -> None:
+        """Drop these rows' caches; with no row left the buffers go too (an idle worker holds none)."""
         for key in keys:
             row = self.rows.pop(key, None)
             if row is not None:
                 row.finish_reason, row.past = "evicted", None  # leaves the slots without a copy
+        if not self.rows:
+            self.cache = BlockKVCache()
+        else:
+            self.cache.bind([row for row in self.cache.slots if row.key in self.rows])
 
     def step(self, backbone, ids, plans: list[RowPlan]) -> torch.Tensor:
         """Run ``backbone`` on ``ids`` [R, width] (row r planned by ``plans[r]``) over the held

@@ -166,10 +166,7 @@ class BlockStepper:
         for s in group:
             if s.cache_key is None:  # unique for the engine's life, unlike a client's request id
                 s.cache_key = f"{s.id}#{next(self._keys)}"
-        present = {s.cache_key for s in group}
-        evict = [k for k, s in self.held.items() if k not in present and (s.finish_reason or s.dropped)]
-        for key in evict:
-            del self.held[key]
+        evict = self._gone({s.cache_key for s in group})
         self.held.update((s.cache_key, s) for s in group)
         plans = [
             RowPlan(s.cache_key, s.cached, int(n), int(b), s.cfg.block_length, upto)
@@ -178,6 +175,20 @@ class BlockStepper:
         hidden = self.model.block_step(ids, plans, evict)
         picked = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.model.lm_head(picked)
+
+    def _gone(self, present=frozenset()) -> list[str]:
+        """Forget the held rows, not in ``present``, that finished or were dropped; their keys."""
+        gone = [k for k, s in self.held.items() if k not in present and (s.finish_reason or s.dropped)]
+        for key in gone:
+            del self.held[key]
+        return gone
+
+    def release_finished(self) -> None:
+        """Evict finished rows' caches now rather than at the next step (the engine is going idle)."""
+        if self.remote:
+            gone = self._gone()
+            if gone:
+                self.model.release(gone)
 
     def forget(self, seq) -> None:
         """``seq`` left the engine unfinished (its step failed): its held cache goes at the next step."""

@@ -203,7 +203,14 @@ class Engine:
             for event in self.step():
                 if event.finished:
                     done[event.request_id] = event.output
+        self.release_finished()
         return [done[i] for i in ids]
+
+    def release_finished(self) -> None:
+        """Free what finished requests still hold where the model runs (an expert-parallel
+        replica's workers keep block caches until told); called when the engine goes idle."""
+        if self._blocks is not None:
+            self._blocks.release_finished()
 
     # ---- batched forwards ----------------------------------------------------------------------
     def _block_index(self, group, starts):
@@ -318,6 +325,10 @@ class Engine:
         while True:
             if not self.has_unfinished():
                 self._wake.clear()
+                try:
+                    await asyncio.to_thread(self.release_finished)
+                except Exception:  # noqa: BLE001 - best effort: a dead worker shows in the health check
+                    pass
                 if not self.has_unfinished():
                     await self._wake.wait()
                 continue

@@ -88,6 +88,9 @@ class ExpertParallelWorker:
         kv = None if kv is None else [(k.cpu(), v.cpu()) for k, v in kv]
         return out.last_hidden_state.cpu(), kv
 
+    def evict(self, keys) -> None:
+        self.held.evict(keys)
+
     @torch.inference_mode()
     def block_step(self, ids, plans, evict):
         """One block-diffusion step of this rank's rows over the caches it keeps (``HeldRows``):
@@ -200,6 +203,11 @@ class ExpertParallelModel(nn.Module):
                     hidden = out.new_empty(ids.shape[0], *out.shape[1:])
                 hidden[idx] = out
         return hidden.to(self.model.device, self.model.dtype)
+
+    def release(self, keys) -> None:
+        """Evict these rows' caches from the workers that hold them (no forward, no collective)."""
+        _, drops = self.router.route([], keys)
+        ray.get([w.evict.remote(d) for w, d in zip(self.workers, drops) if d])
 
     async def ping(self) -> None:
         """Raises if a worker is dead (Ray's actor-ready probe; queued behind a running forward)."""
