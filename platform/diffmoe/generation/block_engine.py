@@ -150,13 +150,10 @@ class BlockStepper:
                         r, s.cached, [(k[r : r + 1, :, :upto], v[r : r + 1, :, :upto]) for k, v in kv]
                     )
                     s.cached += upto  # now: a later row's store may grow the buffers, keeping [0, cached)
-        for s, (b, e), upto in zip(group, spans, stores):
+        for s, (b, e) in zip(group, spans):
             s.steps += 1
             s.tokens_fed += e - b
-            if s.pending is not None:
-                if self.remote:
-                    s.cached += upto
-                s.pending = None
+            s.pending = None  # whatever was pending is cached now
         self._choose_and_commit(group, logits)
         return 1
 
@@ -173,6 +170,8 @@ class BlockStepper:
             for s, b, n, upto in zip(group, begin, fed, stores)
         ]
         hidden = self.model.block_step(ids, plans, evict)
+        for s, upto in zip(group, stores):
+            s.cached += upto  # the holder stored them
         picked = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.model.lm_head(picked)
 

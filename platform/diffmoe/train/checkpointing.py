@@ -35,27 +35,28 @@ def save_checkpoint(engine, model, state: dict[str, Any], rank: int, directory: 
     """Collective: every rank calls it with its own local ``directory``. With a weight average
     (``ema``) its published-layout copy goes to ``ema/``."""
     engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG)
-    digest = _write_published(model, rank, directory / "model")
+    digest = _write_published(model, rank, directory / "model", fingerprint=True)
     if ema is not None:
         with ema.swapped():
-            _write_published(model, rank, directory / EMA_DIR)
+            _write_published(model, rank, directory / EMA_DIR, fingerprint=False)
     if rank == 0:
         state = {**state, "weights_fingerprint": digest}
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def _write_published(model, rank: int, directory: Path) -> str | None:
-    """Stream the weights in the published layout to rank 0's writer; rank 0 gets their digest."""
+def _write_published(model, rank: int, directory: Path, fingerprint: bool) -> str | None:
+    """Stream the weights in the published layout to rank 0's writer; with ``fingerprint`` rank 0
+    gets their digest (the resume check reads the trained weights' only)."""
     writer = ShardWriter(directory) if rank == 0 else None
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if fingerprint and writer is not None else None
     for name, tensor in iter_published_state(model):  # collective: every rank runs it to the end
         if writer is not None:
-            _digest_update(digest, name, tensor)
+            if digest is not None:
+                _digest_update(digest, name, tensor)
             writer.add(name, tensor)
-    if writer is None:
-        return None
-    writer.close(model.config)
-    return digest.hexdigest()
+    if writer is not None:
+        writer.close(model.config)
+    return None if digest is None else digest.hexdigest()
 
 
 def restore_average(ema, model, directory: Path) -> bool:
