@@ -25,6 +25,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -66,6 +67,11 @@ class ConversionSection(StrictModel):
     # lr 3e-3 the last step's weights swung by up to 0.25 exact match between neighbouring points.
     # null: the last step's weights.
     ema_decay: float | None = Field(0.99, gt=0, lt=1)
+    # Loss weighting of every block-diffusion side (converted and from scratch alike). token_mean
+    # (dFactory's mean CE over masked tokens): block diffusion from scratch on sort reached 0.93 /
+    # 0.97 exact match at 400 / 500 steps, against 0.59 / 0.82 under elbo (LLaDA's CE / p with p
+    # down to 0.001: a few rows with huge weights dominate the gradient).
+    weighting: Literal["elbo", "token_mean"] = "token_mean"
 
 
 class ConversionBenchConfig(CompareConfig):
@@ -111,7 +117,7 @@ def side_job(
         ladder = c.ladder if side.startswith("converted") else []
         lr = c.convert_lr if side.startswith("converted") else None
         schedule = schedule_upto(ladder, steps, c.serving_block_length)
-        convert_job(job, init_from, schedule, lr, confidence_beta)
+        convert_job(job, init_from, schedule, lr, confidence_beta, c.weighting)
     return TrainJobConfig.model_validate(job)
 
 

@@ -161,12 +161,21 @@ def check_section(cfg: CompareConfig, *, every, prompts, seed, target, block_len
     }
 
 
-def convert_job(job: dict, init_from: str, block_schedule, lr: float | None, confidence_beta: float = 0.0):
+def convert_job(
+    job: dict,
+    init_from: str,
+    block_schedule,
+    lr: float | None,
+    confidence_beta: float = 0.0,
+    weighting: str | None = None,
+):
     """Turn a training job (dict) into AR -> block-diffusion conversion of ``init_from``: LLaDA2
-    layout, the block-size schedule, the aux-loss balance of the source model, CAP weight."""
+    layout, the block-size schedule, the aux-loss balance of the source model, CAP weight and the
+    loss weighting (None: the objective's default)."""
     job["model"].update(init_from=init_from, convert_to="block_diffusion", overrides={})
+    block = {"confidence_beta": confidence_beta, **({"weighting": weighting} if weighting else {})}
     job["train"].setdefault("objective", {}).update(
-        block_schedule=block_schedule, balance="aux_loss", block={"confidence_beta": confidence_beta}
+        block_schedule=block_schedule, balance="aux_loss", block=block
     )
     if lr is not None:
         job["optim"]["lr"] = lr
