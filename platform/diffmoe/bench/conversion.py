@@ -62,7 +62,7 @@ class ConversionSection(StrictModel):
     target_accuracy_share: float = Field(0.95, gt=0, le=1)  # converted must reach this share of AR's
     # Each side is one training run whose accuracy is measured inside it (train.check on the reported
     # prompts) every gcd(curve_every, checkpoints) steps: the curve has every checkpoint, and more.
-    curve_every: int = Field(100, ge=1)
+    curve_every: int = Field(50, ge=1)
     # Every side is measured and exported as its weight average (train.ema_decay): at the constant
     # lr 3e-3 the last step's weights swung by up to 0.25 exact match between neighbouring points.
     # null: the last step's weights.
