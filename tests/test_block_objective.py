@@ -56,7 +56,7 @@ def test_loss_equals_the_blockwise_reference(length, bl, attention):
     model = tiny()
     x = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
     obj = BlockObjectiveConfig(
-        block_length=bl, t_min=0.3, t_max=0.8, confidence_beta=0.5, attention=attention
+        block_length=bl, t_min=0.3, t_max=0.8, confidence_beta=0.5, attention=attention, weighting="elbo"
     )
     with torch.set_grad_enabled(attention == "dense"):  # flex has no backward on CPU (GPU: gpu_check)
         got = block_diffusion_loss(

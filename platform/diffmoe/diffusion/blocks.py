@@ -36,7 +36,10 @@ class BlockObjectiveConfig(StrictModel):
     block_length: int = 32
     t_min: float = 0.001  # mask probability drawn per row from U(t_min, t_max); SFT often 0.3..0.8
     t_max: float = 1.0
-    weighting: Literal["elbo", "token_mean"] = "elbo"  # CE / p (LLaDA bound) or plain mean over masked
+    # token_mean: plain mean CE over masked tokens (dFactory); elbo: CE / p (the LLaDA bound). With p
+    # down to t_min the elbo's rare 1/p weights dominate the gradient: from scratch on the sort task
+    # (bench_ar_to_diffusion) token_mean reached 0.97 exact match in 500 steps, elbo 0.82.
+    weighting: Literal["elbo", "token_mean"] = "token_mean"
     confidence_beta: float = 0.0  # CAP: weight of the entropy term on correctly predicted masked tokens
     # dense: a [B, 1, 2L, 2L] mask through SDPA; flex: a block-sparse BlockMask through flex attention
     # (never materialised; compiled into one kernel on GPU); auto: flex on GPU, dense elsewhere.
