@@ -8,7 +8,7 @@ the continuous-batching Engine at batch 32, on the block-diffusion benchmark's m
 - ours: each request pinned to one worker, which keeps its keys/values (``HeldRows``); a step sends
   token ids and per-row lengths;
 - baseline: the engine keeps the cache and every forward sends each worker its rows' cached
-  keys/values and gets the new ones back (the path before, still used by masked diffusion).
+  keys/values and gets the new ones back (the path before; masked diffusion: bench_ep_window_cache).
 
 Both sides run the same workers, interleaved, medians over ``--repeats`` runs of the whole prompt
 set. Quality: both sides' answers are compared token for token with the single-process Engine's.
@@ -64,6 +64,36 @@ def run(ep_model, ps, keep: bool):
     )
 
 
+def compare(ep, run, reference, tokens: int, repeats: int) -> list[dict]:
+    """Both sides on the same workers, interleaved (drift on a shared machine hits both), medians
+    over ``repeats`` runs; ``run(keep)`` -> (seconds, answers, forwards, kv bytes sent)."""
+    ep.model = _CountingBackbone(ep.model)
+    times = {s: [] for s in SIDES}
+    results = {}
+    for _ in range(repeats):
+        for side in SIDES:
+            seconds, answers, forwards, sent = run(side == SIDES[0])
+            times[side].append(seconds)
+            results[side] = (answers, forwards, sent)
+    rows = []
+    for side in SIDES:
+        answers, forwards, sent = results[side]
+        med = statistics.median(times[side])
+        same = sum(a == r for a, r in zip(answers, reference))
+        rows.append(
+            {
+                "method": side,
+                "seconds_median": round(med, 3),
+                "seconds_all": [round(t, 3) for t in times[side]],
+                "tokens_per_s": round(tokens / med, 1),
+                "forwards": forwards,
+                "kv_bytes_across_processes_per_run": sent,
+                "answers_equal_to_single_process": f"{same}/{len(reference)}",
+            }
+        )
+    return rows
+
+
 def main() -> None:
     import ray
 
@@ -85,33 +115,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             m.save_pretrained(d)
             ep = ExpertParallelModel.start(m.config, 2, d, None, worker_cpus=1.0)
-        ep.model = _CountingBackbone(ep.model)
-        times = {s: [] for s in SIDES}
-        results = {}
-        for _ in range(args.repeats):  # interleaved: drift on a shared machine hits both sides
-            for side in SIDES:
-                seconds, answers, forwards, sent = run(ep, ps, keep=side == SIDES[0])
-                times[side].append(seconds)
-                results[side] = (answers, forwards, sent)
+        rows = compare(ep, lambda keep: run(ep, ps, keep), reference, GEN * len(ps), args.repeats)
         ep.shutdown()
     finally:
         ray.shutdown()
-    tokens = GEN * len(ps)
-    rows = []
-    for side in SIDES:
-        answers, forwards, sent = results[side]
-        med = statistics.median(times[side])
-        rows.append(
-            {
-                "method": side,
-                "seconds_median": round(med, 3),
-                "seconds_all": [round(t, 3) for t in times[side]],
-                "tokens_per_s": round(tokens / med, 1),
-                "forwards": forwards,
-                "kv_bytes_across_processes_per_run": sent,
-                "answers_equal_to_single_process": f"{sum(a == r for a, r in zip(answers, reference))}/{len(ps)}",
-            }
-        )
     ours, base = rows
     identical = all(r["answers_equal_to_single_process"] == f"{len(ps)}/{len(ps)}" for r in rows)
     write_result(

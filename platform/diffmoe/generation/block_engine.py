@@ -24,12 +24,11 @@ it) is sent each row's ``RowPlan`` instead, and finished rows are evicted from i
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from .block_cache import BlockKVCache, RowPlan, step_mask
 from .block_diffusion import commit_block, sample_tokens
+from .remote_cache import RemoteRows
 from .sampler import block_logits, transfer_schedule
 from .sequence import Sequence
 
@@ -47,8 +46,6 @@ class BlockSequence(Sequence):
         self.pending = (0, self.block * bl)  # positions fed once and then cached: the prompt's whole blocks
         self.cached = 0  # positions whose keys/values are in ``past``
         self.post = 0  # editing steps after the block's last mask
-        self.cache_key: str | None = None  # its cache's name where the model keeps the cache
-        self.dropped = False  # left the engine unfinished (its step failed)
         self.schedule = self._schedule()
 
     @property
@@ -105,14 +102,12 @@ class BlockStepper:
         self.model, self.device = model, device
         self.cache = BlockKVCache()
         # A model that keeps the cache where it runs (``keeps_block_cache``: the expert-parallel
-        # stand-in) is sent token ids and per-row lengths instead; it holds the rows of ``held``.
-        self.remote = bool(getattr(model, "keeps_block_cache", False))
-        self.held: dict[str, BlockSequence] = {}
-        self._keys = itertools.count()
+        # stand-in) is sent token ids and per-row lengths instead (``remote``: which rows it holds).
+        self.remote = RemoteRows(model) if getattr(model, "keeps_block_cache", False) else None
 
     def step(self, group) -> int:
         """One step for every row of ``group``; returns the number of forwards (1)."""
-        if not self.remote:
+        if self.remote is None:
             group = self.cache.bind(group)  # rows in slot order from here on
         rows = len(group)
         spans = [s.fed_span() for s in group]
@@ -126,7 +121,7 @@ class BlockStepper:
         block_width = max(s.cfg.block_length for s in group)
         starts = torch.tensor([s.block_span[0] - b for s, (b, _) in zip(group, spans)])
         index = torch.minimum(starts[:, None] + torch.arange(block_width)[None], fed[:, None] - 1)
-        if self.remote:
+        if self.remote is not None:
             logits = self._remote_logits(group, ids, begin, fed, stores, index)
         else:
             past = self.cache.views(width)
@@ -160,14 +155,10 @@ class BlockStepper:
     def _remote_logits(self, group, ids, begin, fed, stores, index):
         """The step on a model that keeps the cache: plans out, hidden states back, LM head here.
         Rows held from earlier steps that have finished (or were dropped) are evicted."""
-        for s in group:
-            if s.cache_key is None:  # unique for the engine's life, unlike a client's request id
-                s.cache_key = f"{s.id}#{next(self._keys)}"
-        evict = self._gone({s.cache_key for s in group})
-        self.held.update((s.cache_key, s) for s in group)
+        keys, evict = self.remote.keys_of(group)
         plans = [
-            RowPlan(s.cache_key, s.cached, int(n), int(b), s.cfg.block_length, upto)
-            for s, b, n, upto in zip(group, begin, fed, stores)
+            RowPlan(key, s.cached, int(n), int(b), s.cfg.block_length, upto)
+            for key, s, b, n, upto in zip(keys, group, begin, fed, stores)
         ]
         hidden = self.model.block_step(ids, plans, evict)
         for s, upto in zip(group, stores):
@@ -175,23 +166,10 @@ class BlockStepper:
         picked = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.model.lm_head(picked)
 
-    def _gone(self, present=frozenset()) -> list[str]:
-        """Forget the held rows, not in ``present``, that finished or were dropped; their keys."""
-        gone = [k for k, s in self.held.items() if k not in present and (s.finish_reason or s.dropped)]
-        for key in gone:
-            del self.held[key]
-        return gone
-
     def release_finished(self) -> None:
         """Evict finished rows' caches now rather than at the next step (the engine is going idle)."""
-        if self.remote:
-            gone = self._gone()
-            if gone:
-                self.model.release(gone)
-
-    def forget(self, seq) -> None:
-        """``seq`` left the engine unfinished (its step failed): its held cache goes at the next step."""
-        seq.dropped = True
+        if self.remote is not None:
+            self.remote.release_finished()
 
     def _choose_and_commit(self, group, logits) -> None:
         """Predict per row (batched at temperature 0), then commit all rows in one call."""

@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 from .autoregressive import PastStack, ar_step, stack_past
 from .block_engine import BlockSequence, BlockStepper
 from .config import DecodingConfig, check_prompt, decoding_family
+from .remote_cache import RemoteWindows
 from .sampler import block_logits, predict, select_transfer
 from .sequence import RequestOutput, Sequence, StreamEvent
 from .streaming import encode_prompt
@@ -66,6 +67,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self._window_past = PastStack()  # cached steps reuse the stacked caches inside a block
         self._blocks = BlockStepper(self.model, self.device) if self.family == "block_diffusion" else None
+        # masked diffusion on a model that keeps each row's window cache where it runs (expert parallel)
+        keeps = self.family == "masked_diffusion" and getattr(model, "keeps_row_caches", False)
+        self._windows = RemoteWindows(self.model) if keeps else None
         self.active: dict[str, Sequence] = {}
         self._pending: dict[str, Sequence] = {}  # queued, in arrival order
         self._cancelled: set[str] = set()
@@ -175,9 +179,7 @@ class Engine:
                 advanced = True
             except Exception as err:  # noqa: BLE001 - reported to that request only
                 failed[seq.id] = err
-                seq.past = None
-                if self._blocks is not None:
-                    self._blocks.forget(seq)
+                seq.past, seq.dropped = None, True  # a cache the model keeps for it goes at the next step
                 with self._lock:
                     self.active.pop(seq.id, None)
         return events, failed, advanced
@@ -211,6 +213,8 @@ class Engine:
         replica's workers keep block caches until told); called when the engine goes idle."""
         if self._blocks is not None:
             self._blocks.release_finished()
+        if self._windows is not None:
+            self._windows.release_finished()
 
     # ---- batched forwards ----------------------------------------------------------------------
     def _block_index(self, group, starts):
@@ -228,44 +232,50 @@ class Engine:
         key_mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
         use_cache = any(s.cfg.cache != "none" for s in group)
         pos = self._block_index(group, [s.block_span[0] for s in group])
-        logits, kv = block_logits(
-            self.model, ids.to(self.device), pos, attention_mask=key_mask.to(self.device), use_cache=use_cache
-        )
+        if self._windows is not None:
+            logits = self._windows.full(group, ids, key_mask, pos)
+        else:
+            logits, kv = block_logits(
+                self.model,
+                ids.to(self.device),
+                pos,
+                attention_mask=key_mask.to(self.device),
+                use_cache=use_cache,
+            )
+            for r, s in enumerate(group):
+                if use_cache and s.cfg.cache != "none":
+                    s.keep_cache(kv, r)
         self.forwards += 1
-        for r, s in enumerate(group):
+        for s in group:
             s.steps += 1
             s.tokens_fed += s.length
-            if use_cache and s.cfg.cache != "none":
-                s.keep_cache(kv, r)
         return logits
 
     def _forward_window(self, group):
         """Each row feeds only its window at its true positions and attends to its cached rest."""
         windows = [s.window for s in group]
         fed = [we - ws for ws, we in windows]
-        past, pasts, past_width = self._window_past.get(group, stack_past)
         rows, width = len(group), max(fed)
         ids = torch.full((rows, width), self.mask_id, dtype=torch.long)
         position_ids = torch.zeros(rows, width, dtype=torch.long)
         for r, (s, (ws, we)) in enumerate(zip(group, windows)):
             ids[r, : we - ws] = s.x[ws:we]
             position_ids[r] = torch.arange(ws, ws + width)
-        key_mask = torch.cat(
-            [
-                torch.arange(past_width)[None] < torch.tensor(pasts)[:, None],
-                torch.arange(width)[None] < torch.tensor(fed)[:, None],
-            ],
-            1,
-        )
+        fed_mask = torch.arange(width)[None] < torch.tensor(fed)[:, None]
         pos = self._block_index(group, [s.block_span[0] - ws for s, (ws, _) in zip(group, windows)])
-        logits, _ = block_logits(
-            self.model,
-            ids.to(self.device),
-            pos,
-            attention_mask=key_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            past_key_values=past,
-        )
+        if self._windows is not None:
+            logits = self._windows.window(group, ids, fed_mask, position_ids, pos)
+        else:
+            past, pasts, past_width = self._window_past.get(group, stack_past)
+            key_mask = torch.cat([torch.arange(past_width)[None] < torch.tensor(pasts)[:, None], fed_mask], 1)
+            logits, _ = block_logits(
+                self.model,
+                ids.to(self.device),
+                pos,
+                attention_mask=key_mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                past_key_values=past,
+            )
         self.forwards += 1
         for s, n in zip(group, fed):
             s.steps += 1

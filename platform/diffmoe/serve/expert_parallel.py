@@ -1,9 +1,11 @@
 """Expert-parallel model replicas: K Ray actors hold 1/K of every MoE layer's experts each.
 
-The replica keeps the engine (scheduling, canvases, KV caches) and hands each forward pass to
+The replica keeps the engine (scheduling, canvases) and hands each forward pass to
 ``ExpertParallelModel``, a stand-in for the model that splits the batch's rows across the K workers.
-Block diffusion is the exception to "the replica keeps the caches": there each worker keeps the
-caches of the rows pinned to it (``block_step``), and only token ids and lengths travel per step.
+Diffusion caches stay where they are computed: each worker keeps the caches of the rows pinned to it
+(block diffusion: ``block_step``; masked diffusion's window caches: ``window_full`` and
+``window_cached``), and only token ids, masks and per-row lengths travel per step. The causal twin's
+decoding still sends its caches with every forward (``forward``).
 Workers run the backbone only and send back final hidden states (bf16 on GPU), never
 vocabulary-wide logits: the replica holds the LM head and applies it only at the positions the
 sampler reads (``sampler.block_logits``), which for a 157k vocabulary is ~77x fewer bytes per
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from diffmoe.generation.block_cache import HeldRows, RowRouter
+from diffmoe.generation.remote_cache import WindowHolder
 
 
 @ray.remote
@@ -70,6 +73,7 @@ class ExpertParallelWorker:
         self.backbone = model.model.eval()  # the LM head lives on the replica
         del model
         self.held = HeldRows()  # block diffusion: this rank's rows' caches, kept here
+        self.windows = WindowHolder()  # masked diffusion: this rank's rows' window caches
         return config.num_experts // self.world
 
     @torch.inference_mode()
@@ -90,17 +94,37 @@ class ExpertParallelWorker:
 
     def evict(self, keys) -> None:
         self.held.evict(keys)
+        self.windows.evict(keys)
+
+    def _dummy(self, ids, evict):
+        """A rank without rows still runs (the all-to-alls need every rank) and returns None."""
+        self.evict(evict)
+        self.backbone(ids[:1].to(self.device))
 
     @torch.inference_mode()
     def block_step(self, ids, plans, evict):
         """One block-diffusion step of this rank's rows over the caches it keeps (``HeldRows``):
-        final hidden states on the CPU. Without rows it runs a dummy row (the all-to-alls need
-        every rank) and returns None."""
-        self.held.evict(evict)
+        final hidden states on the CPU."""
         if not plans:
-            self.backbone(ids[:1].to(self.device))
-            return None
+            return self._dummy(ids, evict)
+        self.held.evict(evict)
         return self.held.step(self.backbone, ids, plans).cpu()
+
+    @torch.inference_mode()
+    def window_full(self, ids, key_mask, index, keeps, evict):
+        """Masked diffusion's full pass on this rank's rows, keeping their window caches here."""
+        if not keeps:
+            return self._dummy(ids, evict)
+        self.windows.evict(evict)
+        return self.windows.full(self.backbone, ids, key_mask, index, keeps).cpu()
+
+    @torch.inference_mode()
+    def window_cached(self, ids, fed_mask, positions, index, rows, evict):
+        """Masked diffusion's cached step on this rank's rows over the window caches kept here."""
+        if not rows:
+            return self._dummy(ids, evict)
+        self.windows.evict(evict)
+        return self.windows.cached(self.backbone, ids, fed_mask, positions, index, rows).cpu()
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -118,11 +142,13 @@ class ExpertParallelModel(nn.Module):
     workers and gathers hidden states and caches back in row order; ``lm_head`` runs here, on the
     replica's device (its GPU when it has one), only where the sampler needs logits.
 
-    Block diffusion (LLaDA2.x) goes through ``block_step`` instead: each row is pinned to one worker
-    for its life and its keys/values stay there, so a step sends token ids and per-row lengths and
-    gets hidden states back; the caches never cross processes."""
+    Diffusion goes through ``block_step`` (LLaDA2.x) or ``window_full`` / ``window_cached``
+    (LLaDA-MoE) instead: each row is pinned to one worker for its life and its keys/values stay
+    there, so a step sends token ids and per-row lengths and gets hidden states back; the caches
+    never cross processes."""
 
     keeps_block_cache = True  # read by the engine's block-diffusion stepper only
+    keeps_row_caches = True  # masked diffusion: each row's window cache stays on its worker
 
     def __init__(self, workers: list, config, lm_head_weight: torch.Tensor):
         super().__init__()
@@ -191,18 +217,35 @@ class ExpertParallelModel(nn.Module):
     def block_step(self, ids, plans, evict):
         """Final hidden states [R, width, hidden] of one block-diffusion step, rows on their
         workers (see the class docstring); ``evict``: cache keys of rows that are gone."""
-        rows, drops = self.router.route(plans, evict)
+        return self._on_ranks("block_step", plans, evict, ids)
+
+    def window_full(self, ids, key_mask, index, keeps, evict):
+        """Masked diffusion's full pass: each worker keeps its rows' caches outside their windows
+        (``RowKeep``); final hidden states at ``index`` [R, n] come back."""
+        return self._on_ranks("window_full", keeps, evict, ids, key_mask, index)
+
+    def window_cached(self, ids, fed_mask, positions, index, rows, evict):
+        """Masked diffusion's cached step: windows out, read over the caches the workers keep."""
+        return self._on_ranks("window_cached", rows, evict, ids, fed_mask, positions, index)
+
+    def _on_ranks(self, method: str, items, evict, *tensors):
+        """Call the workers' ``method`` with their pinned rows' slices of ``tensors`` and of
+        ``items`` (anything with a cache ``key``) and the evicted keys they hold; a worker without
+        rows gets row 0 as a dummy (the all-to-alls need every rank). Results in row order."""
+        rows, drops = self.router.route(items, evict)
         refs = [
-            worker.block_step.remote(ids[idx] if idx else ids[:1], [plans[i] for i in idx], drop)
+            getattr(worker, method).remote(
+                *[t[idx] if idx else t[:1] for t in tensors], [items[i] for i in idx], drop
+            )
             for worker, idx, drop in zip(self.workers, rows, drops)
         ]
-        hidden = None
-        for idx, out in zip(rows, ray.get(refs)):
+        out = None
+        for idx, part in zip(rows, ray.get(refs)):
             if idx:
-                if hidden is None:
-                    hidden = out.new_empty(ids.shape[0], *out.shape[1:])
-                hidden[idx] = out
-        return hidden.to(self.model.device, self.model.dtype)
+                if out is None:
+                    out = part.new_empty(len(items), *part.shape[1:])
+                out[idx] = part
+        return out.to(self.model.device, self.model.dtype)
 
     def release(self, keys) -> None:
         """Evict these rows' caches from the workers that hold them (no forward, no collective)."""
