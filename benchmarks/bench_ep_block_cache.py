@@ -119,30 +119,42 @@ def main() -> None:
         ep.shutdown()
     finally:
         ray.shutdown()
-    ours, base = rows
-    identical = all(r["answers_equal_to_single_process"] == f"{len(ps)}/{len(ps)}" for r in rows)
-    write_result(
+    report(
         "ep_block_cache",
-        command="python benchmarks/bench_ep_block_cache.py",
-        baseline="expert-parallel Engine (2 workers) that sends each forward's cached keys/values to "
-        "the workers and gets the new ones back",
+        "expert-parallel Engine (2 workers) that sends each forward's cached keys/values to the workers "
+        "and gets the new ones back",
+        rows,
+        {
+            "model": "llada2-tiny (random, sharpened head), fp32, vocab 512, 8 experts over 2 workers",
+            "prompts": len(ps),
+            "gen_length": GEN,
+            "block_length": BLOCK,
+            "threshold": THRESHOLD,
+            "repeats": args.repeats,
+        },
+    )
+
+
+def report(name: str, baseline: str, rows: list[dict], details: dict) -> None:
+    """The result file of a kept-vs-sent comparison (``compare``'s rows, ours first)."""
+    ours, base = rows
+    n = ours["answers_equal_to_single_process"].split("/")[1]
+    write_result(
+        name,
+        command=f"python benchmarks/bench_{name}.py",
+        baseline=baseline,
         ratio=ours["tokens_per_s"] / base["tokens_per_s"],
         target="no key or value crosses processes, at least the baseline's tokens/s, answers identical "
         "to the single-process Engine",
         target_ratio=1.0,
         checks={
             "no_kv_bytes_sent": ours["kv_bytes_across_processes_per_run"] == 0,
-            "answers_identical": identical,
+            "answers_identical": all(r["answers_equal_to_single_process"] == f"{n}/{n}" for r in rows),
         },
         details={
-            "model": "llada2-tiny (random, sharpened head), fp32, vocab 512, 8 experts over 2 workers",
-            "prompts": len(ps),
-            "gen_length": GEN,
-            "block_length": BLOCK,
-            "threshold": THRESHOLD,
+            **details,
             "max_batch_size": 32,
             "workers": "2 Ray actors, 1 CPU each, gloo",
-            "repeats": args.repeats,
             "rows": rows,
             "kv_bytes_per_forward_baseline": round(
                 base["kv_bytes_across_processes_per_run"] / base["forwards"]

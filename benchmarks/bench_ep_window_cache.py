@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from bench_ep_block_cache import compare
-from common import ROOT, write_result
+from bench_ep_block_cache import compare, report
+from common import ROOT
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.model import LLaDAMoEModelLM, named_config
 
@@ -88,35 +88,18 @@ def main() -> None:
         ep.shutdown()
     finally:
         ray.shutdown()
-    ours, base = rows
-    identical = all(r["answers_equal_to_single_process"] == f"{len(ps)}/{len(ps)}" for r in rows)
-    write_result(
+    report(
         "ep_window_cache",
-        command="python benchmarks/bench_ep_window_cache.py",
-        baseline="expert-parallel Engine (2 workers) that takes every full pass's keys/values back "
-        "from the workers and sends the rows' caches with every cached step",
-        ratio=ours["tokens_per_s"] / base["tokens_per_s"],
-        target="no key or value crosses processes, at least the baseline's tokens/s, answers identical "
-        "to the single-process Engine",
-        target_ratio=1.0,
-        checks={
-            "no_kv_bytes_sent": ours["kv_bytes_across_processes_per_run"] == 0,
-            "answers_identical": identical,
-        },
-        details={
+        "expert-parallel Engine (2 workers) that takes every full pass's keys/values back from the "
+        "workers and sends the rows' caches with every cached step",
+        rows,
+        {
             "model": "LLaDA-MoE tiny (random), fp32, vocab 512, 8 experts over 2 workers",
             "prompts": len(ps),
             "decoding": DECODING.model_dump(include={"gen_length", "block_length", "steps", "cache"}),
-            "max_batch_size": 32,
-            "workers": "2 Ray actors, 1 CPU each, gloo",
             "repeats": args.repeats,
-            "rows": rows,
-            "kv_bytes_per_forward_baseline": round(
-                base["kv_bytes_across_processes_per_run"] / base["forwards"]
-            ),
         },
     )
-    print({r["method"]: (r["tokens_per_s"], r["kv_bytes_across_processes_per_run"]) for r in rows})
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ same engine, batching and server makes the comparison honest. Each request keeps
 canvas (prompt + ``gen_length`` [MASK] slots) and fills it strictly left to right, so
 ``Sequence.collect`` (final prefix, EOS / stop ids, ``max_tokens``, stop strings) works unchanged.
 
-Per engine step:
+Per engine step (``ARStepper``):
 - prefill: requests without a cache share one right-padded forward over their prompts
   (``use_cache``); the next token comes from each row's last prompt position;
 - decode: the others share one forward that feeds only their last committed token at its true
-  position and attends to their own KV cache (caches right-padded to the longest, the padding
-  masked by a key mask); the next token comes from that position (the AR shift).
+  position and attends to their own KV cache, kept in one preallocated buffer for the batch
+  (``block_cache.BlockKVCache``, shorter caches' padding masked) where each step writes the new
+  keys/values in place; the next token comes from that position (the AR shift).
 The next token is the argmax at temperature 0, else a draw from softmax(logits / T) (Gumbel-max in
 float64) with the request's own generator, so a request decodes the same tokens alone or batched.
 Diffusion-only settings (``steps``, ``threshold``, ``factor``, ``cache``, ``remasking``) are ignored.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .block_cache import BlockKVCache, step_mask
 from .sampler import add_gumbel_noise, block_logits, top_k_top_p
 
 
@@ -65,51 +67,86 @@ class PastStack:
         self._rows = self._value = None
 
 
-def prefill(model, group, pad_id: int, device) -> torch.Tensor:
-    """One padded pass over the prompts; keep each row's cache; logits [R, V] of the next token."""
-    lengths = [s.plen for s in group]
-    width = max(lengths)
-    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-    for r, s in enumerate(group):
-        ids[r, : s.plen] = s.x[: s.plen]
-    key_mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
-    last = torch.tensor(lengths)[:, None] - 1
-    logits, kv = block_logits(
-        model, ids.to(device), last.to(device), attention_mask=key_mask.to(device), use_cache=True
-    )
-    for r, s in enumerate(group):
-        s.past = [(k[r : r + 1, :, : s.plen], v[r : r + 1, :, : s.plen]) for k, v in kv]
-        s.steps += 1
-        s.tokens_fed += s.plen
-    return logits[:, 0]
+class ARStepper:
+    """Next-token steps for a batch over one preallocated cache (``block_cache.BlockKVCache``): a
+    decode step writes each row's new keys/values in place, so no step restacks or copies the
+    rows' caches (which grows with the context). Requests without a cache are prefilled in their
+    own padded forward, without the cache: they take their prompt's keys/values along
+    (``Sequence.past``) and join the cache at their first decode step, once."""
 
+    def __init__(self, model, pad_id: int, device):
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.cache = BlockKVCache()
 
-def decode(model, group, device) -> torch.Tensor:
-    """Feed each row's last committed token against its own cache; logits [R, V] of the next one."""
-    past, lengths, width = stack_past(group)
-    rows = len(group)
-    ids = torch.tensor([[int(s.x[s.next_pos - 1])] for s in group])
-    position_ids = torch.tensor([[s.next_pos - 1] for s in group])
-    key_mask = torch.cat(
-        [torch.arange(width)[None] < torch.tensor(lengths)[:, None], torch.ones(rows, 1, dtype=torch.bool)], 1
-    )
-    logits, kv = block_logits(
-        model,
-        ids.to(device),
-        torch.zeros(rows, 1, dtype=torch.long, device=device),
-        attention_mask=key_mask.to(device),
-        position_ids=position_ids.to(device),
-        past_key_values=past,
-        use_cache=True,
-    )
-    for r, s in enumerate(group):
-        s.past = [
-            (torch.cat([pk, k[r : r + 1]], 2), torch.cat([pv, v[r : r + 1]], 2))
-            for (pk, pv), (k, v) in zip(s.past, kv)
-        ]
-        s.steps += 1
-        s.tokens_fed += 1
-    return logits[:, 0]
+    def step(self, group) -> int:
+        """Advance every request of ``group`` by one token; return the number of forwards run."""
+        forwards = 0
+        fresh = [s for s in group if not s.cached]
+        cached = [s for s in group if s.cached]
+        for part, is_prefill in ((cached, False), (fresh, True)):
+            if not part:
+                continue
+            if is_prefill:
+                logits = self._prefill(part)
+            else:
+                part = self.cache.bind(part)  # slot order; rows that left took their cache along
+                logits = self._decode(part)
+            forwards += 1
+            for s, token in zip(part, choose(part, logits)):
+                s.append(token)
+        return forwards
+
+    def _prefill(self, group) -> torch.Tensor:
+        """One padded pass over the prompts; each row keeps its prompt's cache to take along."""
+        lengths = [s.plen for s in group]
+        ids = torch.full((len(group), max(lengths)), self.pad_id, dtype=torch.long)
+        for r, s in enumerate(group):
+            ids[r, : s.plen] = s.x[: s.plen]
+        key_mask = torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]
+        last = torch.tensor(lengths)[:, None] - 1
+        logits, kv = block_logits(
+            self.model,
+            ids.to(self.device),
+            last.to(self.device),
+            attention_mask=key_mask.to(self.device),
+            use_cache=True,
+        )
+        for r, s in enumerate(group):
+            s.past = [(k[r : r + 1, :, : s.plen], v[r : r + 1, :, : s.plen]) for k, v in kv]
+            s.cached = s.plen
+            s.steps += 1
+            s.tokens_fed += s.plen
+        return logits[:, 0]
+
+    def _decode(self, group) -> torch.Tensor:
+        """Feed each row's last committed token at its true position against its own cache."""
+        rows = len(group)
+        past = self.cache.views(1)
+        cached = torch.tensor([s.cached for s in group])
+        mask = step_mask(
+            cached,
+            torch.ones(rows, dtype=torch.long),
+            torch.ones(rows, dtype=torch.long),
+            cached,
+            1,
+            past[0][0].shape[2],
+        )
+        ids = torch.tensor([[int(s.x[s.next_pos - 1])] for s in group])
+        logits, kv = block_logits(
+            self.model,
+            ids.to(self.device),
+            torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=cached[:, None].to(self.device),
+            past_key_values=past,
+            use_cache=True,
+        )
+        for r, s in enumerate(group):
+            self.cache.store(r, s.cached, [(k[r : r + 1], v[r : r + 1]) for k, v in kv])
+            s.cached += 1
+            s.steps += 1
+            s.tokens_fed += 1
+        return logits[:, 0]
 
 
 def choose(group, logits: torch.Tensor) -> list[int]:
@@ -124,18 +161,3 @@ def choose(group, logits: torch.Tensor) -> list[int]:
             row = row.masked_fill(~keep, float("-inf"))
         out.append(int(add_gumbel_noise(row, s.cfg.temperature, s.generator).argmax(-1)))
     return out
-
-
-def ar_step(model, group, pad_id: int, device) -> int:
-    """Advance every request of ``group`` by one token; return the number of forwards run."""
-    forwards = 0
-    fresh = [s for s in group if s.past is None]
-    cached = [s for s in group if s.past is not None]
-    for part, is_prefill in ((fresh, True), (cached, False)):
-        if not part:
-            continue
-        logits = prefill(model, part, pad_id, device) if is_prefill else decode(model, part, device)
-        forwards += 1
-        for s, token in zip(part, choose(part, logits)):
-            s.append(token)
-    return forwards

@@ -111,7 +111,8 @@ class BlockKVCache:
             return
         new_slots = max(slots, have_slots if slots <= have_slots else 2 * have_slots)
         new_len = max(length, have_len if length <= have_len else have_len + have_len // 2)
-        keep = max((s.cached for s in self.slots), default=0)
+        # what is cached so far (a row joining with a longer cache counts before it is stored)
+        keep = min(max((s.cached for s in self.slots), default=0), have_len)
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
                 grown = old.new_zeros(_shape(old, new_slots, new_len))

@@ -44,7 +44,6 @@ class BlockSequence(Sequence):
         self.block = self.plen // bl  # absolute index of the block being decoded
         self.num_blocks = total // bl
         self.pending = (0, self.block * bl)  # positions fed once and then cached: the prompt's whole blocks
-        self.cached = 0  # positions whose keys/values are in ``past``
         self.post = 0  # editing steps after the block's last mask
         self.schedule = self._schedule()
 

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .autoregressive import PastStack, ar_step, stack_past
+from .autoregressive import ARStepper, PastStack, stack_past
 from .block_engine import BlockSequence, BlockStepper
 from .config import DecodingConfig, check_prompt, decoding_family
 from .remote_cache import RemoteWindows
@@ -66,6 +66,7 @@ class Engine:
         self.default_config = default_config or DecodingConfig()
         self.device = next(model.parameters()).device
         self._window_past = PastStack()  # cached steps reuse the stacked caches inside a block
+        self._ar = ARStepper(self.model, self.mask_id, self.device) if self.causal else None
         self._blocks = BlockStepper(self.model, self.device) if self.family == "block_diffusion" else None
         # masked diffusion on a model that keeps each row's window cache where it runs (expert parallel)
         keeps = self.family == "masked_diffusion" and getattr(model, "keeps_row_caches", False)
@@ -152,7 +153,7 @@ class Engine:
     def _advance(self, batch) -> list[StreamEvent]:
         """One denoising (or next-token) step for ``batch``, then collect."""
         if self.causal:
-            self.forwards += ar_step(self.model, batch, self.mask_id, self.device)
+            self.forwards += self._ar.step(batch)
             return self._collect(batch)
         if self._blocks is not None:
             self.forwards += self._blocks.step(batch)

@@ -100,6 +100,7 @@ class Sequence:
             else transfer_schedule(torch.tensor([cfg.block_length]), cfg.steps_per_block)[0]
         )
         self.past = None  # per layer (k, v) [1, kv_heads, P, head_dim]: cached positions outside the window
+        self.cached = 0  # positions whose keys/values are in the engine's preallocated cache (AR, LLaDA2)
         self.cache_key: str | None = None  # its cache's name where the model keeps the cache
         self.dropped = False  # left the engine unfinished (its step failed)
         self.final_len = 0  # answer positions decoded without a gap from the start
