@@ -13,6 +13,7 @@ import torch
 from diffmoe.generation.block_diffusion import block_causal_mask, generate_blocks, sample_tokens
 from diffmoe.model import LLaDA2MoeModelLM, llada2_named_config
 from diffmoe.rng import device_generator
+from kept_caches import KeepsCaches
 
 MASK, VOCAB = 1, 48
 
@@ -311,38 +312,6 @@ def test_engine_block_cache_is_written_in_place_and_survives_rows_stepping_alone
     assert len(buffers) <= 6 < steps / 4, (len(buffers), steps)  # ... which was rarely replaced
 
 
-class _KeepsCache(torch.nn.Module):
-    """What the engine sees of an expert-parallel replica whose ranks keep the block cache: two
-    in-process cache holders (``HeldRows``), rows pinned by ``RowRouter``, LM head here. Records
-    what crossed to the ranks per step: token ids and plans only."""
-
-    keeps_block_cache = True
-
-    def __init__(self, model, ranks: int = 2):
-        from diffmoe.generation.block_cache import HeldRows, RowRouter
-
-        super().__init__()
-        self.backbone, self.lm_head, self.config = model.model, model.lm_head, model.config
-        self.holders = [HeldRows() for _ in range(ranks)]
-        self.router = RowRouter(ranks)
-        self.sent = []
-
-    def block_step(self, ids, plans, evict):
-        rows, drops = self.router.route(plans, evict)
-        hidden = torch.empty(ids.shape[0], ids.shape[1], self.config.hidden_size)
-        for holder, idx, drop in zip(self.holders, rows, drops):
-            holder.evict(drop)
-            self.sent.append((ids[idx], [plans[i] for i in idx]))
-            if idx:
-                hidden[idx] = holder.step(self.backbone, ids[idx], [plans[i] for i in idx])
-        return hidden
-
-    def release(self, keys):
-        _, drops = self.router.route([], keys)
-        for holder, drop in zip(self.holders, drops):
-            holder.evict(drop)
-
-
 def test_engine_with_the_cache_kept_by_the_model_equals_generate_alone():
     """The expert-parallel path: the cache lives with the model's ranks (rows pinned to one rank for
     life), the engine sends only token ids and per-row lengths, rows step alone now and then, and
@@ -351,15 +320,15 @@ def test_engine_with_the_cache_kept_by_the_model_equals_generate_alone():
     from diffmoe.generation.block_cache import RowPlan
 
     model = tiny()
-    remote = _KeepsCache(model)
+    remote = KeepsCaches(model)
     engine = Engine(remote, max_batch_size=5, mask_id=MASK, eos_id=2)
     _decode_stepping_alone_now_and_then(engine, model)
     assert engine._blocks.cache.keys == []  # the engine itself never held a key or value
-    assert all(isinstance(p, RowPlan) for _, plans in remote.sent for p in plans)
-    assert sum(len(h.rows) for h in remote.holders) <= 5  # finished rows were evicted by later steps
+    # token ids and plans crossed, never a key or value (those are 4-D)
+    assert all(isinstance(x, RowPlan) or x.dim() == 2 for x in remote.sent)
+    assert sum(len(h.rows) for h in remote.held) <= 5  # finished rows were evicted by later steps
     engine.release_finished()  # going idle: the last ones too
-    assert not any(h.rows for h in remote.holders) and not any(h.cache.slots for h in remote.holders)
-    assert remote.router.load == [0, 0] and not remote.router.rank_of
+    assert remote.holds_nothing()
     from diffmoe.generation.block_cache import HeldRows
 
     held, ids = HeldRows(), torch.tensor([[3, 4, MASK, MASK]])

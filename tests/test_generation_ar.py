@@ -91,6 +91,25 @@ def test_ar_decode_writes_the_cache_in_place(model):
     assert len(buffers) <= 6 < steps / 10, (len(buffers), steps)
 
 
+def test_ar_on_a_model_that_keeps_the_caches_equals_the_greedy_loop(model):
+    """The expert-parallel path of the AR twin: each row's cache stays with the rank it is pinned
+    to (prompt and tokens stored there as they are fed), the engine sends token ids and per-row
+    plans only, rows join and leave, every answer is the greedy loop's, and finished rows' caches
+    are evicted."""
+    from kept_caches import KeepsCaches
+
+    ps = prompts(6)
+    configs = [cfg(gen_length=8 * (1 + i % 3), block_length=8) for i in range(len(ps))]
+    remote = KeepsCaches(model)
+    engine = Engine(remote, max_batch_size=3)
+    outs = engine.run(ps, configs)
+    for p, c, out in zip(ps, configs, outs):
+        assert out.token_ids == greedy_reference(model, p, c.gen_length)
+    assert engine._ar.cache.keys == []  # the engine itself never held a key or value
+    assert all(not isinstance(x, torch.Tensor) or x.dim() == 2 for x in remote.sent)
+    assert remote.holds_nothing()  # run() went idle: every finished row evicted
+
+
 def test_ar_sampling_is_seeded_per_request(model):
     ps = prompts(4)
     short = dict(gen_length=8, block_length=8)

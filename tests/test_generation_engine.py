@@ -13,6 +13,7 @@ import torch
 from diffmoe.generation import DecodingConfig, Engine, TextStream, generate
 from diffmoe.generation.tasks import CharTokenizer
 from diffmoe.model import LLaDAMoEModelLM, named_config
+from kept_caches import KeepsCaches
 
 MASK, EOS, VOCAB = 1, 2, 64
 TOK = CharTokenizer()
@@ -291,49 +292,6 @@ def test_incremental_detokenisation_equals_decoding_the_whole_answer(tiny_model_
             assert stream._text_of(ids[:n]) == tok.decode(ids[:n], skip_special_tokens=True), (text, n)
 
 
-class _KeepsWindows(torch.nn.Module):
-    """What the engine sees of an expert-parallel replica whose ranks keep masked diffusion's window
-    caches: two in-process holders (``WindowHolder``), rows pinned by ``RowRouter``, LM head here.
-    Records every tensor sent to the ranks, so the test can see that no cache crossed."""
-
-    keeps_row_caches = True
-
-    def __init__(self, model, ranks: int = 2):
-        from diffmoe.generation.block_cache import RowRouter
-        from diffmoe.generation.remote_cache import WindowHolder
-
-        super().__init__()
-        self.backbone, self.lm_head, self.config = model.model, model.lm_head, model.config
-        self.holders = [WindowHolder() for _ in range(ranks)]
-        self.router = RowRouter(ranks)
-        self.sent: list[torch.Tensor] = []
-
-    def _on_ranks(self, run, items, evict, *tensors):
-        rows, drops = self.router.route(items, evict)
-        out = None
-        for holder, idx, drop in zip(self.holders, rows, drops):
-            holder.evict(drop)
-            if idx:
-                parts = [t[idx] for t in tensors]
-                self.sent += parts
-                part = run(holder, *parts, [items[i] for i in idx])
-                out = part.new_empty(len(items), *part.shape[1:]) if out is None else out
-                out[idx] = part
-        return out
-
-    def window_full(self, ids, key_mask, index, keeps, evict):
-        return self._on_ranks(lambda h, *a: h.full(self.backbone, *a), keeps, evict, ids, key_mask, index)
-
-    def window_cached(self, ids, fed_mask, positions, index, rows, evict):
-        run = lambda h, *a: h.cached(self.backbone, *a)  # noqa: E731
-        return self._on_ranks(run, rows, evict, ids, fed_mask, positions, index)
-
-    def release(self, keys):
-        _, drops = self.router.route([], keys)
-        for holder, drop in zip(self.holders, drops):
-            holder.evict(drop)
-
-
 def test_window_caches_kept_by_the_model_decode_what_the_engine_decodes_itself():
     """The expert-parallel path of masked diffusion: each row's cache outside its window stays with
     the rank it is pinned to; the engine sends ids, masks and positions only (no tensor with a
@@ -350,7 +308,7 @@ def test_window_caches_kept_by_the_model_decode_what_the_engine_decodes_itself()
         DecodingConfig(gen_length=20, block_length=4, cache="prefix", ignore_eos=True),
     ]  # one token per step in the last two: every block has cached steps, rows of unequal caches
     plain = [o.token_ids for o in Engine(model, max_batch_size=5).run(prompts, configs)]
-    remote = _KeepsWindows(model)
+    remote = KeepsCaches(model)
     engine = Engine(remote, max_batch_size=5)
     seen = []
     engine._advance = lambda batch, advance=engine._advance: (  # noqa: E731 - watch the rows' caches
@@ -358,6 +316,6 @@ def test_window_caches_kept_by_the_model_decode_what_the_engine_decodes_itself()
     )
     assert [o.token_ids for o in engine.run(prompts, configs)] == plain
     assert HeldPast in seen  # cached steps ran over caches the ranks keep
-    assert all(t.dim() == 2 for t in remote.sent)  # ids, masks, positions, indices: never a cache
-    assert not any(h.pasts for h in remote.holders)  # all finished, all evicted (run() went idle)
-    assert remote.router.load == [0, 0] and not remote.router.rank_of
+    # ids, masks, positions, indices (2-D) and per-row plans crossed: never a key or value (4-D)
+    assert all(not isinstance(x, torch.Tensor) or x.dim() == 2 for x in remote.sent)
+    assert remote.holds_nothing()  # all finished, all evicted (run() went idle)

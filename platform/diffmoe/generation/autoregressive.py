@@ -20,51 +20,10 @@ Diffusion-only settings (``steps``, ``threshold``, ``factor``, ``cache``, ``rema
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .block_cache import BlockKVCache, step_mask
+from .block_cache import BlockKVCache, RowPlan, step_mask
+from .remote_cache import RemoteRows
 from .sampler import add_gumbel_noise, block_logits, top_k_top_p
-
-
-def stack_past(group) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], int]:
-    """Per layer (k, v) of all rows, right-padded to the longest cache; plus each row's length."""
-    lengths = [s.past[0][0].shape[2] for s in group]
-    width = max(lengths)
-    past = []
-    for layer in range(len(group[0].past)):
-        kv = []
-        for i in (0, 1):
-            parts = [s.past[layer][i] for s in group]
-            if any(p.shape[2] != width for p in parts):
-                parts = [F.pad(p, (0, 0, 0, width - p.shape[2])) for p in parts]
-            kv.append(torch.cat(parts) if len(parts) > 1 else parts[0])
-        past.append(tuple(kv))
-    return past, lengths, width
-
-
-class PastStack:
-    """The stacked caches of a batch, rebuilt only when some row holds a different cache object.
-
-    Inside a block a diffusion row's cache does not change from step to step, so restacking every
-    row's keys/values (a copy of all of them) on every step is waste; this keeps the last stack
-    (its memory: one more copy of the batch's caches) and reuses it while the rows are the same."""
-
-    def __init__(self):
-        self._rows: list | None = None
-        self._value = None
-
-    def get(self, group, build):
-        rows = [s.past for s in group]
-        if (
-            self._rows is None
-            or len(rows) != len(self._rows)
-            or any(a is not b for a, b in zip(rows, self._rows))
-        ):
-            self._value, self._rows = build(group), rows
-        return self._value
-
-    def clear(self) -> None:
-        self._rows = self._value = None
 
 
 class ARStepper:
@@ -77,9 +36,14 @@ class ARStepper:
     def __init__(self, model, pad_id: int, device):
         self.model, self.pad_id, self.device = model, pad_id, device
         self.cache = BlockKVCache()
+        # A model that keeps the caches where it runs (``keeps_block_cache``: expert parallel)
+        # is sent token ids and per-row lengths instead (``remote``: which rows it holds).
+        self.remote = RemoteRows(model) if getattr(model, "keeps_block_cache", False) else None
 
     def step(self, group) -> int:
         """Advance every request of ``group`` by one token; return the number of forwards run."""
+        if self.remote is not None:
+            return self._step_kept(group)
         forwards = 0
         fresh = [s for s in group if not s.cached]
         cached = [s for s in group if s.cached]
@@ -95,6 +59,35 @@ class ARStepper:
             for s, token in zip(part, choose(part, logits)):
                 s.append(token)
         return forwards
+
+    def _step_kept(self, group) -> int:
+        """One forward on a model that keeps the caches: each row feeds its prompt (first step)
+        or its last token, and its worker stores what it fed (``HeldRows``: the same layout as
+        here, causal as blocks of 1). Prompts and single tokens share the forward, so its width is
+        the longest prompt being prefilled."""
+        spans = [(s.next_pos - 1, s.next_pos) if s.cached else (0, s.plen) for s in group]
+        ids = torch.full((len(group), max(e - b for b, e in spans)), self.pad_id, dtype=torch.long)
+        for r, (s, (b, e)) in enumerate(zip(group, spans)):
+            ids[r, : e - b] = s.x[b:e]
+        keys, evict = self.remote.keys_of(group)
+        plans = [
+            RowPlan(key, s.cached, e - b, b, 1, store=e - b) for key, s, (b, e) in zip(keys, group, spans)
+        ]
+        hidden = self.model.block_step(ids, plans, evict)
+        last = torch.tensor([[e - b - 1] for b, e in spans], device=hidden.device)
+        logits = self.model.lm_head(hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1])))
+        for s, (b, e) in zip(group, spans):
+            s.cached += e - b  # the worker stored them
+            s.steps += 1
+            s.tokens_fed += e - b
+        for s, token in zip(group, choose(group, logits[:, 0])):
+            s.append(token)
+        return 1
+
+    def release_finished(self) -> None:
+        """Evict finished rows' caches from a model that keeps them (the engine is going idle)."""
+        if self.remote is not None:
+            self.remote.release_finished()
 
     def _prefill(self, group) -> torch.Tensor:
         """One padded pass over the prompts; each row keeps its prompt's cache to take along."""

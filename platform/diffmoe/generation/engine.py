@@ -28,12 +28,12 @@ from collections.abc import AsyncIterator
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .autoregressive import ARStepper, PastStack, stack_past
+from .autoregressive import ARStepper
 from .block_engine import BlockSequence, BlockStepper
 from .config import DecodingConfig, check_prompt, decoding_family
 from .remote_cache import RemoteWindows
 from .sampler import block_logits, predict, select_transfer
-from .sequence import RequestOutput, Sequence, StreamEvent
+from .sequence import PastStack, RequestOutput, Sequence, StreamEvent, stack_past
 from .streaming import encode_prompt
 
 __all__ = ["Engine", "RequestOutput", "StreamEvent"]
@@ -212,10 +212,9 @@ class Engine:
     def release_finished(self) -> None:
         """Free what finished requests still hold where the model runs (an expert-parallel
         replica's workers keep block caches until told); called when the engine goes idle."""
-        if self._blocks is not None:
-            self._blocks.release_finished()
-        if self._windows is not None:
-            self._windows.release_finished()
+        for holder in (self._ar, self._blocks, self._windows):
+            if holder is not None:
+                holder.release_finished()
 
     # ---- batched forwards ----------------------------------------------------------------------
     def _block_index(self, group, starts):

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .autoregressive import PastStack, stack_past
-from .sequence import WindowCut
+from .sequence import PastStack, WindowCut, stack_past
 
 
 class RemoteRows:

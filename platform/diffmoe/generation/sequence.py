@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..rng import device_generator
 from .config import DecodingConfig
@@ -72,6 +73,47 @@ class WindowCut:
 
     def __iter__(self):
         return iter(self._cut())
+
+
+def stack_past(group) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], int]:
+    """Per layer (k, v) of all rows, right-padded to the longest cache; plus each row's length."""
+    lengths = [s.past[0][0].shape[2] for s in group]
+    width = max(lengths)
+    past = []
+    for layer in range(len(group[0].past)):
+        kv = []
+        for i in (0, 1):
+            parts = [s.past[layer][i] for s in group]
+            if any(p.shape[2] != width for p in parts):
+                parts = [F.pad(p, (0, 0, 0, width - p.shape[2])) for p in parts]
+            kv.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        past.append(tuple(kv))
+    return past, lengths, width
+
+
+class PastStack:
+    """The stacked caches of a batch, rebuilt only when some row holds a different cache object.
+
+    Inside a block a diffusion row's cache does not change from step to step, so restacking every
+    row's keys/values (a copy of all of them) on every step is waste; this keeps the last stack
+    (its memory: one more copy of the batch's caches) and reuses it while the rows are the same."""
+
+    def __init__(self):
+        self._rows: list | None = None
+        self._value = None
+
+    def get(self, group, build):
+        rows = [s.past for s in group]
+        if (
+            self._rows is None
+            or len(rows) != len(self._rows)
+            or any(a is not b for a, b in zip(rows, self._rows))
+        ):
+            self._value, self._rows = build(group), rows
+        return self._value
+
+    def clear(self) -> None:
+        self._rows = self._value = None
 
 
 class Sequence:

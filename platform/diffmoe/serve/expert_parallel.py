@@ -2,10 +2,9 @@
 
 The replica keeps the engine (scheduling, canvases) and hands each forward pass to
 ``ExpertParallelModel``, a stand-in for the model that splits the batch's rows across the K workers.
-Diffusion caches stay where they are computed: each worker keeps the caches of the rows pinned to it
-(block diffusion: ``block_step``; masked diffusion's window caches: ``window_full`` and
-``window_cached``), and only token ids, masks and per-row lengths travel per step. The causal twin's
-decoding still sends its caches with every forward (``forward``).
+KV caches stay where they are computed: each worker keeps the caches of the rows pinned to it
+(block diffusion and the AR twin: ``block_step``; masked diffusion's window caches: ``window_full``
+and ``window_cached``), and only token ids, masks and per-row lengths travel per step.
 Workers run the backbone only and send back final hidden states (bf16 on GPU), never
 vocabulary-wide logits: the replica holds the LM head and applies it only at the positions the
 sampler reads (``sampler.block_logits``), which for a 157k vocabulary is ~77x fewer bytes per
@@ -142,12 +141,12 @@ class ExpertParallelModel(nn.Module):
     workers and gathers hidden states and caches back in row order; ``lm_head`` runs here, on the
     replica's device (its GPU when it has one), only where the sampler needs logits.
 
-    Diffusion goes through ``block_step`` (LLaDA2.x) or ``window_full`` / ``window_cached``
-    (LLaDA-MoE) instead: each row is pinned to one worker for its life and its keys/values stay
+    Decoding goes through ``block_step`` (LLaDA2.x, the AR twin) or ``window_full`` /
+    ``window_cached`` (LLaDA-MoE) instead: each row is pinned to one worker for its life and its keys/values stay
     there, so a step sends token ids and per-row lengths and gets hidden states back; the caches
     never cross processes."""
 
-    keeps_block_cache = True  # read by the engine's block-diffusion stepper only
+    keeps_block_cache = True  # block diffusion and the AR twin: each row's cache stays on its worker
     keeps_row_caches = True  # masked diffusion: each row's window cache stays on its worker
 
     def __init__(self, workers: list, config, lm_head_weight: torch.Tensor):
