@@ -94,15 +94,30 @@ def compare(ep, run, reference, tokens: int, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def on_two_workers(m, run, reference, tokens: int) -> list[dict]:
+    """Start Ray and a 2-worker expert-parallel model of ``m``, ``compare`` both sides on it
+    (``run(ep_model, keep)``, ``--repeats`` times: each row's ``seconds_all``), stop everything."""
     import ray
 
     from diffmoe.serve.expert_parallel import ExpertParallelModel
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    repeats = ap.parse_args().repeats
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            m.save_pretrained(d)
+            ep = ExpertParallelModel.start(m.config, 2, d, None, worker_cpus=1.0)
+        rows = compare(ep, lambda keep: run(ep, keep), reference, tokens, repeats)
+        ep.shutdown()
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def main() -> None:
     m, ps = model(), prompts()
     reference = [
         o.token_ids
@@ -110,15 +125,7 @@ def main() -> None:
             ps, DecodingConfig(gen_length=GEN, block_length=BLOCK, threshold=THRESHOLD, ignore_eos=True)
         )
     ]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            m.save_pretrained(d)
-            ep = ExpertParallelModel.start(m.config, 2, d, None, worker_cpus=1.0)
-        rows = compare(ep, lambda keep: run(ep, ps, keep), reference, GEN * len(ps), args.repeats)
-        ep.shutdown()
-    finally:
-        ray.shutdown()
+    rows = on_two_workers(m, lambda ep, keep: run(ep, ps, keep), reference, GEN * len(ps))
     report(
         "ep_block_cache",
         "expert-parallel Engine (2 workers) that sends each forward's cached keys/values to the workers "
@@ -130,7 +137,6 @@ def main() -> None:
             "gen_length": GEN,
             "block_length": BLOCK,
             "threshold": THRESHOLD,
-            "repeats": args.repeats,
         },
     )
 

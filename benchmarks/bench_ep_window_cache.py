@@ -21,14 +21,12 @@ the single-process Engine's. Bytes are the keys/values that crossed processes.
 
 from __future__ import annotations
 
-import argparse
 import os
-import tempfile
 import time
 
 import torch
 
-from bench_ep_block_cache import compare, report
+from bench_ep_block_cache import on_two_workers, report
 from common import ROOT
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.model import LLaDAMoEModelLM, named_config
@@ -69,25 +67,9 @@ def run(ep_model, ps, keep: bool):
 
 
 def main() -> None:
-    import ray
-
-    from diffmoe.serve.expert_parallel import ExpertParallelModel
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     m, ps = model(), prompts()
     reference = [o.token_ids for o in Engine(m, max_batch_size=32).run(ps, DECODING)]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            m.save_pretrained(d)
-            ep = ExpertParallelModel.start(m.config, 2, d, None, worker_cpus=1.0)
-        rows = compare(ep, lambda keep: run(ep, ps, keep), reference, GEN * len(ps), args.repeats)
-        ep.shutdown()
-    finally:
-        ray.shutdown()
+    rows = on_two_workers(m, lambda ep, keep: run(ep, ps, keep), reference, GEN * len(ps))
     report(
         "ep_window_cache",
         "expert-parallel Engine (2 workers) that takes every full pass's keys/values back from the "
@@ -97,7 +79,6 @@ def main() -> None:
             "model": "LLaDA-MoE tiny (random), fp32, vocab 512, 8 experts over 2 workers",
             "prompts": len(ps),
             "decoding": DECODING.model_dump(include={"gen_length", "block_length", "steps", "cache"}),
-            "repeats": args.repeats,
         },
     )
 
