@@ -319,3 +319,22 @@ def test_window_caches_kept_by_the_model_decode_what_the_engine_decodes_itself()
     # ids, masks, positions, indices (2-D) and per-row plans crossed: never a key or value (4-D)
     assert all(not isinstance(x, torch.Tensor) or x.dim() == 2 for x in remote.sent)
     assert remote.holds_nothing()  # all finished, all evicted (run() went idle)
+
+
+def test_a_window_holder_refuses_cached_steps_it_cannot_serve():
+    """A cached step for a row the holder has no cache for (evicted, or never fully passed), or
+    whose cache length differs from the engine's count, is a clear error, not wrong answers."""
+    from diffmoe.generation.remote_cache import HeldPast, RowKeep, WindowHolder
+
+    model = tiny_model()
+    holder, ids = WindowHolder(), torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    index = torch.arange(4)[None]
+    holder.full(model.model, ids, torch.ones(1, 12, dtype=torch.bool), index, [RowKeep("a", 12, (4, 8))])
+    window = ids[:, 4:8]
+    fed, pos = torch.ones(1, 4, dtype=torch.bool), torch.arange(4, 8)[None]
+    assert holder.cached(model.model, window, fed, pos, index, [HeldPast("a", 8)]).shape == (1, 4, 64)
+    with pytest.raises(RuntimeError, match="differ from the engine's"):
+        holder.cached(model.model, window, fed, pos, index, [HeldPast("a", 9)])
+    holder.evict(["a"])
+    with pytest.raises(RuntimeError, match=r"no cache kept here for rows \['a'\]"):
+        holder.cached(model.model, window, fed, pos, index, [HeldPast("a", 8)])
