@@ -84,8 +84,14 @@ def post(loop, app, path, content, headers=JSON, root_path=""):
 
 
 def expect(host, req) -> str:
+    """The request's answer offline, from an engine of its own on the replica's model: the replica's
+    engine is stepped by its serving loop (on the loop's thread), which would race a run() here."""
+    from diffmoe.generation import Engine
+
     ids, dec = host.request_settings(req)
-    return host.engine.run([ids], dec)[0].text
+    live = host.engine
+    offline = Engine(live.model, live.tokenizer, mask_id=live.mask_id, eos_id=live.end_ids, max_batch_size=1)
+    return offline.run([ids], dec)[0].text
 
 
 def assert_openai_error(r: httpx.Response) -> dict:
