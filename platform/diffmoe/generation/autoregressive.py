@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_cache import BlockKVCache, RowPlan, step_mask
+from .block_cache import BlockKVCache, step_mask
 from .remote_cache import RemoteRows
 from .sampler import add_gumbel_noise, block_logits, top_k_top_p
 
@@ -69,17 +69,12 @@ class ARStepper:
         ids = torch.full((len(group), max(e - b for b, e in spans)), self.pad_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
             ids[r, : e - b] = s.x[b:e]
-        keys, evict = self.remote.keys_of(group)
-        plans = [
-            RowPlan(key, s.cached, e - b, b, 1, store=e - b) for key, s, (b, e) in zip(keys, group, spans)
-        ]
-        hidden = self.model.block_step(ids, plans, evict)
-        last = torch.tensor([[e - b - 1] for b, e in spans], device=hidden.device)
-        logits = self.model.lm_head(hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1])))
-        for s, (b, e) in zip(group, spans):
-            s.cached += e - b  # the worker stored them
+        fed = [e - b for b, e in spans]
+        last = torch.tensor(fed)[:, None] - 1
+        logits = self.remote.block_logits(group, ids, spans, [1] * len(group), fed, last)
+        for s, n in zip(group, fed):
             s.steps += 1
-            s.tokens_fed += e - b
+            s.tokens_fed += n
         for s, token in zip(group, choose(group, logits[:, 0])):
             s.append(token)
         return 1

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_cache import BlockKVCache, RowPlan, step_mask
+from .block_cache import BlockKVCache, step_mask
 from .block_diffusion import commit_block, sample_tokens
 from .remote_cache import RemoteRows
 from .sampler import block_logits, transfer_schedule
@@ -121,7 +121,8 @@ class BlockStepper:
         starts = torch.tensor([s.block_span[0] - b for s, (b, _) in zip(group, spans)])
         index = torch.minimum(starts[:, None] + torch.arange(block_width)[None], fed[:, None] - 1)
         if self.remote is not None:
-            logits = self._remote_logits(group, ids, begin, fed, stores, index)
+            lengths = [s.cfg.block_length for s in group]
+            logits = self.remote.block_logits(group, ids, spans, lengths, stores, index)
         else:
             past = self.cache.views(width)
             past_width = 0 if past is None else past[0][0].shape[2]
@@ -150,20 +151,6 @@ class BlockStepper:
             s.pending = None  # whatever was pending is cached now
         self._choose_and_commit(group, logits)
         return 1
-
-    def _remote_logits(self, group, ids, begin, fed, stores, index):
-        """The step on a model that keeps the cache: plans out, hidden states back, LM head here.
-        Rows held from earlier steps that have finished (or were dropped) are evicted."""
-        keys, evict = self.remote.keys_of(group)
-        plans = [
-            RowPlan(key, s.cached, int(n), int(b), s.cfg.block_length, upto)
-            for key, s, b, n, upto in zip(keys, group, begin, fed, stores)
-        ]
-        hidden = self.model.block_step(ids, plans, evict)
-        for s, upto in zip(group, stores):
-            s.cached += upto  # the holder stored them
-        picked = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.model.lm_head(picked)
 
     def release_finished(self) -> None:
         """Evict finished rows' caches now rather than at the next step (the engine is going idle)."""

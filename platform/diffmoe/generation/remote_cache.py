@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .block_cache import RowPlan
+from .sampler import at_positions
 from .sequence import PastStack, WindowCut, stack_past
 
 
@@ -48,6 +50,20 @@ class RemoteRows:
         for key in gone:
             del self.held[key]
         return gone
+
+    def block_logits(self, group, ids, spans, block_lengths, stores, index) -> torch.Tensor:
+        """One forward on a model that keeps block caches (``HeldRows`` on its workers; LLaDA2.x,
+        and the AR twin as blocks of 1): row r feeds ``ids[r]`` = positions ``spans[r]`` and its
+        holder stores the first ``stores[r]`` of them. Logits at ``index`` (LM head here)."""
+        keys, evict = self.keys_of(group)
+        plans = [
+            RowPlan(key, s.cached, e - b, b, length, store)
+            for key, s, (b, e), length, store in zip(keys, group, spans, block_lengths, stores)
+        ]
+        hidden = self.model.block_step(ids, plans, evict)
+        for s, store in zip(group, stores):
+            s.cached += store  # the holder stored them
+        return self.model.lm_head(at_positions(hidden, index))
 
     def release_finished(self) -> None:
         """Evict finished rows' caches now rather than at the next step (the engine is going idle)."""
@@ -108,11 +124,6 @@ class _Row:
         self.past = past
 
 
-def _pick(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    index = index.to(hidden.device)
-    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-
-
 class WindowHolder:
     """Rows' window caches where the model runs (an expert-parallel worker), by cache key."""
 
@@ -136,7 +147,7 @@ class WindowHolder:
                 self.pasts.pop(keep.key, None)
             else:
                 self.pasts[keep.key] = WindowCut(out.past_key_values, r, keep.length, keep.window)
-        return _pick(out.last_hidden_state, index)
+        return at_positions(out.last_hidden_state, index)
 
     def cached(self, backbone, ids, fed_mask, positions, index, rows: list[HeldPast]) -> torch.Tensor:
         """Run ``backbone`` on the rows' windows over the caches kept here (``fed_mask``: the fed
@@ -155,4 +166,4 @@ class WindowHolder:
             position_ids=positions.to(device),
             past_key_values=past,
         )
-        return _pick(out.last_hidden_state, index)
+        return at_positions(out.last_hidden_state, index)

@@ -130,17 +130,22 @@ def _threshold_only(count, threshold, factor) -> bool:
     return factor is None or bool(factor.isnan().all())
 
 
+def at_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``states`` [R, L, D] at ``positions`` [R, n] (indices into each row) -> [R, n, D]."""
+    positions = positions.to(states.device)
+    return states.gather(1, positions[..., None].expand(-1, -1, states.shape[-1]))
+
+
 def block_logits(model, ids, positions, **kwargs):
     """Run the model on ``ids``; return logits only at ``positions`` ([R, n] indices into the input)
     and the layer caches. Computing the LM head only where needed matters for a 157k vocabulary."""
     if hasattr(model, "model") and hasattr(model, "lm_head"):
         out = model.model(ids, **kwargs)
         hidden = out.last_hidden_state
-        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-        return model.lm_head(picked), out.past_key_values
+        return model.lm_head(at_positions(hidden, positions)), out.past_key_values
     out = model(ids, **kwargs)
     logits = out.logits
-    return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1])), out.past_key_values
+    return at_positions(logits, positions), out.past_key_values
 
 
 def finished_rows(answer: torch.Tensor, mask_id: int, eos_ids) -> torch.Tensor:
