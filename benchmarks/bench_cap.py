@@ -1,17 +1,19 @@
 """CAP (confidence-aware parallel training) on an AR -> block-diffusion conversion: tokens decoded
 per forward at equal accuracy.
 
-The AR twin (trained here, or ``cap.ar_model``: e.g. the one bench_ar_to_diffusion.py trained) is
-converted twice by the platform's job with the same data, steps and block schedule: without CAP and
-with ``train.objective.block.confidence_beta`` (diffmoe.bench.conversion). Both are decoded by the
-serving Engine in blocks of 8 on the same held-out prompts, at every threshold of
+The task is reverse with 8-24 digits (``CapBenchConfig``: the answers fit LLaDA2's blocks of 32 with
+room for many tokens per forward). The AR twin (trained here, or ``cap.ar_model``: one trained on
+the same task and sequence length) is converted twice by the platform's job with the same data,
+steps and block schedule: without CAP and with ``train.objective.block.confidence_beta``
+(diffmoe.bench.conversion). Both are decoded by the serving Engine in blocks of 32 on the same
+held-out prompts, at every threshold of
 ``decoding.threshold_sweep`` and the served one (0.9). Ratio, at equal accuracy: tokens per forward
 with CAP / without, each model at its fastest threshold whose accuracy is within 0.02 of the run
 without CAP at the served threshold (``at_matched_accuracy``); the same-threshold figures are kept
 in the details. LLaDA2.0-mini reports 2.55 -> 3.72 (1.46x); target >= 1.2. Writes
 docs/benchmarks/<output.name>.json (cap.json by default).
 
-    .venv/bin/python benchmarks/bench_cap.py [--set cap.ar_model=artifacts/ar_to_diffusion/models/ar]
+    .venv/bin/python benchmarks/bench_cap.py [--set cap.ar_model=artifacts/cap/models/ar]
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def bench(cfg, command: str) -> dict:
             "curves": result["curves"],
             "ar_model": result["ar_model"],
             "seconds": result["seconds"],
-            "decoding": "serving Engine, blocks of 8, temperature 0; thresholds as swept",
+            "decoding": f"serving Engine, blocks of {cfg.conversion.serving_block_length}, temperature 0; "
+            "thresholds as swept",
         },
     )
     return {"benchmark": "cap", "ratio": ratio}

@@ -339,3 +339,45 @@ def test_engine_with_the_cache_kept_by_the_model_equals_generate_alone():
     assert held.rows["y"].cached == 2
     with pytest.raises(RuntimeError, match="cached positions"):  # a cache behind the engine is refused
         held.step(model.model, ids[:, 2:], [RowPlan("y", 5, 2, 5, 2)])
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["local", "kept_by_model"])
+def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows(kept):
+    """A request admitted with a prompt of many blocks is fed in a forward of its own: the rows
+    already decoding are not padded to its length (they would be, fed with it), and every request
+    still decodes what it decodes alone."""
+    from diffmoe.generation import DecodingConfig, Engine
+
+    model = tiny()
+    g = torch.Generator().manual_seed(7)
+    short = [torch.randint(3, VOCAB, (5,), generator=g).tolist() for _ in range(3)]
+    long = torch.randint(3, VOCAB, (70,), generator=g).tolist()
+    cfg = DecodingConfig(gen_length=24, block_length=8, threshold=0.9, ignore_eos=True)
+    widths = []
+    model.model.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape))
+
+    def decode(apart: bool):
+        widths.clear()
+        engine = Engine(
+            KeepsCaches(model) if kept else model,
+            max_batch_size=4,
+            mask_id=MASK,
+            eos_id=2,
+            prefill_apart=apart,
+        )
+        rids = [engine.add_request(p, cfg) for p in short]
+        engine.step()
+        engine.step()
+        rids.append(engine.add_request(long, cfg))
+        outputs = {}
+        while len(outputs) < len(rids):
+            outputs.update((e.request_id, e.output) for e in engine.step() if e.finished)
+        for rid, prompt in zip(rids, [*short, long]):
+            assert outputs[rid].token_ids == _alone(model, prompt, cfg)
+        return list(widths)
+
+    seen = decode(apart=True)
+    assert max(w for b, w in seen if b >= 2) <= 16  # decoding rows: a block, or two
+    assert (1, 72) in seen  # the long prompt alone: its 8 whole blocks and its first answer block
+    if not kept:  # the local engine can be told to feed them together, the old way: padded rows
+        assert max(w for b, w in decode(apart=False) if b >= 2) == 72

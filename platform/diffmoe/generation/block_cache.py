@@ -25,14 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 class _LayerView:
     """One layer's cache for one forward: behaves as the (k, v) pair of the cached region (so code
     that unpacks or reads shapes works unchanged) and appends this call's keys/values in place."""
 
-    def __init__(self, cache: BlockKVCache, layer: int, width: int):
-        self.cache, self.layer, self.width = cache, layer, width
+    def __init__(self, cache: BlockKVCache, layer: int, width: int, lo: int, hi: int):
+        self.cache, self.layer, self.width, self.lo, self.hi = cache, layer, width, lo, hi
 
     def _buffers(self):
         return self.cache.keys[self.layer], self.cache.values[self.layer]
@@ -43,7 +44,7 @@ class _LayerView:
     def __getitem__(self, i: int) -> torch.Tensor:
         if i not in (0, 1):
             raise IndexError(i)
-        return self._buffers()[i][: self.cache.rows, :, : self.width]
+        return self._buffers()[i][self.lo : self.hi, :, : self.width]
 
     def __iter__(self):
         return iter((self[0], self[1]))
@@ -51,10 +52,10 @@ class _LayerView:
     def append_in_place(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the fed positions after the cached region; return views of cached + fed."""
         kb, vb = self._buffers()
-        n, end = self.cache.rows, self.width + k.shape[2]
-        kb[:n, :, self.width : end] = k
-        vb[:n, :, self.width : end] = v
-        return kb[:n, :, :end], vb[:n, :, :end]
+        rows, end = slice(self.lo, self.hi), self.width + k.shape[2]
+        kb[rows, :, self.width : end] = k
+        vb[rows, :, self.width : end] = v
+        return kb[rows, :, :end], vb[rows, :, :end]
 
 
 class BlockKVCache:
@@ -80,14 +81,15 @@ class BlockKVCache:
                 self._join(s)
         return list(self.slots)
 
-    def views(self, fed_width: int) -> list[_LayerView] | None:
-        """Per layer the cache as the model's ``past_key_values`` for a forward feeding
-        ``fed_width`` positions per row; None while nothing is cached (no buffers yet)."""
-        width = max((s.cached for s in self.slots), default=0)
+    def views(self, fed_width: int, lo: int = 0, hi: int | None = None) -> list[_LayerView] | None:
+        """Per layer the cache of slots [lo, hi) as the model's ``past_key_values`` for a forward
+        feeding ``fed_width`` positions per row; None while those rows have nothing cached."""
+        hi = self.rows if hi is None else hi
+        width = max((s.cached for s in self.slots[lo:hi]), default=0)
         if width == 0 or not self.keys:
             return None
         self._reserve(self.rows, width + fed_width)
-        return [_LayerView(self, i, width) for i in range(len(self.keys))]
+        return [_LayerView(self, i, width, lo, hi) for i in range(len(self.keys))]
 
     def store(self, slot: int, start: int, new) -> None:
         """Keep ``new`` (per layer (k, v) [1, kv_heads, n, head_dim], this row's newly final
@@ -158,6 +160,61 @@ def step_mask(begin, fed, block_lengths, cached, width: int, past_width: int) ->
     return torch.cat([old[:, None, :].expand(-1, width, -1), current], -1)[:, None]
 
 
+def admission_split(fed: list[int], block_width: int) -> int:
+    """Where the rows admitted this step start, when they feed their prompts (more than two blocks)
+    after rows that only decode (a block, or a block and the finished one): those are run in a
+    forward of their own, else every decoding row would be padded to the longest prompt. 0: one
+    forward for all (nothing to split, or rows not in that order)."""
+    wide = [n > 2 * block_width for n in fed]
+    k = wide.index(True) if any(wide) else 0
+    return k if k and all(wide[k:]) else 0
+
+
+def forward_on_cache(
+    cache: BlockKVCache, rows, ids, begin, fed, block_lengths, stores, run, device, apart=True
+):
+    """One block-diffusion step of ``rows`` (the cache's slots, in slot order) feeding ``ids``
+    [R, width] from absolute positions ``begin``: per part (decoding rows, then admitted ones when
+    ``apart`` and ``admission_split`` says so) build the mask and positions, call
+    ``run(lo, hi, ids, attention_mask=, position_ids=, past_key_values=, use_cache=)`` -> (out, kv),
+    and keep the first ``stores[r]`` fed positions' keys/values. Returns the parts' outputs."""
+    split = admission_split(fed, max(block_lengths)) if apart else 0
+    outs = []
+    for lo, hi in ((0, split), (split, len(rows))) if split else ((0, len(rows)),):
+        width = max(fed[lo:hi])
+        past = cache.views(width, lo, hi)
+        past_width = 0 if past is None else past[0][0].shape[2]
+        b = torch.tensor(begin[lo:hi])
+        mask = step_mask(
+            b,
+            torch.tensor(fed[lo:hi]),
+            torch.tensor(block_lengths[lo:hi]),
+            torch.tensor([row.cached for row in rows[lo:hi]]),
+            width,
+            past_width,
+        )
+        out, kv = run(
+            lo,
+            hi,
+            ids[lo:hi, :width].to(device),
+            attention_mask=mask.to(device),
+            position_ids=(b[:, None] + torch.arange(width)[None]).to(device),
+            past_key_values=past,
+            use_cache=any(stores[lo:hi]),
+        )
+        for r in range(lo, hi):
+            if stores[r]:  # keep the keys/values of the positions fed once
+                n = stores[r]
+                cache.store(
+                    r,
+                    rows[r].cached,
+                    [(k[r - lo : r - lo + 1, :, :n], v[r - lo : r - lo + 1, :, :n]) for k, v in kv],
+                )
+                rows[r].cached += n  # now: a later row's store may grow the buffers, keeping [0, cached)
+        outs.append(out)
+    return outs
+
+
 @dataclass
 class RowPlan:
     """What a cache-keeping model needs to know of one row for one step (see ``HeldRows``)."""
@@ -210,38 +267,29 @@ class HeldRows:
                     f"row {p.key!r}: the engine counts {p.cached} cached positions, this cache only {row.cached}"
                 )
         at = {id(row): r for r, row in enumerate(rows)}
-        order = [at[id(row)] for row in self.cache.bind(rows)]  # slot order
+        slots = self.cache.bind(rows)
+        order = [at[id(row)] for row in slots]  # slot order
         plans = [plans[r] for r in order]
-        device = next(backbone.parameters()).device
+
+        def run(lo, hi, part, **kwargs):
+            out = backbone(part, **kwargs)
+            return out.last_hidden_state, out.past_key_values
+
+        parts = forward_on_cache(
+            self.cache,
+            slots,
+            ids[order],
+            [p.begin for p in plans],
+            [p.fed for p in plans],
+            [p.block_length for p in plans],
+            [p.store for p in plans],
+            run,
+            next(backbone.parameters()).device,
+        )
         width = ids.shape[1]
-        views = self.cache.views(width)
-        past_width = 0 if views is None else views[0][0].shape[2]
-        lengths = {
-            name: torch.tensor([getattr(p, name) for p in plans])
-            for name in ("begin", "fed", "block_length", "cached")
-        }
-        mask = step_mask(
-            lengths["begin"], lengths["fed"], lengths["block_length"], lengths["cached"], width, past_width
-        )
-        positions = lengths["begin"][:, None] + torch.arange(width)[None]
-        store = any(p.store for p in plans)
-        out = backbone(
-            ids[order].to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            past_key_values=views,
-            use_cache=store,
-        )
-        for r, p in enumerate(plans):
-            if p.store:
-                row = self.rows[p.key]
-                kv = [
-                    (k[r : r + 1, :, : p.store], v[r : r + 1, :, : p.store]) for k, v in out.past_key_values
-                ]
-                self.cache.store(r, row.cached, kv)
-                row.cached += p.store
-        hidden = torch.empty_like(out.last_hidden_state)
-        hidden[order] = out.last_hidden_state
+        stacked = torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in parts])
+        hidden = torch.empty_like(stacked)
+        hidden[order] = stacked
         return hidden
 
 

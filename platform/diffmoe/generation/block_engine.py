@@ -9,6 +9,9 @@ current block in one padded forward:
   whose keys/values are not cached yet: those are computed exactly once, folded into that forward;
 - it attends to its own cache of finished positions (caches right-padded to the longest and the
   padding masked) and, inside what it feeds, block-causally (a position sees its block and earlier);
+- rows admitted this step whose prompts span more than two blocks run in a second forward of their
+  own (``block_cache.admission_split``), so that a long prompt arriving does not pad every decoding
+  row of the batch to its length;
 - the step's commits follow ``block_diffusion.commit_block`` (threshold, k per step, editing).
 
 A finished block never changes again, so streaming (``collect``) emits each block when it is final,
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_cache import BlockKVCache, step_mask
+from .block_cache import BlockKVCache, admission_split, forward_on_cache
 from .block_diffusion import commit_block, sample_tokens
 from .remote_cache import RemoteRows
 from .sampler import block_logits, transfer_schedule
@@ -97,15 +100,16 @@ class BlockSequence(Sequence):
 class BlockStepper:
     """Runs one denoising step for a batch of ``BlockSequence``s over the batch's ``BlockKVCache``."""
 
-    def __init__(self, model, device):
-        self.model, self.device = model, device
+    def __init__(self, model, device, prefill_apart: bool = True):
+        self.model, self.device, self.prefill_apart = model, device, prefill_apart
         self.cache = BlockKVCache()
         # A model that keeps the cache where it runs (``keeps_block_cache``: the expert-parallel
         # stand-in) is sent token ids and per-row lengths instead (``remote``: which rows it holds).
         self.remote = RemoteRows(model) if getattr(model, "keeps_block_cache", False) else None
 
     def step(self, group) -> int:
-        """One step for every row of ``group``; returns the number of forwards (1)."""
+        """One step for every row of ``group``; returns the number of forwards: 2 when rows admitted
+        with their prompts run apart from the decoding rows (``admission_split``), else 1."""
         if self.remote is None:
             group = self.cache.bind(group)  # rows in slot order from here on
         rows = len(group)
@@ -114,43 +118,39 @@ class BlockStepper:
         ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
             ids[r, : e - b] = s.x[b:e]
-        begin = torch.tensor([b for b, _ in spans])
         fed = torch.tensor([e - b for b, e in spans])
         stores = [s.block_span[0] - b if s.pending is not None else 0 for s, (b, _) in zip(group, spans)]
         block_width = max(s.cfg.block_length for s in group)
         starts = torch.tensor([s.block_span[0] - b for s, (b, _) in zip(group, spans)])
         index = torch.minimum(starts[:, None] + torch.arange(block_width)[None], fed[:, None] - 1)
+        lengths = [s.cfg.block_length for s in group]
         if self.remote is not None:
-            lengths = [s.cfg.block_length for s in group]
             logits = self.remote.block_logits(group, ids, spans, lengths, stores, index)
+            forwards = 2 if admission_split(fed.tolist(), block_width) else 1  # the holders split alike
         else:
-            past = self.cache.views(width)
-            past_width = 0 if past is None else past[0][0].shape[2]
-            lengths = torch.tensor([s.cfg.block_length for s in group])
-            cached = torch.tensor([s.cached for s in group])
-            mask = step_mask(begin, fed, lengths, cached, width, past_width)
-            pos = begin[:, None] + torch.arange(width)[None]  # absolute positions
-            logits, kv = block_logits(
-                self.model,
-                ids.to(self.device),
-                index.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=pos.to(self.device),
-                past_key_values=past,
-                use_cache=any(stores),
+
+            def run(lo, hi, part, **kwargs):
+                return block_logits(self.model, part, index[lo:hi].to(self.device), **kwargs)
+
+            parts = forward_on_cache(
+                self.cache,
+                group,
+                ids,
+                [b for b, _ in spans],
+                fed.tolist(),
+                lengths,
+                stores,
+                run,
+                self.device,
+                self.prefill_apart,
             )
-            for r, (s, upto) in enumerate(zip(group, stores)):
-                if upto:  # keep the keys/values of the positions fed once
-                    self.cache.store(
-                        r, s.cached, [(k[r : r + 1, :, :upto], v[r : r + 1, :, :upto]) for k, v in kv]
-                    )
-                    s.cached += upto  # now: a later row's store may grow the buffers, keeping [0, cached)
+            logits, forwards = torch.cat(parts), len(parts)
         for s, (b, e) in zip(group, spans):
             s.steps += 1
             s.tokens_fed += e - b
             s.pending = None  # whatever was pending is cached now
         self._choose_and_commit(group, logits)
-        return 1
+        return forwards
 
     def release_finished(self) -> None:
         """Evict finished rows' caches now rather than at the next step (the engine is going idle)."""

@@ -49,6 +49,7 @@ class Engine:
         mask_id: int | None = None,
         eos_id: int | None = None,
         default_config: DecodingConfig | None = None,
+        prefill_apart: bool = True,  # block diffusion: admitted prompts in a forward of their own
     ):
         config = getattr(model, "config", None)
         self.model = model.eval()
@@ -67,7 +68,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self._window_past = PastStack()  # cached steps reuse the stacked caches inside a block
         self._ar = ARStepper(self.model, self.mask_id, self.device) if self.causal else None
-        self._blocks = BlockStepper(self.model, self.device) if self.family == "block_diffusion" else None
+        self._blocks = (
+            BlockStepper(self.model, self.device, prefill_apart) if self.family == "block_diffusion" else None
+        )
         # masked diffusion on a model that keeps each row's window cache where it runs (expert parallel)
         keeps = self.family == "masked_diffusion" and getattr(model, "keeps_row_caches", False)
         self._windows = RemoteWindows(self.model) if keeps else None
