@@ -14,17 +14,28 @@ of 32, threshold 0.95, fp32 on this CPU:
 Baseline: the same Engine with ``prefill_apart=False`` (the behaviour before). Answers are compared
 token for token between the sides (same algorithm: equal answers, equal quality). Seconds are medians
 over ``--repeats`` interleaved runs.
+
+Also recorded (``details.long_prompt``): one request with an 8192-token prompt, its prompt cached in
+one forward (``prefill_chunk=None``, the behaviour before) or in chunks of 2048 positions (the
+default): seconds and peak resident memory above the loaded model, each run in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
+
+import torch
 
 from bench_block_diffusion import BLOCK, GEN, MASK, THRESHOLD, model, prompts
 from common import write_result
 from diffmoe.generation import DecodingConfig, Engine
+from diffmoe.model import LLaDA2MoeModelLM, llada2_named_config
 
 CFG = DecodingConfig(gen_length=GEN, block_length=BLOCK, threshold=THRESHOLD, ignore_eos=True)
 
@@ -48,11 +59,61 @@ def arrivals(m, ps, apart: bool, gap: int) -> tuple[float, list[list[int]], int]
     return time.perf_counter() - t0, [outputs[r] for r in rids], eng.forwards
 
 
+LONG_PROMPT, CHUNK = 8192, 2048
+
+
+def long_prompt_side(chunk: int | None) -> dict:
+    """One request with a LONG_PROMPT-token prompt (this process: peak memory is per process)."""
+    torch.manual_seed(0)
+    cfg = llada2_named_config(
+        "llada2-tiny",
+        vocab_size=512,
+        mask_token_id=MASK,
+        eos_token_id=2,
+        max_position_embeddings=LONG_PROMPT + GEN,
+    )
+    m = LLaDA2MoeModelLM(cfg).eval()
+    prompt = torch.randint(3, 512, (LONG_PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    eng = Engine(m, max_batch_size=1, mask_id=MASK, eos_id=2, prefill_chunk=chunk)
+    t0 = time.perf_counter()
+    out = eng.run([prompt], CFG)[0]
+    seconds = time.perf_counter() - t0
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return {"seconds": seconds, "peak_mb": peak_mb, "steps": out.steps, "answer": out.token_ids}
+
+
+def long_prompt(repeats: int) -> dict:
+    runs = {CHUNK: [], None: []}
+    for _ in range(repeats):
+        for chunk in runs:
+            arg = "none" if chunk is None else str(chunk)
+            line = subprocess.check_output([sys.executable, __file__, "--long-prompt-side", arg], text=True)
+            runs[chunk].append(json.loads(line.strip().splitlines()[-1]))
+    rows = {}
+    for chunk, got in runs.items():
+        rows[f"chunks of {chunk}" if chunk else "whole prompt (baseline)"] = {
+            "seconds_median": round(statistics.median(r["seconds"] for r in got), 3),
+            "peak_mb_median": round(statistics.median(r["peak_mb"] for r in got), 1),
+            "steps": got[0]["steps"],
+        }
+    return {
+        "prompt_tokens": LONG_PROMPT,
+        "rows": rows,
+        "answers_identical": runs[CHUNK][0]["answer"] == runs[None][0]["answer"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gap", type=int, default=8)
+    ap.add_argument("--long-prompt-side", help=argparse.SUPPRESS)  # internal: one side, in a fresh process
     args = ap.parse_args()
+    if args.long_prompt_side:
+        chunk = None if args.long_prompt_side == "none" else int(args.long_prompt_side)
+        print(json.dumps(long_prompt_side(chunk)))
+        return
     m, ps = model(), prompts()
     sides = {}
     for apart in (True, False):
@@ -84,6 +145,7 @@ def main() -> None:
             "answers_identical": f"{same}/{len(ps)}",
         }
     identical = all(s["answers_identical"] == f"{len(ps)}/{len(ps)}" for s in scenarios.values())
+    long = long_prompt(args.repeats)
     write_result(
         "block_admission",
         command="python benchmarks/bench_block_admission.py",
@@ -92,7 +154,10 @@ def main() -> None:
         target="admitted prompts fed apart: >= 1.3x tokens/s with arrivals every --gap steps, not slower "
         "with a queue drained at batch 8, answers identical",
         target_ratio=1.3,
-        checks={"queue_not_slower": scenarios["queue"]["ratio"] >= 0.95, "answers_identical": identical},
+        checks={
+            "queue_not_slower": scenarios["queue"]["ratio"] >= 0.95,
+            "answers_identical": identical and long["answers_identical"],
+        },
         details={
             "model": "llada2-tiny (random, sharpened head), fp32, vocab 512",
             "prompts": len(ps),
@@ -103,6 +168,7 @@ def main() -> None:
             "gap_steps": args.gap,
             "repeats": args.repeats,
             "scenarios": scenarios,
+            "long_prompt": long,
             "quality": "answers compared token for token between the two sides",
         },
     )

@@ -381,3 +381,41 @@ def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows(kept):
     assert (1, 72) in seen  # the long prompt alone: its 8 whole blocks and its first answer block
     if not kept:  # the local engine can be told to feed them together, the old way: padded rows
         assert max(w for b, w in decode(apart=False) if b >= 2) == 72
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["local", "kept_by_model"])
+def test_long_prompts_are_prefilled_in_chunks(kept):
+    """With ``prefill_chunk``, a prompt longer than the chunk is cached over several steps (whole
+    blocks, no denoising meanwhile), so no forward is wider than the chunk, while the other rows
+    keep decoding; answers are what each request decodes alone."""
+    from diffmoe.generation import DecodingConfig, Engine
+
+    model = tiny()
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 70, 45)]
+    cfg = DecodingConfig(gen_length=16, block_length=8, threshold=0.9)
+    widths = []
+    model.model.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
+    engine = Engine(
+        KeepsCaches(model) if kept else model, max_batch_size=3, mask_id=MASK, eos_id=2, prefill_chunk=16
+    )
+    outs = engine.run(prompts, cfg)
+    assert max(widths) == 16
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == _alone(model, prompt, cfg)
+    # the 70-token prompt: its 64 whole-block positions in 4 steps of 16 that only prefill, then
+    # its blocks' steps: 4 steps more than alone, where the prompt is folded into the first one
+    stats = {}
+    generate_blocks(
+        model,
+        torch.tensor([prompts[1]]),
+        gen_length=16,
+        block_length=8,
+        threshold=0.9,
+        mask_id=MASK,
+        eos_id=2,
+        stats=stats,
+    )
+    assert outs[1].steps == stats["forwards"] - 1 + 4
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, mask_id=MASK, prefill_chunk=0)

@@ -11,7 +11,9 @@ current block in one padded forward:
   padding masked) and, inside what it feeds, block-causally (a position sees its block and earlier);
 - rows admitted this step whose prompts span more than two blocks run in a second forward of their
   own (``block_cache.admission_split``), so that a long prompt arriving does not pad every decoding
-  row of the batch to its length;
+  row of the batch to its length; a prompt longer than ``prefill_chunk`` positions is cached over
+  several steps, ``prefill_chunk`` at a time, before its first denoising step (chunked prefill: one
+  step's mask and activations stay bounded whatever the prompt's length);
 - the step's commits follow ``block_diffusion.commit_block`` (threshold, k per step, editing).
 
 A finished block never changes again, so streaming (``collect``) emits each block when it is final,
@@ -62,9 +64,21 @@ class BlockSequence(Sequence):
         bs, be = self.block_span
         return transfer_schedule((self.x[bs:be] == self.mask_id).sum()[None], self.cfg.steps_per_block)[0]
 
-    def fed_span(self) -> tuple[int, int]:
-        start = self.pending[0] if self.pending is not None else self.block_span[0]
-        return start, self.block_span[1]
+    def fed_span(self, chunk: int | None = None) -> tuple[int, int]:
+        """Positions this step feeds: what is pending (uncached), then the current block. With more
+        than ``chunk`` of them, only the next whole blocks of the pending ones, ``chunk`` at most
+        (one block at least): a step that prefills and does not denoise (``prefilling``)."""
+        bs, be = self.block_span
+        if self.pending is None:
+            return bs, be
+        start = self.pending[0]
+        if chunk is None or be - start <= chunk:
+            return start, be
+        bl = self.cfg.block_length
+        return start, min(bs, start + max(bl, chunk // bl * bl))
+
+    def prefilling(self, span: tuple[int, int]) -> bool:
+        return span[1] <= self.block_span[0]
 
     def min_commits(self) -> int:
         if self.schedule is None:
@@ -100,8 +114,9 @@ class BlockSequence(Sequence):
 class BlockStepper:
     """Runs one denoising step for a batch of ``BlockSequence``s over the batch's ``BlockKVCache``."""
 
-    def __init__(self, model, device, prefill_apart: bool = True):
-        self.model, self.device, self.prefill_apart = model, device, prefill_apart
+    def __init__(self, model, device, prefill_apart: bool = True, prefill_chunk: int | None = None):
+        self.model, self.device = model, device
+        self.prefill_apart, self.prefill_chunk = prefill_apart, prefill_chunk
         self.cache = BlockKVCache()
         # A model that keeps the cache where it runs (``keeps_block_cache``: the expert-parallel
         # stand-in) is sent token ids and per-row lengths instead (``remote``: which rows it holds).
@@ -113,13 +128,15 @@ class BlockStepper:
         if self.remote is None:
             group = self.cache.bind(group)  # rows in slot order from here on
         rows = len(group)
-        spans = [s.fed_span() for s in group]
+        spans = [s.fed_span(self.prefill_chunk) for s in group]
         width = max(e - b for b, e in spans)
         ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
             ids[r, : e - b] = s.x[b:e]
         fed = torch.tensor([e - b for b, e in spans])
-        stores = [s.block_span[0] - b if s.pending is not None else 0 for s, (b, _) in zip(group, spans)]
+        stores = [
+            min(e, s.block_span[0]) - b if s.pending is not None else 0 for s, (b, e) in zip(group, spans)
+        ]
         block_width = max(s.cfg.block_length for s in group)
         starts = torch.tensor([s.block_span[0] - b for s, (b, _) in zip(group, spans)])
         index = torch.minimum(starts[:, None] + torch.arange(block_width)[None], fed[:, None] - 1)
@@ -145,11 +162,17 @@ class BlockStepper:
                 self.prefill_apart,
             )
             logits, forwards = torch.cat(parts), len(parts)
-        for s, (b, e) in zip(group, spans):
+        live = []  # rows that denoise this step: not only prefilling a long prompt's blocks
+        for r, (s, (b, e)) in enumerate(zip(group, spans)):
             s.steps += 1
             s.tokens_fed += e - b
-            s.pending = None  # whatever was pending is cached now
-        self._choose_and_commit(group, logits)
+            if s.prefilling((b, e)):
+                s.pending = (e, s.block_span[0])  # the rest of the prompt: next steps
+            else:
+                s.pending = None  # whatever was pending is cached now
+                live.append(r)
+        if live:
+            self._choose_and_commit([group[r] for r in live], logits[live])
         return forwards
 
     def release_finished(self) -> None:

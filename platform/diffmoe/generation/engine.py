@@ -50,6 +50,7 @@ class Engine:
         eos_id: int | None = None,
         default_config: DecodingConfig | None = None,
         prefill_apart: bool = True,  # block diffusion: admitted prompts in a forward of their own
+        prefill_chunk: int | None = 2048,  # block diffusion: most prompt positions a row feeds per step
     ):
         config = getattr(model, "config", None)
         self.model = model.eval()
@@ -61,6 +62,8 @@ class Engine:
         self.end_ids = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1 (or None: whole prompts)")
         self.max_batch_size = max_batch_size
         self.family = decoding_family(config)
         self.causal = self.family == "autoregressive"  # the AR twin: next-token decoding
@@ -69,7 +72,9 @@ class Engine:
         self._window_past = PastStack()  # cached steps reuse the stacked caches inside a block
         self._ar = ARStepper(self.model, self.mask_id, self.device) if self.causal else None
         self._blocks = (
-            BlockStepper(self.model, self.device, prefill_apart) if self.family == "block_diffusion" else None
+            BlockStepper(self.model, self.device, prefill_apart, prefill_chunk)
+            if self.family == "block_diffusion"
+            else None
         )
         # masked diffusion on a model that keeps each row's window cache where it runs (expert parallel)
         keeps = self.family == "masked_diffusion" and getattr(model, "keeps_row_caches", False)

@@ -51,6 +51,10 @@ class ServeConfig(StrictModel):
     max_steps_limit: int = Field(1024, ge=1)  # largest steps a request may ask for
     ep_size: int = Field(1, ge=1)  # expert-parallel workers per replica
     max_batch_size: int = Field(32, ge=1)  # requests the engine decodes together
+    # Block diffusion (LLaDA2.x): most prompt positions a request feeds per step; a longer prompt is
+    # cached over several steps (chunked prefill), bounding one step's attention mask and activations.
+    # null: whole prompts in one step.
+    prefill_chunk: int | None = Field(2048, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)  # Serve's per-replica admission limit
     max_queued_requests: int = Field(128, ge=-1)  # Serve's queue limit per handle (-1 = unbounded): 503
     # Requests a replica holds beyond the batch (tokenizing or waiting for a slot); more get a 429.

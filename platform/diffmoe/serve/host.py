@@ -105,6 +105,7 @@ class ModelHost:
             self.model,
             self.tokenizer,
             max_batch_size=cfg.max_batch_size,
+            prefill_chunk=cfg.prefill_chunk,
             mask_id=self.special.mask_id,
             eos_id=self.special.eos_id,
             default_config=cfg.decoding,
