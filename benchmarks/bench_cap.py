@@ -1,7 +1,7 @@
 """CAP (confidence-aware parallel training) on an AR -> block-diffusion conversion: tokens decoded
 per forward at equal accuracy.
 
-The task is reverse with 8-24 digits (``CapBenchConfig``: the answers fit LLaDA2's blocks of 32 with
+The task is sort with 8-24 digits (``CapBenchConfig``: the answers fit LLaDA2's blocks of 32 with
 room for many tokens per forward). The AR twin (trained here, or ``cap.ar_model``: one trained on
 the same task and sequence length) is converted twice by the platform's job with the same data,
 steps and block schedule: without CAP and with ``train.objective.block.confidence_beta``

@@ -51,6 +51,24 @@ def test_overrides_are_typed_and_nested():
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
 
+def test_an_override_changes_only_its_key_of_a_section_declared_with_its_own_defaults():
+    """CapBenchConfig declares its task and output sections with values of their own: overriding
+    one key keeps the others (pydantic alone would rebuild the section from the class defaults)."""
+    from diffmoe.bench.conversion import CapBenchConfig
+
+    default = CapBenchConfig()
+    cfg = load(CapBenchConfig, overrides=["task.min_digits=9", "output.name=cap_seed1", "train.seed=1"])
+    assert cfg.task.min_digits == 9 and cfg.train.seed == 1
+    assert cfg.task.name == default.task.name
+    # the section's class defaults are 12 and 48: rebuilt from the class, the override would lose these
+    assert (
+        (cfg.task.max_digits, cfg.task.seq_len) == (default.task.max_digits, default.task.seq_len) == (24, 64)
+    )
+    assert cfg.output.name == "cap_seed1" and cfg.output.work_dir == default.output.work_dir
+    assert cfg.conversion.serving_block_length == default.conversion.serving_block_length
+    assert load(CapBenchConfig, overrides=["task.name=reverse"]).task.name == "reverse"
+
+
 def test_worker_env_defaults_to_malloc_settings_and_is_replaced_when_set():
     assert TrainJobConfig().scaling.worker_env == HOST_MALLOC_ENV
     cfg = load(TrainJobConfig, None, ["scaling.worker_env={MALLOC_ARENA_MAX: 2, FOO: bar}"])

@@ -76,10 +76,36 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def with_section_defaults(cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with every section it names laid over that section's default in ``cls``. pydantic
+    would build a section given as a mapping from its class alone, so on a config declaring
+    ``task: TaskSection = TaskSection(name="reverse")`` the override ``task.min_digits=8`` would
+    silently bring back the class's own ``name``; here only the keys given change."""
+    out = dict(data)
+    for name, field in cls.model_fields.items():
+        section, kind = out.get(name), field.annotation
+        if not (isinstance(section, dict) and isinstance(kind, type) and issubclass(kind, BaseModel)):
+            continue
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        base = default.model_dump(exclude_unset=True) if isinstance(default, BaseModel) else {}
+        out[name] = with_section_defaults(kind, _overlay(kind, base, section))
+    return out
+
+
+def _overlay(cls: type[BaseModel], base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = {**base, **top}
+    for name, field in cls.model_fields.items():
+        kind = field.annotation
+        if isinstance(base.get(name), dict) and isinstance(top.get(name), dict):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                out[name] = _overlay(kind, base[name], top[name])
+    return out
+
+
 def build(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     """Validate ``data`` as ``cls``; errors list every bad key with its dotted path."""
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(with_section_defaults(cls, data))
     except ValidationError as err:
         lines = []
         for e in err.errors():
