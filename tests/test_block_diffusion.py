@@ -386,25 +386,31 @@ def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows(kept):
 @pytest.mark.parametrize("kept", [False, True], ids=["local", "kept_by_model"])
 def test_long_prompts_are_prefilled_in_chunks(kept):
     """With ``prefill_chunk``, a prompt longer than the chunk is cached over several steps (whole
-    blocks, no denoising meanwhile), so no forward is wider than the chunk, while the other rows
-    keep decoding; answers are what each request decodes alone."""
+    blocks, no denoising meanwhile), so no forward is wider than the chunk; rows that only decode
+    meanwhile, before and after it in the batch, run in forwards of their own (never padded to a
+    chunk); answers are what each request decodes alone."""
     from diffmoe.generation import DecodingConfig, Engine
 
     model = tiny()
     g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 70, 45)]
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 70, 5)]
     cfg = DecodingConfig(gen_length=16, block_length=8, threshold=0.9)
-    widths = []
-    model.model.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
+    shapes = []
+    model.model.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
     engine = Engine(
-        KeepsCaches(model) if kept else model, max_batch_size=3, mask_id=MASK, eos_id=2, prefill_chunk=16
+        KeepsCaches(model, ranks=1) if kept else model,
+        max_batch_size=3,
+        mask_id=MASK,
+        eos_id=2,
+        prefill_chunk=32,
     )
     outs = engine.run(prompts, cfg)
-    assert max(widths) == 16
+    assert max(w for _, w in shapes) == 32
+    assert all(b == 1 for b, w in shapes if w > 16)  # the chunks ran alone: no decoding row padded
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == _alone(model, prompt, cfg)
-    # the 70-token prompt: its 64 whole-block positions in 4 steps of 16 that only prefill, then
-    # its blocks' steps: 4 steps more than alone, where the prompt is folded into the first one
+    # the 70-token prompt: its 64 whole-block positions in 2 steps of 32 that only prefill, then
+    # its blocks' steps: 2 steps more than alone, where the prompt is folded into the first one
     stats = {}
     generate_blocks(
         model,
@@ -416,6 +422,15 @@ def test_long_prompts_are_prefilled_in_chunks(kept):
         eos_id=2,
         stats=stats,
     )
-    assert outs[1].steps == stats["forwards"] - 1 + 4
+    assert outs[1].steps == stats["forwards"] - 1 + 2
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(model, mask_id=MASK, prefill_chunk=0)
+
+
+def test_feed_parts_runs_prompt_rows_apart_in_consecutive_slots():
+    from diffmoe.generation.block_cache import feed_parts
+
+    assert feed_parts([8, 16, 8], 8) == [(0, 3)]  # a block, or a block and the finished one
+    assert feed_parts([8, 72, 40], 8) == [(0, 1), (1, 3)]  # two prompts admitted after a decoding row
+    assert feed_parts([8, 72, 8, 8], 8) == [(0, 1), (1, 2), (2, 4)]  # a chunk between decoding rows
+    assert feed_parts([72], 8) == [(0, 1)] and feed_parts([1, 1, 9], 1) == [(0, 2), (2, 3)]

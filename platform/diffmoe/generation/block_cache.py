@@ -160,27 +160,28 @@ def step_mask(begin, fed, block_lengths, cached, width: int, past_width: int) ->
     return torch.cat([old[:, None, :].expand(-1, width, -1), current], -1)[:, None]
 
 
-def admission_split(fed: list[int], block_width: int) -> int:
-    """Where the rows admitted this step start, when they feed their prompts (more than two blocks)
-    after rows that only decode (a block, or a block and the finished one): those are run in a
-    forward of their own, else every decoding row would be padded to the longest prompt. 0: one
-    forward for all (nothing to split, or rows not in that order)."""
+def feed_parts(fed: list[int], block_width: int) -> list[tuple[int, int]]:
+    """The forwards of one step, as slot ranges: rows that feed a prompt (more than two blocks: just
+    admitted, or a long prompt's next chunk) apart from rows that only decode (a block, or a block
+    and the finished one), else every decoding row would be padded to the prompt's width. Runs of
+    consecutive slots, so each forward reads a contiguous slice of the cache (newly admitted rows
+    are the last slots: usually two forwards)."""
     wide = [n > 2 * block_width for n in fed]
-    k = wide.index(True) if any(wide) else 0
-    return k if k and all(wide[k:]) else 0
+    cuts = [r for r in range(1, len(fed)) if wide[r] != wide[r - 1]]
+    bounds = [0, *cuts, len(fed)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def forward_on_cache(
     cache: BlockKVCache, rows, ids, begin, fed, block_lengths, stores, run, device, apart=True
 ):
     """One block-diffusion step of ``rows`` (the cache's slots, in slot order) feeding ``ids``
-    [R, width] from absolute positions ``begin``: per part (decoding rows, then admitted ones when
-    ``apart`` and ``admission_split`` says so) build the mask and positions, call
+    [R, width] from absolute positions ``begin``: per part (``feed_parts`` when ``apart``, else one)
+    build the mask and positions, call
     ``run(lo, hi, ids, attention_mask=, position_ids=, past_key_values=, use_cache=)`` -> (out, kv),
     and keep the first ``stores[r]`` fed positions' keys/values. Returns the parts' outputs."""
-    split = admission_split(fed, max(block_lengths)) if apart else 0
     outs = []
-    for lo, hi in ((0, split), (split, len(rows))) if split else ((0, len(rows)),):
+    for lo, hi in feed_parts(fed, max(block_lengths)) if apart else [(0, len(rows))]:
         width = max(fed[lo:hi])
         past = cache.views(width, lo, hi)
         past_width = 0 if past is None else past[0][0].shape[2]

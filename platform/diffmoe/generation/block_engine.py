@@ -10,7 +10,7 @@ current block in one padded forward:
 - it attends to its own cache of finished positions (caches right-padded to the longest and the
   padding masked) and, inside what it feeds, block-causally (a position sees its block and earlier);
 - rows admitted this step whose prompts span more than two blocks run in a second forward of their
-  own (``block_cache.admission_split``), so that a long prompt arriving does not pad every decoding
+  own (``block_cache.feed_parts``), so that a long prompt arriving does not pad every decoding
   row of the batch to its length; a prompt longer than ``prefill_chunk`` positions is cached over
   several steps, ``prefill_chunk`` at a time, before its first denoising step (chunked prefill: one
   step's mask and activations stay bounded whatever the prompt's length);
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_cache import BlockKVCache, admission_split, forward_on_cache
+from .block_cache import BlockKVCache, feed_parts, forward_on_cache
 from .block_diffusion import commit_block, sample_tokens
 from .remote_cache import RemoteRows
 from .sampler import block_logits, transfer_schedule
@@ -124,7 +124,7 @@ class BlockStepper:
 
     def step(self, group) -> int:
         """One step for every row of ``group``; returns the number of forwards: 2 when rows admitted
-        with their prompts run apart from the decoding rows (``admission_split``), else 1."""
+        with their prompts run apart from the decoding rows (``block_cache.feed_parts``), else 1."""
         if self.remote is None:
             group = self.cache.bind(group)  # rows in slot order from here on
         rows = len(group)
@@ -143,7 +143,7 @@ class BlockStepper:
         lengths = [s.cfg.block_length for s in group]
         if self.remote is not None:
             logits = self.remote.block_logits(group, ids, spans, lengths, stores, index)
-            forwards = 2 if admission_split(fed.tolist(), block_width) else 1  # the holders split alike
+            forwards = len(feed_parts(fed.tolist(), block_width))  # the holders split alike
         else:
 
             def run(lo, hi, part, **kwargs):
