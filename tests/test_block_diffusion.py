@@ -341,11 +341,11 @@ def test_engine_with_the_cache_kept_by_the_model_equals_generate_alone():
         held.step(model.model, ids[:, 2:], [RowPlan("y", 5, 2, 5, 2)])
 
 
-@pytest.mark.parametrize("kept", [False, True], ids=["local", "kept_by_model"])
-def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows(kept):
+def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows():
     """A request admitted with a prompt of many blocks is fed in a forward of its own: the rows
     already decoding are not padded to its length (they would be, fed with it), and every request
-    still decodes what it decodes alone."""
+    still decodes what it decodes alone. (Locally: expert-parallel ranks step in lockstep, so a
+    model that keeps the caches runs one forward per step, as before.)"""
     from diffmoe.generation import DecodingConfig, Engine
 
     model = tiny()
@@ -358,13 +358,7 @@ def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows(kept):
 
     def decode(apart: bool):
         widths.clear()
-        engine = Engine(
-            KeepsCaches(model) if kept else model,
-            max_batch_size=4,
-            mask_id=MASK,
-            eos_id=2,
-            prefill_apart=apart,
-        )
+        engine = Engine(model, max_batch_size=4, mask_id=MASK, eos_id=2, prefill_apart=apart)
         rids = [engine.add_request(p, cfg) for p in short]
         engine.step()
         engine.step()
@@ -379,16 +373,16 @@ def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows(kept):
     seen = decode(apart=True)
     assert max(w for b, w in seen if b >= 2) <= 16  # decoding rows: a block, or two
     assert (1, 72) in seen  # the long prompt alone: its 8 whole blocks and its first answer block
-    if not kept:  # the local engine can be told to feed them together, the old way: padded rows
-        assert max(w for b, w in decode(apart=False) if b >= 2) == 72
+    # told to feed them together (the old way), the decoding rows are padded to the prompt
+    assert max(w for b, w in decode(apart=False) if b >= 2) == 72
 
 
 @pytest.mark.parametrize("kept", [False, True], ids=["local", "kept_by_model"])
 def test_long_prompts_are_prefilled_in_chunks(kept):
     """With ``prefill_chunk``, a prompt longer than the chunk is cached over several steps (whole
-    blocks, no denoising meanwhile), so no forward is wider than the chunk; rows that only decode
-    meanwhile, before and after it in the batch, run in forwards of their own (never padded to a
-    chunk); answers are what each request decodes alone."""
+    blocks, no denoising meanwhile), so no forward is wider than the chunk; locally, rows that only
+    decode meanwhile, before and after it in the batch, run in forwards of their own (never padded
+    to a chunk); answers are what each request decodes alone."""
     from diffmoe.generation import DecodingConfig, Engine
 
     model = tiny()
@@ -406,7 +400,9 @@ def test_long_prompts_are_prefilled_in_chunks(kept):
     )
     outs = engine.run(prompts, cfg)
     assert max(w for _, w in shapes) == 32
-    assert all(b == 1 for b, w in shapes if w > 16)  # the chunks ran alone: no decoding row padded
+    if not kept:  # the chunks ran alone: no decoding row padded (the ranks of a model that keeps
+        # the caches step in lockstep: one forward each, the rows padded to the chunk)
+        assert all(b == 1 for b, w in shapes if w > 16)
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == _alone(model, prompt, cfg)
     # the 70-token prompt: its 64 whole-block positions in 2 steps of 32 that only prefill, then

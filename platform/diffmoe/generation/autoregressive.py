@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_cache import BlockKVCache, feed_parts, step_mask
+from .block_cache import BlockKVCache, step_mask
 from .remote_cache import RemoteRows
 from .sampler import add_gumbel_noise, block_logits, top_k_top_p
 
@@ -63,8 +63,8 @@ class ARStepper:
     def _step_kept(self, group) -> int:
         """One forward on a model that keeps the caches: each row feeds its prompt (first step)
         or its last token, and its worker stores what it fed (``HeldRows``: the same layout as
-        here, causal as blocks of 1). The holders run the prompts being prefilled in a forward of
-        their own (``block_cache.feed_parts``), so single-token rows are not padded to them."""
+        here, causal as blocks of 1). Prompts and single tokens share the forward, so its width is
+        the longest prompt being prefilled."""
         spans = [(s.next_pos - 1, s.next_pos) if s.cached else (0, s.plen) for s in group]
         ids = torch.full((len(group), max(e - b for b, e in spans)), self.pad_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
@@ -77,7 +77,7 @@ class ARStepper:
             s.tokens_fed += n
         for s, token in zip(group, choose(group, logits[:, 0])):
             s.append(token)
-        return len(feed_parts(fed, 1))
+        return 1
 
     def release_finished(self) -> None:
         """Evict finished rows' caches from a model that keeps them (the engine is going idle)."""

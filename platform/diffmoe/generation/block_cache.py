@@ -286,6 +286,8 @@ class HeldRows:
             [p.store for p in plans],
             run,
             next(backbone.parameters()).device,
+            apart=False,  # expert-parallel ranks run their forwards in lockstep (the MoE all-to-all
+            # couples them), and one rank's own split of its rows could differ from another's
         )
         width = ids.shape[1]
         stacked = torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in parts])

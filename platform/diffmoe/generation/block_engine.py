@@ -11,7 +11,8 @@ current block in one padded forward:
   padding masked) and, inside what it feeds, block-causally (a position sees its block and earlier);
 - rows admitted this step whose prompts span more than two blocks run in a second forward of their
   own (``block_cache.feed_parts``), so that a long prompt arriving does not pad every decoding
-  row of the batch to its length; a prompt longer than ``prefill_chunk`` positions is cached over
+  row of the batch to its length (locally: on an expert-parallel model, whose ranks step in
+  lockstep, one forward as before); a prompt longer than ``prefill_chunk`` positions is cached over
   several steps, ``prefill_chunk`` at a time, before its first denoising step (chunked prefill: one
   step's mask and activations stay bounded whatever the prompt's length);
 - the step's commits follow ``block_diffusion.commit_block`` (threshold, k per step, editing).
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_cache import BlockKVCache, feed_parts, forward_on_cache
+from .block_cache import BlockKVCache, forward_on_cache
 from .block_diffusion import commit_block, sample_tokens
 from .remote_cache import RemoteRows
 from .sampler import block_logits, transfer_schedule
@@ -123,8 +124,8 @@ class BlockStepper:
         self.remote = RemoteRows(model) if getattr(model, "keeps_block_cache", False) else None
 
     def step(self, group) -> int:
-        """One step for every row of ``group``; returns the number of forwards: 2 when rows admitted
-        with their prompts run apart from the decoding rows (``block_cache.feed_parts``), else 1."""
+        """One step for every row of ``group``; returns the number of forwards: more than 1 when
+        rows feeding a prompt run apart from the decoding rows (``block_cache.feed_parts``)."""
         if self.remote is None:
             group = self.cache.bind(group)  # rows in slot order from here on
         rows = len(group)
@@ -143,7 +144,7 @@ class BlockStepper:
         lengths = [s.cfg.block_length for s in group]
         if self.remote is not None:
             logits = self.remote.block_logits(group, ids, spans, lengths, stores, index)
-            forwards = len(feed_parts(fed.tolist(), block_width))  # the holders split alike
+            forwards = 1  # the holders run one forward (their ranks step in lockstep)
         else:
 
             def run(lo, hi, part, **kwargs):
