@@ -33,7 +33,7 @@ import time
 import torch
 
 from bench_block_diffusion import BLOCK, GEN, MASK, THRESHOLD, model, prompts
-from common import write_result
+from common import run_interleaved, write_result
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.model import LLaDA2MoeModelLM, llada2_named_config
 
@@ -119,13 +119,7 @@ def main() -> None:
     for apart in (True, False):
         sides[("queue", apart)] = lambda a=apart: queue(m, ps, a)
         sides[("arrivals", apart)] = lambda a=apart: arrivals(m, ps, a, args.gap)
-    times = {k: [] for k in sides}
-    results = {}
-    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every side
-        for key, run in sides.items():
-            seconds, answers, forwards = run()
-            times[key].append(seconds)
-            results[key] = (answers, forwards)
+    times, results = run_interleaved(sides, args.repeats)  # per side: (answers, forwards)
     tokens = GEN * len(ps)
     scenarios = {}
     for scenario in ("queue", "arrivals"):

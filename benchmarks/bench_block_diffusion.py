@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import ROOT, write_result
+from common import ROOT, run_interleaved, write_result
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.generation.block_diffusion import generate_blocks
 from diffmoe.model import LLaDA2MoeModelLM, llada2_named_config
@@ -106,13 +106,7 @@ def main() -> None:
     sides = {"published style (no cache, batch 1)": lambda: published(m, ps)}
     for b in (1, 8, 32):
         sides[f"Engine batch {b}"] = lambda b=b: engine(m, ps, b)
-    times = {k: [] for k in sides}
-    results = {}
-    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every side
-        for name, run in sides.items():
-            seconds, answers, forwards = run()
-            times[name].append(seconds)
-            results[name] = (answers, forwards)
+    times, results = run_interleaved(sides, args.repeats)  # per side: (answers, forwards)
     tokens = GEN * len(ps)
     reference = results["published style (no cache, batch 1)"][0]
     rows = []

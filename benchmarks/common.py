@@ -89,3 +89,17 @@ def run_on_local_ray(config_cls, bench, script: str, description: str, argv=None
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return run_job(config_cls, wrapped, description=description, argv=argv)
+
+
+def run_interleaved(sides: dict, repeats: int) -> tuple[dict, dict]:
+    """Run each side (a callable returning ``(seconds, *result)``) ``repeats`` times, interleaved so
+    that drift on a shared machine hits every side. Returns per side the seconds of every run and
+    the result of its last run."""
+    times: dict = {k: [] for k in sides}
+    results: dict = {}
+    for _ in range(repeats):
+        for key, run in sides.items():
+            seconds, *result = run()
+            times[key].append(seconds)
+            results[key] = tuple(result)
+    return times, results

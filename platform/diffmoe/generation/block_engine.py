@@ -134,7 +134,8 @@ class BlockStepper:
         ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
             ids[r, : e - b] = s.x[b:e]
-        fed = torch.tensor([e - b for b, e in spans])
+        fed_n = [e - b for b, e in spans]
+        fed = torch.tensor(fed_n)
         stores = [
             min(e, s.block_span[0]) - b if s.pending is not None else 0 for s, (b, e) in zip(group, spans)
         ]
@@ -155,7 +156,7 @@ class BlockStepper:
                 group,
                 ids,
                 [b for b, _ in spans],
-                fed.tolist(),
+                fed_n,
                 lengths,
                 stores,
                 run,
