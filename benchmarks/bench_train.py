@@ -52,54 +52,66 @@ def prepare_data(root: Path) -> Path:
     return root / "corpus"
 
 
-def bare_loop(data: Path, threads: int) -> list[float]:
-    """The baseline: everything in one process, no Ray, no DeepSpeed."""
+def bare_loop(cfg, threads: int) -> list[float]:
+    """The baseline: everything in one process, no Ray, no DeepSpeed; the model, objective,
+    micro-batch, steps and optimizer settings of the platform job ``cfg`` (a ``TrainJobConfig``).
+    On a GPU (``scaling.use_gpu``): the weights in fp32 under bf16 autocast, what a bare loop does
+    where the platform runs DeepSpeed's bf16 mode."""
     import pyarrow.parquet as pq
 
     from diffmoe.data.manifest import shard_paths, verify_dataset
-    from diffmoe.diffusion import ObjectiveConfig, diffusion_loss
+    from diffmoe.diffusion import diffusion_loss
     from diffmoe.model import LLaDAMoEModelLM
-    from diffmoe.train.config import TrainJobConfig
+    from diffmoe.parallel import initialize
+    from diffmoe.rng import device_generator
     from diffmoe.train.trainer import resolve_model_config
 
     torch.set_num_threads(threads)
-    manifest = verify_dataset(data)
-    cfg = TrainJobConfig()
+    device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
+    manifest = verify_dataset(Path(cfg.data.path))
     model_config = resolve_model_config(cfg, manifest)
-    torch.manual_seed(0)
-    model = LLaDAMoEModelLM(model_config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = LLaDAMoEModelLM(model_config).train()
+    initialize(model, cfg.train.seed)
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     ids = torch.cat(
         [
             torch.tensor(pq.read_table(f).column("input_ids").to_pylist())
-            for f in shard_paths(data, manifest, "train")
+            for f in shard_paths(Path(cfg.data.path), manifest, "train")
         ]
-    )
+    ).to(device)
+    micro, log_every = cfg.train.micro_batch_size, cfg.train.log_every
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     windows, tokens, t0 = [], 0, time.perf_counter()
-    gen = torch.Generator().manual_seed(0)
-    for step in range(1, STEPS + 1):
-        start = (step * MICRO_BATCH) % (len(ids) - MICRO_BATCH)
-        batch = ids[start : start + MICRO_BATCH].long()
-        terms = diffusion_loss(
-            model, batch, mask_id=model_config.mask_token_id, objective=ObjectiveConfig(), generator=gen
-        )
+    gen = device_generator(device, 0)
+    for step in range(1, cfg.train.max_steps + 1):
+        start = (step * micro) % (len(ids) - micro)
+        batch = ids[start : start + micro].long()
+        with autocast:
+            terms = diffusion_loss(
+                model, batch, mask_id=model_config.mask_token_id, objective=cfg.train.objective, generator=gen
+            )
         opt.zero_grad(set_to_none=True)
         terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         tokens += batch.numel()
-        if step % LOG_EVERY == 0:
+        if step % log_every == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             windows.append(tokens / (time.perf_counter() - t0))
             tokens, t0 = 0, time.perf_counter()
     return windows
 
 
-def bare_process(data: Path, threads: int, env: dict[str, str]) -> list[float]:
+def bare_process(cfg, threads: int, env: dict[str, str]) -> list[float]:
     """``bare_loop`` in a fresh process whose environment has ``env`` and no other MALLOC_*
     settings (glibc reads them only at start-up)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run(
-        [sys.executable, __file__, "--bare", str(data), str(threads)],
+        [sys.executable, __file__, "--bare", cfg.model_dump_json(), str(threads)],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -108,34 +120,45 @@ def bare_process(data: Path, threads: int, env: dict[str, str]) -> list[float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def platform_run(data: Path, root: Path, name: str, workers: int, ep: int, cpus: float) -> list[float]:
-    from mlflow.tracking import MlflowClient
-
+def job_config(data: Path, root: Path, name: str, workers: int = 1, ep: int = 1, cpus: float = 1, **sections):
+    """The platform's training job of this benchmark (``sections`` are merged into it: e.g. a
+    model or scaling section); the bare loop reads the same config."""
     from diffmoe.config import build
     from diffmoe.train.config import TrainJobConfig
+
+    job = {
+        "data": {"path": str(data)},
+        "train": {
+            "max_steps": STEPS,
+            "micro_batch_size": MICRO_BATCH,
+            "log_every": LOG_EVERY,
+            "val_every": 10**6,
+            "checkpoint_every": 10**6,
+        },
+        "deepspeed": {"ep_size": ep},
+        "scaling": {"num_workers": workers, "cpus_per_worker": cpus},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+            "experiment": "bench-train",
+            "log_system_metrics": False,
+        },
+        "run": {"name": name, "storage_path": str(root / "runs"), "output_dir": str(root / name)},
+    }
+    for section, values in sections.items():
+        job[section] = {**job.get(section, {}), **values}
+    return build(TrainJobConfig, job)
+
+
+def platform_run(cfg) -> list[float]:
+    """The platform job ``cfg`` (``job_config``); its logged tokens/s windows."""
+    from mlflow.tracking import MlflowClient
+
     from diffmoe.train.trainer import run_training
 
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = build(
-        TrainJobConfig,
-        {
-            "data": {"path": str(data)},
-            "train": {
-                "max_steps": STEPS,
-                "micro_batch_size": MICRO_BATCH,
-                "log_every": LOG_EVERY,
-                "val_every": 10**6,
-                "checkpoint_every": 10**6,
-            },
-            "deepspeed": {"ep_size": ep},
-            "scaling": {"num_workers": workers, "cpus_per_worker": cpus},
-            "mlflow": {"tracking_uri": uri, "experiment": "bench-train", "log_system_metrics": False},
-            "run": {"name": name, "storage_path": str(root / "runs"), "output_dir": str(root / name)},
-        },
-    )
     result = run_training(cfg)
     history = sorted(
-        MlflowClient(uri).get_metric_history(result.run_id, "train/tokens_per_s"), key=lambda m: m.step
+        MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(result.run_id, "train/tokens_per_s"),
+        key=lambda m: m.step,
     )
     return [m.value for m in history]
 
@@ -162,18 +185,19 @@ def main() -> None:
         # compared with the bare runs just before and after it, so drift in a shared machine's
         # speed (+-30% over minutes here) lands on both sides; the ratio is the median over rounds.
         bare, bare_default, ours = [], [], []
+        job = job_config(data, root, "one-worker", cpus=threads)
         for r in range(ROUNDS + 1):
             for runs, env in [(bare, worker_env), (bare_default, {})][:: 1 if r % 2 else -1]:
-                runs.append(bare_process(data, threads, env))  # order swaps each round
+                runs.append(bare_process(job, threads, env))  # order swaps each round
             if r < ROUNDS:
-                ours.append(platform_run(data, root, f"one-worker-{r}", workers=1, ep=1, cpus=threads))
-        ep2 = platform_run(data, root, "two-workers-ep2", workers=2, ep=2, cpus=cores / 2)
+                ours.append(platform_run(job_config(data, root, f"one-worker-{r}", cpus=threads)))
+        ep2 = platform_run(job_config(data, root, "two-workers-ep2", workers=2, ep=2, cpus=cores / 2))
         # The same comparison with every core in torch threads (nothing left for Ray's processes).
         all_bare, all_ours = [], []
         for r in range(ALL_CORES_ROUNDS + 1 if cores > threads else 0):  # bare, ours, ..., bare
-            all_bare.append(bare_process(data, cores, worker_env))
+            all_bare.append(bare_process(job, cores, worker_env))
             if r < ALL_CORES_ROUNDS:
-                all_ours.append(platform_run(data, root, f"all-cores-{r}", workers=1, ep=1, cpus=cores))
+                all_ours.append(platform_run(job_config(data, root, f"all-cores-{r}", cpus=cores)))
         load_after = os.getloadavg()
 
     def per_round(runs: list[list[float]], baseline: list[list[float]]) -> list[float]:
@@ -243,6 +267,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--bare"]:  # one baseline run, in its own process (see bare_process)
-        print(json.dumps(bare_loop(Path(sys.argv[2]), int(sys.argv[3]))))
+        from diffmoe.train.config import TrainJobConfig
+
+        job = TrainJobConfig.model_validate_json(sys.argv[2])
+        print(json.dumps(bare_loop(job, int(sys.argv[3]))))
         sys.exit(0)
     sys.exit(main())

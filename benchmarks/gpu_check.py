@@ -11,7 +11,8 @@
 4. The block-diffusion objective with the block-sparse flex mask (compiled) equals the dense mask
    (loss, gradients) and is timed against it at 2L = 4096.
 5. ``gpu_platform.py``: the LLaDA2 block-diffusion Engine at the llada2-mini shape (batch 1 and 32,
-   sampled); then the platform itself: ``jobs/prepare_corpus.py`` + ``jobs/pretrain.py`` on the GPU
+   sampled); the training overhead against a bare loop at the 7B-A1B layer shape; the platform
+   itself: ``jobs/prepare_corpus.py`` + ``jobs/pretrain.py`` on the GPU
    (Ray Train + DeepSpeed, bf16; the loss must fall, a checkpoint and the export must be written)
    and one sampled chat request to that model served by Ray Serve over HTTP. This part needs the
    project installed (``make install``: Ray, DeepSpeed, MLflow); ``--model-only`` skips it.
@@ -298,12 +299,13 @@ def main() -> None:
         import tempfile
         from pathlib import Path
 
-        from gpu_platform import llada2_engine, train_and_serve
+        from gpu_platform import llada2_engine, train_and_serve, train_overhead
 
         work = tempfile.mkdtemp(prefix="gpu-check-")
         parts += [
             ("llada2_mini_engine_bf16", llada2_engine),
             ("ray_train_deepspeed_then_serve", lambda: train_and_serve(Path(work))),
+            ("train_overhead_7b_a1b_layers", lambda: train_overhead(Path(work) / "overhead")),
         ]
     result = {
         "device": torch.cuda.get_device_name(0),

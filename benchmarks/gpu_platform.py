@@ -7,8 +7,10 @@
    question (temperature 0.7, seeded) with the ``openai`` client.
 3. The LLaDA2 block-diffusion Engine at the ``llada2-mini`` shape (16B, random bf16 weights) at
    batch 1 and 32, sampled.
-``python benchmarks/gpu_platform.py --cpu`` runs 1 and 2 on the CPU (and 3 at the tiny shape): the
-smoke test that the check itself works before a GPU is at hand.
+4. Training overhead at the 7B-A1B layer shape: the platform's training job against a bare PyTorch
+   loop on the same GPU, data and settings (``bench_train``'s comparison; target >= 0.95).
+``python benchmarks/gpu_platform.py --cpu`` runs 1, 2 and 4 on the CPU (3 and 4 at the tiny shape):
+the smoke test that the check itself works before a GPU is at hand.
 """
 
 from __future__ import annotations
@@ -169,9 +171,62 @@ def llada2_engine(device: str = "cuda", name: str = "llada2-mini") -> dict:
     return out
 
 
+# Step 4's shape: the 7B-A1B layer (hidden 2048, 64 experts of 1024, top-8, 16 heads) with two of its
+# 16 layers (the overhead is per step, not per layer: two keep it minutes), 1024-token rows.
+OVERHEAD_GPU = dict(model="llada-moe-7b-a1b", layers=2, seq_len=1024, micro_batch=8, steps=60, log_every=5)
+OVERHEAD_CPU = dict(model="tiny", layers=2, seq_len=256, micro_batch=8, steps=40, log_every=5)
+
+
+def train_overhead(work: Path, use_gpu: bool = True) -> dict:
+    """Step 4: bare loop, platform job, bare loop again (each platform run against the bare runs on
+    either side of it, as in ``bench_train``); steady-state tokens/s, the first window excluded."""
+    import ray
+
+    from bench_train import bare_process, job_config, platform_run, steady
+
+    shape = OVERHEAD_GPU if use_gpu else OVERHEAD_CPU
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus"
+    _job(work, "prepare_corpus", "--config", "jobs/configs/corpus_tiny.yaml", "--set", f"output_dir={corpus}",
+         "--set", "max_documents=200", "--set", f"seq_len={shape['seq_len']}")  # fmt: skip
+    job = job_config(
+        corpus,
+        work,
+        "overhead",
+        model={"name": shape["model"], "overrides": {"num_hidden_layers": shape["layers"]}},
+        train={
+            "max_steps": shape["steps"],
+            "micro_batch_size": shape["micro_batch"],
+            "log_every": shape["log_every"],
+        },
+        scaling={"use_gpu": use_gpu},
+    )
+    env = job.scaling.worker_env
+    threads = int(job.scaling.cpus_per_worker)
+    bare = [bare_process(job, threads, env)]
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        ours = platform_run(job)
+    finally:
+        ray.shutdown()
+    bare.append(bare_process(job, threads, env))
+    bare_tps = sum(steady(w) for w in bare) / len(bare)
+    ratio = steady(ours) / bare_tps
+    return {
+        "shape": shape,
+        "platform_tokens_per_s": round(steady(ours), 1),
+        "bare_tokens_per_s": [round(steady(w), 1) for w in bare],
+        "ratio": round(ratio, 3),
+        "target_ratio": 0.95,
+        "met": ratio >= 0.95,
+        "baseline": "bare PyTorch loop, one process: fp32 weights under bf16 autocast on a GPU, AdamW",
+    }
+
+
 if __name__ == "__main__":
     cpu = "--cpu" in sys.argv
     with tempfile.TemporaryDirectory() as tmp:
         result = {"train_and_serve": train_and_serve(Path(tmp), use_gpu=not cpu)}
+        result["train_overhead"] = train_overhead(Path(tmp) / "overhead", use_gpu=not cpu)
     result["llada2_engine"] = llada2_engine("cpu", "llada2-tiny") if cpu else llada2_engine()
     print(json.dumps(result, indent=2))
