@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from diffmoe.generation.block_cache import HeldRows, RowRouter
+from diffmoe.generation.block_cache import HeldRows, RowRouter, feeds_apart
 from diffmoe.generation.remote_cache import WindowHolder
 
 
@@ -42,8 +42,18 @@ class KeepsCaches(torch.nn.Module):
                 out[idx] = part
         return out
 
-    def block_step(self, ids, plans, evict):
-        return self._on_ranks(lambda r, ids, p: self.held[r].step(self.backbone, ids, p), plans, evict, ids)
+    def block_step(self, ids, plans, evict, apart=False):
+        apart = apart and feeds_apart(plans)  # as ExpertParallelModel decides it
+        forwards = []
+
+        def run(rank, ids, plans):  # the ranks run one after the other here: nothing to agree on
+            out = self.held[rank].step(self.backbone, ids, plans, apart)
+            forwards.append(self.held[rank].forwards)
+            return out
+
+        out = self._on_ranks(run, plans, evict, ids)
+        self.step_forwards = max(forwards)
+        return out
 
     def window_full(self, ids, key_mask, index, keeps, evict):
         run = lambda r, *a: self.windows[r].full(self.backbone, *a)  # noqa: E731

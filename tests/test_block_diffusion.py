@@ -341,11 +341,11 @@ def test_engine_with_the_cache_kept_by_the_model_equals_generate_alone():
         held.step(model.model, ids[:, 2:], [RowPlan("y", 5, 2, 5, 2)])
 
 
-def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows():
+@pytest.mark.parametrize("kept", [False, True], ids=["local", "kept_by_model"])
+def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows(kept):
     """A request admitted with a prompt of many blocks is fed in a forward of its own: the rows
     already decoding are not padded to its length (they would be, fed with it), and every request
-    still decodes what it decodes alone. (Locally: expert-parallel ranks step in lockstep, so a
-    model that keeps the caches runs one forward per step, as before.)"""
+    still decodes what it decodes alone; on a model that keeps the caches (2 ranks) too."""
     from diffmoe.generation import DecodingConfig, Engine
 
     model = tiny()
@@ -358,7 +358,8 @@ def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows():
 
     def decode(apart: bool):
         widths.clear()
-        engine = Engine(model, max_batch_size=4, mask_id=MASK, eos_id=2, prefill_apart=apart)
+        target = KeepsCaches(model, ranks=2) if kept else model
+        engine = Engine(target, max_batch_size=4, mask_id=MASK, eos_id=2, prefill_apart=apart)
         rids = [engine.add_request(p, cfg) for p in short]
         engine.step()
         engine.step()
@@ -368,13 +369,42 @@ def test_a_long_prompt_joining_runs_apart_from_the_decoding_rows():
             outputs.update((e.request_id, e.output) for e in engine.step() if e.finished)
         for rid, prompt in zip(rids, [*short, long]):
             assert outputs[rid].token_ids == _alone(model, prompt, cfg)
-        return list(widths)
+        return list(widths), engine.forwards
 
-    seen = decode(apart=True)
+    seen, forwards = decode(apart=True)
     assert max(w for b, w in seen if b >= 2) <= 16  # decoding rows: a block, or two
     assert (1, 72) in seen  # the long prompt alone: its 8 whole blocks and its first answer block
-    # told to feed them together (the old way), the decoding rows are padded to the prompt
-    assert max(w for b, w in decode(apart=False) if b >= 2) == 72
+    # told to feed them together (the old way), the decoding rows are padded to the prompt (with 2
+    # ranks: the one the prompt is pinned to, the least loaded, holds a decoding row too)
+    padded, together = decode(apart=False)
+    assert max(w for b, w in padded if b >= 2) == 72
+    assert forwards == together + 1  # one more forward: the step the long prompt joined
+
+
+def test_held_rows_pad_to_the_forwards_the_ranks_agree_on():
+    """An expert-parallel rank runs as many forwards as the rank that runs most (``agree``): its
+    own parts, then one-token dummies; its rows' hidden states are what one forward gives."""
+    from diffmoe.generation.block_cache import HeldRows, RowPlan
+
+    model = tiny()
+    calls = []
+    model.model.register_forward_pre_hook(lambda _, args: calls.append(tuple(args[0].shape)))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (2, 40), generator=g)
+    plans = [RowPlan("decoding", 0, 8, 0, 8), RowPlan("prompt", 0, 40, 0, 8, store=32)]
+    together = HeldRows().step(model.model, ids, plans)
+    calls.clear()
+    held = HeldRows()
+
+    def agree(n):  # before any forward: a rank's k-th forward must meet the other ranks' k-th
+        calls.append(("agree", n))
+        return max(n, 3)
+
+    apart = held.step(model.model, ids, plans, apart=True, agree=agree)
+    assert calls == [("agree", 2), (1, 8), (1, 40), (1, 1)] and held.forwards == 3
+    torch.testing.assert_close(apart[0, :8], together[0, :8])
+    torch.testing.assert_close(apart[1], together[1])
+    assert held.rows["prompt"].cached == 32 and held.rows["decoding"].cached == 0
 
 
 @pytest.mark.parametrize("kept", [False, True], ids=["local", "kept_by_model"])
@@ -400,9 +430,7 @@ def test_long_prompts_are_prefilled_in_chunks(kept):
     )
     outs = engine.run(prompts, cfg)
     assert max(w for _, w in shapes) == 32
-    if not kept:  # the chunks ran alone: no decoding row padded (the ranks of a model that keeps
-        # the caches step in lockstep: one forward each, the rows padded to the chunk)
-        assert all(b == 1 for b, w in shapes if w > 16)
+    assert all(b == 1 for b, w in shapes if w > 16)  # the chunks ran alone: no decoding row padded
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == _alone(model, prompt, cfg)
     # the 70-token prompt: its 64 whole-block positions in 2 steps of 32 that only prefill, then

@@ -109,6 +109,8 @@ def test_openai_client_chat_completion_stream_and_concurrency(server, offline):
     assert a.choices[0].text == b.choices[0].text  # seeded sampling with top-k / top-p is reproducible
 
     prompts = [f"def f{i}(x):\n    return x * {i}" for i in range(16)]
+    # two long prompts: their rows feed many blocks while others decode (run apart on their rank)
+    prompts[3] = prompts[12] = "def f3(x):\n" + "    x = x * 3 + 1\n" * 12 + "    return x"
     extras = [{"steps": 8, "block_length": 4} if i % 2 else {"threshold": 0.5} for i in range(16)]
 
     async def main():

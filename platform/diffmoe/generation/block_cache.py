@@ -172,16 +172,19 @@ def feed_parts(fed: list[int], block_width: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def forward_on_cache(
-    cache: BlockKVCache, rows, ids, begin, fed, block_lengths, stores, run, device, apart=True
-):
+def step_parts(fed: list[int], block_lengths: list[int], apart: bool) -> list[tuple[int, int]]:
+    """The forwards of a step: ``feed_parts`` when ``apart``, else one over every row."""
+    return feed_parts(fed, max(block_lengths)) if apart else [(0, len(fed))]
+
+
+def forward_on_cache(cache: BlockKVCache, rows, ids, begin, fed, block_lengths, stores, run, device, parts):
     """One block-diffusion step of ``rows`` (the cache's slots, in slot order) feeding ``ids``
-    [R, width] from absolute positions ``begin``: per part (``feed_parts`` when ``apart``, else one)
-    build the mask and positions, call
+    [R, width] from absolute positions ``begin``: per part (slot ranges: ``step_parts``) build
+    the mask and positions, call
     ``run(lo, hi, ids, attention_mask=, position_ids=, past_key_values=, use_cache=)`` -> (out, kv),
     and keep the first ``stores[r]`` fed positions' keys/values. Returns the parts' outputs."""
     outs = []
-    for lo, hi in feed_parts(fed, max(block_lengths)) if apart else [(0, len(rows))]:
+    for lo, hi in parts:
         width = max(fed[lo:hi])
         past = cache.views(width, lo, hi)
         past_width = 0 if past is None else past[0][0].shape[2]
@@ -244,6 +247,7 @@ class HeldRows:
     def __init__(self):
         self.cache = BlockKVCache()
         self.rows: dict[str, _HeldRow] = {}
+        self.forwards = 0  # forwards the last step ran (dummies included)
 
     def evict(self, keys) -> None:
         """Drop these rows' caches; with no row left the buffers go too (an idle worker holds none)."""
@@ -256,9 +260,15 @@ class HeldRows:
         else:
             self.cache.bind([row for row in self.cache.slots if row.key in self.rows])
 
-    def step(self, backbone, ids, plans: list[RowPlan]) -> torch.Tensor:
+    def step(self, backbone, ids, plans: list[RowPlan], apart: bool = False, agree=None) -> torch.Tensor:
         """Run ``backbone`` on ``ids`` [R, width] (row r planned by ``plans[r]``) over the held
-        cache; store what the plans say; return the final hidden states [R, width, hidden]."""
+        cache; store what the plans say; return the final hidden states [R, width, hidden].
+
+        ``apart``: rows feeding a prompt run apart from decoding rows (``feed_parts``), as in the
+        engine's own cache. Expert-parallel ranks step in lockstep (each MoE layer's all-to-all
+        couples their forwards), and each rank cuts its own rows, so ``agree(n)`` returns the most
+        forwards any rank runs this step and this rank pads its n with one-token dummy forwards
+        (``forwards`` holds the agreed count afterwards)."""
         rows = [self.rows.setdefault(p.key, _HeldRow(p.key)) for p in plans]
         for row, p in zip(rows, plans):
             if row.cached > p.cached:  # a step the engine saw fail (on another rank) stored here
@@ -271,29 +281,42 @@ class HeldRows:
         slots = self.cache.bind(rows)
         order = [at[id(row)] for row in slots]  # slot order
         plans = [plans[r] for r in order]
+        fed, lengths = [p.fed for p in plans], [p.block_length for p in plans]
+        device = next(backbone.parameters()).device
+        parts = step_parts(fed, lengths, apart)
+        # agreed before any forward: every rank's k-th forward must meet the others' k-th
+        self.forwards = agree(len(parts)) if agree is not None else len(parts)
 
         def run(lo, hi, part, **kwargs):
             out = backbone(part, **kwargs)
             return out.last_hidden_state, out.past_key_values
 
-        parts = forward_on_cache(
+        hidden_parts = forward_on_cache(
             self.cache,
             slots,
             ids[order],
             [p.begin for p in plans],
-            [p.fed for p in plans],
-            [p.block_length for p in plans],
+            fed,
+            lengths,
             [p.store for p in plans],
             run,
-            next(backbone.parameters()).device,
-            apart=False,  # expert-parallel ranks run their forwards in lockstep (the MoE all-to-all
-            # couples them), and one rank's own split of its rows could differ from another's
+            device,
+            parts,
         )
+        for _ in range(self.forwards - len(parts)):
+            backbone(ids[:1, :1].to(device))  # this rank's share of another rank's extra forward
         width = ids.shape[1]
-        stacked = torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in parts])
+        stacked = torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in hidden_parts])
         hidden = torch.empty_like(stacked)
         hidden[order] = stacked
         return hidden
+
+
+def feeds_apart(plans: list[RowPlan]) -> bool:
+    """Whether a step's rows (all ranks') mix prompt feeders and decoding rows (``feed_parts``)."""
+    width = max(p.block_length for p in plans)
+    wide = [p.fed > 2 * width for p in plans]
+    return any(wide) and not all(wide)
 
 
 class RowRouter:

@@ -11,8 +11,8 @@ current block in one padded forward:
   padding masked) and, inside what it feeds, block-causally (a position sees its block and earlier);
 - rows admitted this step whose prompts span more than two blocks run in a second forward of their
   own (``block_cache.feed_parts``), so that a long prompt arriving does not pad every decoding
-  row of the batch to its length (locally: on an expert-parallel model, whose ranks step in
-  lockstep, one forward as before); a prompt longer than ``prefill_chunk`` positions is cached over
+  row of the batch to its length (an expert-parallel model's ranks, which step in lockstep, each cut
+  their own rows and agree on how many forwards the step takes); a prompt longer than ``prefill_chunk`` positions is cached over
   several steps, ``prefill_chunk`` at a time, before its first denoising step (chunked prefill: one
   step's mask and activations stay bounded whatever the prompt's length);
 - the step's commits follow ``block_diffusion.commit_block`` (threshold, k per step, editing).
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_cache import BlockKVCache, forward_on_cache
+from .block_cache import BlockKVCache, forward_on_cache, step_parts
 from .block_diffusion import commit_block, sample_tokens
 from .remote_cache import RemoteRows
 from .sampler import block_logits, transfer_schedule
@@ -144,8 +144,8 @@ class BlockStepper:
         index = torch.minimum(starts[:, None] + torch.arange(block_width)[None], fed[:, None] - 1)
         lengths = [s.cfg.block_length for s in group]
         if self.remote is not None:
-            logits = self.remote.block_logits(group, ids, spans, lengths, stores, index)
-            forwards = 1  # the holders run one forward (their ranks step in lockstep)
+            logits = self.remote.block_logits(group, ids, spans, lengths, stores, index, self.prefill_apart)
+            forwards = self.remote.forwards
         else:
 
             def run(lo, hi, part, **kwargs):
@@ -161,7 +161,7 @@ class BlockStepper:
                 stores,
                 run,
                 self.device,
-                self.prefill_apart,
+                step_parts(fed_n, lengths, self.prefill_apart),
             )
             logits, forwards = torch.cat(parts), len(parts)
         live = []  # rows that denoise this step: not only prefilling a long prompt's blocks

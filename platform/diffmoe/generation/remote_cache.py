@@ -51,16 +51,18 @@ class RemoteRows:
             del self.held[key]
         return gone
 
-    def block_logits(self, group, ids, spans, block_lengths, stores, index) -> torch.Tensor:
-        """One forward on a model that keeps block caches (``HeldRows`` on its workers; LLaDA2.x,
+    def block_logits(self, group, ids, spans, block_lengths, stores, index, apart=False) -> torch.Tensor:
+        """One step on a model that keeps block caches (``HeldRows`` on its workers; LLaDA2.x,
         and the AR twin as blocks of 1): row r feeds ``ids[r]`` = positions ``spans[r]`` and its
-        holder stores the first ``stores[r]`` of them. Logits at ``index`` (LM head here)."""
+        holder stores the first ``stores[r]`` of them; ``apart``: prompt feeders in forwards of
+        their own (``forwards``: how many ran). Logits at ``index`` (LM head here)."""
         keys, evict = self.keys_of(group)
         plans = [
             RowPlan(key, s.cached, e - b, b, length, store)
             for key, s, (b, e), length, store in zip(keys, group, spans, block_lengths, stores)
         ]
-        hidden = self.model.block_step(ids, plans, evict)
+        hidden = self.model.block_step(ids, plans, evict, apart)
+        self.forwards = getattr(self.model, "step_forwards", 1)
         for s, store in zip(group, stores):
             s.cached += store  # the holder stored them
         return self.model.lm_head(at_positions(hidden, index))

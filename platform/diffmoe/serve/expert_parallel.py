@@ -26,7 +26,7 @@ import ray
 import torch
 from torch import nn
 
-from diffmoe.generation.block_cache import HeldRows, RowRouter
+from diffmoe.generation.block_cache import HeldRows, RowRouter, feeds_apart
 from diffmoe.generation.remote_cache import WindowHolder
 
 
@@ -95,19 +95,32 @@ class ExpertParallelWorker:
         self.held.evict(keys)
         self.windows.evict(keys)
 
-    def _dummy(self, ids, evict):
+    def _dummy(self, ids, evict, forwards: int = 1):
         """A rank without rows still runs (the all-to-alls need every rank) and returns None."""
         self.evict(evict)
-        self.backbone(ids[:1].to(self.device))
+        for _ in range(forwards):
+            self.backbone(ids[:1].to(self.device))
+
+    def _agree(self, forwards: int) -> int:
+        """The most forwards any rank runs this step (every rank calls this, in the same order)."""
+        import torch.distributed as dist
+
+        n = torch.tensor([forwards], device=self.device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        return int(n.item())
 
     @torch.inference_mode()
-    def block_step(self, ids, plans, evict):
+    def block_step(self, ids, plans, evict, apart: bool = False):
         """One block-diffusion step of this rank's rows over the caches it keeps (``HeldRows``):
-        final hidden states on the CPU."""
+        (final hidden states on the CPU, forwards run). ``apart`` (the same on every rank): rows
+        feeding a prompt run apart from decoding rows, the ranks agreeing on how many forwards."""
+        agree = self._agree if apart else None
         if not plans:
-            return self._dummy(ids, evict)
+            self._dummy(ids, evict, agree(1) if agree else 1)
+            return None
         self.held.evict(evict)
-        return self.held.step(self.backbone, ids, plans).cpu()
+        hidden = self.held.step(self.backbone, ids, plans, apart, agree).cpu()
+        return hidden, self.held.forwards
 
     @torch.inference_mode()
     def window_full(self, ids, key_mask, index, keeps, evict):
@@ -161,6 +174,7 @@ class ExpertParallelModel(nn.Module):
             self.lm_head.weight.copy_(lm_head_weight)
         self.model = _Backbone(workers, device, dtype)  # not a submodule: it owns no parameters
         self.router = RowRouter(len(workers))
+        self.step_forwards = 1  # forwards the last block step ran on each worker
 
     @classmethod
     def start(
@@ -213,37 +227,51 @@ class ExpertParallelModel(nn.Module):
             logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values
         )
 
-    def block_step(self, ids, plans, evict):
+    def block_step(self, ids, plans, evict, apart: bool = False):
         """Final hidden states [R, width, hidden] of one block-diffusion step, rows on their
-        workers (see the class docstring); ``evict``: cache keys of rows that are gone."""
-        return self._on_ranks("block_step", plans, evict, ids)
+        workers (see the class docstring); ``evict``: cache keys of rows that are gone. ``apart``:
+        when the step mixes prompt feeders and decoding rows, each worker runs them in forwards
+        of their own (``step_forwards``: how many)."""
+        apart = apart and feeds_apart(plans)
+        out = self._on_ranks("block_step", plans, evict, ids, apart=apart)
+        self.step_forwards = max(n for _, n in out.values())
+        return self._in_row_order(out, len(plans))
 
     def window_full(self, ids, key_mask, index, keeps, evict):
         """Masked diffusion's full pass: each worker keeps its rows' caches outside their windows
         (``RowKeep``); final hidden states at ``index`` [R, n] come back."""
-        return self._on_ranks("window_full", keeps, evict, ids, key_mask, index)
+        return self._in_row_order(
+            self._on_ranks("window_full", keeps, evict, ids, key_mask, index), len(keeps)
+        )
 
     def window_cached(self, ids, fed_mask, positions, index, rows, evict):
         """Masked diffusion's cached step: windows out, read over the caches the workers keep."""
-        return self._on_ranks("window_cached", rows, evict, ids, fed_mask, positions, index)
+        out = self._on_ranks("window_cached", rows, evict, ids, fed_mask, positions, index)
+        return self._in_row_order(out, len(rows))
 
-    def _on_ranks(self, method: str, items, evict, *tensors):
+    def _on_ranks(self, method: str, items, evict, *tensors, **options) -> dict:
         """Call the workers' ``method`` with their pinned rows' slices of ``tensors`` and of
         ``items`` (anything with a cache ``key``) and the evicted keys they hold; a worker without
-        rows gets row 0 as a dummy (the all-to-alls need every rank). Results in row order."""
+        rows gets row 0 as a dummy (the all-to-alls need every rank). Returns {row indices: what
+        the worker returned} for the workers with rows."""
         rows, drops = self.router.route(items, evict)
         refs = [
             getattr(worker, method).remote(
-                *[t[idx] if idx else t[:1] for t in tensors], [items[i] for i in idx], drop
+                *[t[idx] if idx else t[:1] for t in tensors], [items[i] for i in idx], drop, **options
             )
             for worker, idx, drop in zip(self.workers, rows, drops)
         ]
+        return {tuple(idx): part for idx, part in zip(rows, ray.get(refs)) if idx}
+
+    def _in_row_order(self, parts: dict, n: int) -> torch.Tensor:
+        """The workers' hidden states (``_on_ranks``; block steps also return their forwards) as
+        one tensor in row order, on the replica's device."""
         out = None
-        for idx, part in zip(rows, ray.get(refs)):
-            if idx:
-                if out is None:
-                    out = part.new_empty(len(items), *part.shape[1:])
-                out[idx] = part
+        for idx, part in parts.items():
+            part = part[0] if isinstance(part, tuple) else part
+            if out is None:
+                out = part.new_empty(n, *part.shape[1:])
+            out[list(idx)] = part
         return out.to(self.model.device, self.model.dtype)
 
     def release(self, keys) -> None:
