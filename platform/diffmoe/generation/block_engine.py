@@ -11,10 +11,11 @@ current block in one padded forward:
   padding masked) and, inside what it feeds, block-causally (a position sees its block and earlier);
 - rows admitted this step whose prompts span more than two blocks run in a second forward of their
   own (``block_cache.feed_parts``), so that a long prompt arriving does not pad every decoding
-  row of the batch to its length (an expert-parallel model's ranks, which step in lockstep, each cut
-  their own rows and agree on how many forwards the step takes); a prompt longer than ``prefill_chunk`` positions is cached over
-  several steps, ``prefill_chunk`` at a time, before its first denoising step (chunked prefill: one
-  step's mask and activations stay bounded whatever the prompt's length);
+  row of the batch to its length (an expert-parallel model's ranks, which step in lockstep, each
+  cut their own rows and agree on how many forwards the step takes); a prompt longer than
+  ``prefill_chunk`` positions is cached over several steps, ``prefill_chunk`` at a time, before
+  its first denoising step (chunked prefill: one step's mask and activations stay bounded whatever
+  the prompt's length);
 - the step's commits follow ``block_diffusion.commit_block`` (threshold, k per step, editing).
 
 A finished block never changes again, so streaming (``collect``) emits each block when it is final,

@@ -96,10 +96,10 @@ class ExpertParallelWorker:
         self.windows.evict(keys)
 
     def _dummy(self, ids, evict, forwards: int = 1):
-        """A rank without rows still runs (the all-to-alls need every rank) and returns None."""
+        """A rank without rows still runs (the all-to-alls need every rank): one token each time."""
         self.evict(evict)
         for _ in range(forwards):
-            self.backbone(ids[:1].to(self.device))
+            self.backbone(ids[:1, :1].to(self.device))
 
     def _agree(self, forwards: int) -> int:
         """The most forwards any rank runs this step (every rank calls this, in the same order)."""
