@@ -15,7 +15,10 @@ Baseline: the same Engine with ``prefill_apart=False`` (the behaviour before). A
 token for token between the sides (same algorithm: equal answers, equal quality). Seconds are medians
 over ``--repeats`` interleaved runs.
 
-Also recorded (``details.long_prompt``): one request with an 8192-token prompt, its prompt cached in
+Also recorded: ``details.expert_parallel``, the ``arrivals`` scenario on a 2-worker expert-parallel
+model (Ray actors, experts split in two, gloo all-to-all, each worker keeping its rows' caches), where
+the workers, which step in lockstep, agree per mixed step on how many forwards it takes; and
+(``details.long_prompt``) one request with an 8192-token prompt, its prompt cached in
 one forward (``prefill_chunk=None``, the behaviour before) or in chunks of 2048 positions (the
 default): seconds and peak resident memory above the loaded model, each run in a fresh process.
 """
@@ -104,6 +107,46 @@ def long_prompt(repeats: int) -> dict:
     }
 
 
+def expert_parallel(m, ps, gap: int, repeats: int, reference: list[list[int]]) -> dict:
+    """``arrivals`` on a 2-worker expert-parallel model of ``m``, apart vs together, interleaved;
+    answers compared with the single-process Engine's (``reference``)."""
+    import os
+    import tempfile
+
+    import ray
+
+    from diffmoe.serve.expert_parallel import ExpertParallelModel
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            m.save_pretrained(d)
+            ep = ExpertParallelModel.start(m.config, 2, d, None, worker_cpus=1.0)
+        sides = {apart: lambda a=apart: arrivals(ep, ps, a, gap) for apart in (True, False)}
+        times, results = run_interleaved(sides, repeats)
+        ep.shutdown()
+    finally:
+        ray.shutdown()
+    rows = {}
+    for apart in (True, False):
+        med = statistics.median(times[apart])
+        same = sum(a == r for a, r in zip(results[apart][0], reference))
+        rows["apart" if apart else "together (baseline)"] = {
+            "seconds_median": round(med, 3),
+            "seconds_all": [round(t, 3) for t in times[apart]],
+            "tokens_per_s": round(GEN * len(ps) / med, 1),
+            "forwards": results[apart][1],
+            "answers_equal_to_single_process": f"{same}/{len(ps)}",
+        }
+    return {
+        "workers": "2 Ray actors, 1 CPU each, gloo",
+        "scenario": f"arrivals every {gap} steps",
+        "rows": rows,
+        "ratio": round(rows["apart"]["tokens_per_s"] / rows["together (baseline)"]["tokens_per_s"], 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -139,6 +182,10 @@ def main() -> None:
             "answers_identical": f"{same}/{len(ps)}",
         }
     identical = all(s["answers_identical"] == f"{len(ps)}/{len(ps)}" for s in scenarios.values())
+    ep = expert_parallel(m, ps, args.gap, args.repeats, results[("arrivals", True)][0])
+    ep_identical = all(
+        r["answers_equal_to_single_process"] == f"{len(ps)}/{len(ps)}" for r in ep["rows"].values()
+    )
     long = long_prompt(args.repeats)
     write_result(
         "block_admission",
@@ -151,6 +198,7 @@ def main() -> None:
         checks={
             "queue_not_slower": scenarios["queue"]["ratio"] >= 0.95,
             "answers_identical": identical and long["answers_identical"],
+            "expert_parallel_answers_identical": ep_identical,
         },
         details={
             "model": "llada2-tiny (random, sharpened head), fp32, vocab 512",
@@ -162,6 +210,7 @@ def main() -> None:
             "gap_steps": args.gap,
             "repeats": args.repeats,
             "scenarios": scenarios,
+            "expert_parallel": ep,
             "long_prompt": long,
             "quality": "answers compared token for token between the two sides",
         },
