@@ -100,14 +100,25 @@ def test_ar_on_a_model_that_keeps_the_caches_equals_the_greedy_loop(model):
 
     ps = prompts(6)
     configs = [cfg(gen_length=8 * (1 + i % 3), block_length=8) for i in range(len(ps))]
-    remote = KeepsCaches(model)
-    engine = Engine(remote, max_batch_size=3)
-    outs = engine.run(ps, configs)
-    for p, c, out in zip(ps, configs, outs):
-        assert out.token_ids == greedy_reference(model, p, c.gen_length)
-    assert engine._ar.cache.keys == []  # the engine itself never held a key or value
-    assert all(not isinstance(x, torch.Tensor) or x.dim() == 2 for x in remote.sent)
-    assert remote.holds_nothing()  # run() went idle: every finished row evicted
+    fed = []
+    hook = model.model.register_forward_pre_hook(lambda _, args: fed.append(args[0].numel()))
+    try:
+        for apart in (False, True):
+            fed.clear()
+            remote = KeepsCaches(model)
+            engine = Engine(remote, max_batch_size=3, prefill_apart=apart)
+            outs = engine.run(ps, configs)
+            for p, c, out in zip(ps, configs, outs):
+                assert out.token_ids == greedy_reference(model, p, c.gen_length)
+            assert engine._ar.cache.keys == []  # the engine itself never held a key or value
+            assert all(not isinstance(x, torch.Tensor) or x.dim() == 2 for x in remote.sent)
+            assert remote.holds_nothing()  # run() went idle: every finished row evicted
+            if not apart:
+                together = sum(fed)  # decoding rows padded to a joining prompt's length
+    finally:
+        hook.remove()
+    # prompts apart from the single tokens (the default): the decoding rows were not padded
+    assert sum(fed) < together
 
 
 def test_ar_sampling_is_seeded_per_request(model):

@@ -33,8 +33,9 @@ class ARStepper:
     own padded forward, without the cache: they take their prompt's keys/values along
     (``Sequence.past``) and join the cache at their first decode step, once."""
 
-    def __init__(self, model, pad_id: int, device):
+    def __init__(self, model, pad_id: int, device, prefill_apart: bool = True):
         self.model, self.pad_id, self.device = model, pad_id, device
+        self.prefill_apart = prefill_apart  # on a model that keeps the caches (locally: always)
         self.cache = BlockKVCache()
         # A model that keeps the caches where it runs (``keeps_block_cache``: expert parallel)
         # is sent token ids and per-row lengths instead (``remote``: which rows it holds).
@@ -61,23 +62,24 @@ class ARStepper:
         return forwards
 
     def _step_kept(self, group) -> int:
-        """One forward on a model that keeps the caches: each row feeds its prompt (first step)
-        or its last token, and its worker stores what it fed (``HeldRows``: the same layout as
-        here, causal as blocks of 1). Prompts and single tokens share the forward, so its width is
-        the longest prompt being prefilled."""
+        """One step on a model that keeps the caches: each row feeds its prompt (first step) or
+        its last token, and its worker stores what it fed (``HeldRows``: the same layout as here,
+        causal as blocks of 1). With ``prefill_apart`` each worker feeds prompts in a forward apart
+        from the single tokens (the ranks agree on how many forwards), as the local path does;
+        without, they share one forward as wide as the longest prompt being prefilled."""
         spans = [(s.next_pos - 1, s.next_pos) if s.cached else (0, s.plen) for s in group]
         ids = torch.full((len(group), max(e - b for b, e in spans)), self.pad_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
             ids[r, : e - b] = s.x[b:e]
         fed = [e - b for b, e in spans]
         last = torch.tensor(fed)[:, None] - 1
-        logits = self.remote.block_logits(group, ids, spans, [1] * len(group), fed, last)
+        logits = self.remote.block_logits(group, ids, spans, [1] * len(group), fed, last, self.prefill_apart)
         for s, n in zip(group, fed):
             s.steps += 1
             s.tokens_fed += n
         for s, token in zip(group, choose(group, logits[:, 0])):
             s.append(token)
-        return 1
+        return self.remote.forwards
 
     def release_finished(self) -> None:
         """Evict finished rows' caches from a model that keeps them (the engine is going idle)."""

@@ -49,7 +49,7 @@ class Engine:
         mask_id: int | None = None,
         eos_id: int | None = None,
         default_config: DecodingConfig | None = None,
-        prefill_apart: bool = True,  # block diffusion: admitted prompts in a forward of their own
+        prefill_apart: bool = True,  # admitted prompts in a forward of their own (block diffusion, AR)
         prefill_chunk: int | None = 2048,  # block diffusion: most prompt positions a row feeds per step
     ):
         config = getattr(model, "config", None)
@@ -70,7 +70,7 @@ class Engine:
         self.default_config = default_config or DecodingConfig()
         self.device = next(model.parameters()).device
         self._window_past = PastStack()  # cached steps reuse the stacked caches inside a block
-        self._ar = ARStepper(self.model, self.mask_id, self.device) if self.causal else None
+        self._ar = ARStepper(self.model, self.mask_id, self.device, prefill_apart) if self.causal else None
         self._blocks = (
             BlockStepper(self.model, self.device, prefill_apart, prefill_chunk)
             if self.family == "block_diffusion"
