@@ -36,7 +36,7 @@ import time
 import torch
 
 from bench_block_diffusion import BLOCK, GEN, MASK, THRESHOLD, model, prompts
-from common import run_interleaved, write_result
+from common import expert_parallel_model, run_interleaved, write_result
 from diffmoe.generation import DecodingConfig, Engine
 from diffmoe.model import LLaDA2MoeModelLM, llada2_named_config
 
@@ -110,24 +110,9 @@ def long_prompt(repeats: int) -> dict:
 def expert_parallel(m, ps, gap: int, repeats: int, reference: list[list[int]]) -> dict:
     """``arrivals`` on a 2-worker expert-parallel model of ``m``, apart vs together, interleaved;
     answers compared with the single-process Engine's (``reference``)."""
-    import os
-    import tempfile
-
-    import ray
-
-    from diffmoe.serve.expert_parallel import ExpertParallelModel
-
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            m.save_pretrained(d)
-            ep = ExpertParallelModel.start(m.config, 2, d, None, worker_cpus=1.0)
+    with expert_parallel_model(m) as ep:
         sides = {apart: lambda a=apart: arrivals(ep, ps, a, gap) for apart in (True, False)}
         times, results = run_interleaved(sides, repeats)
-        ep.shutdown()
-    finally:
-        ray.shutdown()
     rows = {}
     for apart in (True, False):
         med = statistics.median(times[apart])

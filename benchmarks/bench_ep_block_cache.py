@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 from bench_block_diffusion import BLOCK, GEN, MASK, THRESHOLD, model, prompts
-from common import ROOT, write_result
+from common import ROOT, expert_parallel_model, write_result
 from diffmoe.generation import DecodingConfig, Engine
 
 SIDES = ("cache kept on the workers", "cache sent with every forward")
@@ -95,26 +94,13 @@ def compare(ep, run, reference, tokens: int, repeats: int) -> list[dict]:
 
 
 def on_two_workers(m, run, reference, tokens: int) -> list[dict]:
-    """Start Ray and a 2-worker expert-parallel model of ``m``, ``compare`` both sides on it
-    (``run(ep_model, keep)``, ``--repeats`` times: each row's ``seconds_all``), stop everything."""
-    import ray
-
-    from diffmoe.serve.expert_parallel import ExpertParallelModel
-
+    """A 2-worker expert-parallel model of ``m``: ``compare`` both sides on it (``run(ep_model,
+    keep)``, ``--repeats`` times: each row's ``seconds_all``), then stop everything."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     repeats = ap.parse_args().repeats
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            m.save_pretrained(d)
-            ep = ExpertParallelModel.start(m.config, 2, d, None, worker_cpus=1.0)
-        rows = compare(ep, lambda keep: run(ep, keep), reference, tokens, repeats)
-        ep.shutdown()
-    finally:
-        ray.shutdown()
-    return rows
+    with expert_parallel_model(m) as ep:
+        return compare(ep, lambda keep: run(ep, keep), reference, tokens, repeats)
 
 
 def main() -> None:

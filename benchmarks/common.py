@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,25 @@ def run_interleaved(sides: dict, repeats: int) -> tuple[dict, dict]:
             times[key].append(seconds)
             results[key] = tuple(result)
     return times, results
+
+
+@contextmanager
+def expert_parallel_model(m, workers: int = 2):
+    """A local Ray head on loopback and an expert-parallel model of ``m`` on ``workers`` Ray actors
+    (1 CPU each, experts split between them, gloo all-to-all); both stopped afterwards."""
+    import ray
+
+    from diffmoe.serve.expert_parallel import ExpertParallelModel
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            m.save_pretrained(d)
+            ep = ExpertParallelModel.start(m.config, workers, d, None, worker_cpus=1.0)
+        try:
+            yield ep
+        finally:
+            ep.shutdown()
+    finally:
+        ray.shutdown()
