@@ -233,9 +233,9 @@ class ExpertParallelModel(nn.Module):
         when the step mixes prompt feeders and decoding rows, each worker runs them in forwards
         of their own (``step_forwards``: how many)."""
         apart = apart and feeds_apart(plans)
-        out = self._on_ranks("block_step", plans, evict, ids, apart=apart)
+        out = self._on_ranks("block_step", plans, evict, ids, apart=apart)  # (hidden, forwards) each
         self.step_forwards = max(n for _, n in out.values())
-        return self._in_row_order(out, len(plans))
+        return self._in_row_order({idx: hidden for idx, (hidden, _) in out.items()}, len(plans))
 
     def window_full(self, ids, key_mask, index, keeps, evict):
         """Masked diffusion's full pass: each worker keeps its rows' caches outside their windows
@@ -264,11 +264,10 @@ class ExpertParallelModel(nn.Module):
         return {tuple(idx): part for idx, part in zip(rows, ray.get(refs)) if idx}
 
     def _in_row_order(self, parts: dict, n: int) -> torch.Tensor:
-        """The workers' hidden states (``_on_ranks``; block steps also return their forwards) as
-        one tensor in row order, on the replica's device."""
+        """The workers' hidden states ({row indices: tensor}, as ``_on_ranks`` returns them) as one
+        tensor in row order, on the replica's device."""
         out = None
         for idx, part in parts.items():
-            part = part[0] if isinstance(part, tuple) else part
             if out is None:
                 out = part.new_empty(n, *part.shape[1:])
             out[list(idx)] = part
