@@ -111,6 +111,7 @@ def test_two_workers_expert_parallel_learn_and_track_in_mlflow(ep2_run, workdir)
     assert any(k.startswith("system/") for k in run.data.metrics)
     assert "train_split_in_memory.last" in run.data.tags  # a split this small is read once
     assert "'zero_stage': 2" in run.data.tags["deepspeed.last"]
+    assert "'gradient_allreduce': True" in run.data.tags["deepspeed.last"]  # 2 workers average gradients
     assert "'MALLOC_TRIM_THRESHOLD_': '1073741824'" in run.data.tags["worker_env.last"]  # reached workers
     val = sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)
     assert val[0].step == 0 and val[-1].step == 30
@@ -171,6 +172,7 @@ def test_resume_with_a_different_worker_count(ep2_run, tiny_corpus, workdir):
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(resumed.run_id)
     assert "'how': 'weights'" in run.data.tags["restored.last"]
     assert "'zero_stage': 0" in run.data.tags["deepspeed.last"]  # one worker: nothing to partition
+    assert "'gradient_allreduce': False" in run.data.tags["deepspeed.last"]  # nor to average
     assert "'restored': True" in run.data.tags["ema.last"]  # the average continues, on 1 worker
     saved = json.loads((Path(first.checkpoint_path) / "trainer_state.json").read_text())
     assert str(saved["weights_fingerprint"]) in run.data.tags["weights_fingerprint.last"]

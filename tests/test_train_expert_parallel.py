@@ -121,3 +121,37 @@ def test_deepspeed_checkpoint_has_one_file_per_expert_and_restores(group_of_one,
     engine.load_checkpoint(str(tmp_path), tag="t")
     for name, value in published_state(trained).items():
         torch.testing.assert_close(value, saved[name], msg=name)
+
+
+def test_skipping_the_gradient_all_reduce_of_a_world_of_one_changes_no_update(group_of_one):
+    """A single-worker run turns DeepSpeed's gradient all-reduce off (train.loop): the same steps,
+    gradient clipping included, must give the same weights as with it."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from diffmoe.parallel import published_state
+
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 0},
+    }
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    weights = []
+    for allreduce in (True, False):
+        _, _, trained = _models()
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(trained.parameters()), "name": "parameters"}
+        )
+        engine, *_ = deepspeed.initialize(
+            model=trained, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=config
+        )
+        engine.enable_backward_allreduce = allreduce
+        for _ in range(2):
+            engine.backward(engine(ids).logits.square().mean())
+            engine.step()
+        weights.append(published_state(trained))
+    assert weights[0].keys() == weights[1].keys()
+    start = published_state(_models()[2])
+    assert all(not torch.equal(weights[0][n], v) for n, v in start.items() if "norm" not in n)  # it trained
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0, msg=name)

@@ -209,6 +209,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lr_scheduler=scheduler,
         config=_ds_config(cfg, bf16, world),
     )
+    if world == 1:  # nothing to average, yet DeepSpeed would flatten, reduce and copy back every grad
+        engine.enable_backward_allreduce = False  # (~3% of a tiny model's CPU step, measured)
     if checkpoint:
         with checkpoint.as_directory() as d:
             restore_engine(engine, Path(d), state)
@@ -222,8 +224,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = MetricsLogger(loop_config, rank, world, enabled=rank == 0)
     logger.event("restored", {"from_step": resumed_from, "how": state.get("restored", "fresh")})
+    zero, allreduce = engine.zero_optimization_stage(), engine.enable_backward_allreduce
     logger.event(
-        "deepspeed", {"zero_stage": engine.zero_optimization_stage(), "ep_size": ep_size, "bf16": bf16}
+        "deepspeed", {"zero_stage": zero, "ep_size": ep_size, "bf16": bf16, "gradient_allreduce": allreduce}
     )
     if ema is not None:
         logger.event("ema", {"decay": ema.decay, "restored": ema_restored})
