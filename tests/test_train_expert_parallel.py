@@ -92,20 +92,24 @@ def test_deepspeed_dispatch_path_equals_the_grouped_kernel_path(group_of_one):
     torch.testing.assert_close(dispatched, local, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])  # 0: what a single-worker run uses
-def test_deepspeed_checkpoint_has_one_file_per_expert_and_restores(group_of_one, tmp_path, zero_stage):
+def _engine(model, config: dict, lr: float):
+    """A DeepSpeed engine over ``model`` with AdamW on DeepSpeed-MoE's parameter groups."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "parameters"}
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=lr), config=config)
+    return engine
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])  # 0: what a single-worker run uses
+def test_deepspeed_checkpoint_has_one_file_per_expert_and_restores(group_of_one, tmp_path, zero_stage):
     from diffmoe.parallel import published_state
 
     config, _, trained = _models()
-    groups = split_params_into_different_moe_groups_for_optimizer(
-        {"params": list(trained.parameters()), "name": "parameters"}
-    )
-    engine, *_ = deepspeed.initialize(
-        model=trained,
-        optimizer=torch.optim.AdamW(groups, lr=1e-3),
-        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": zero_stage}},
+    engine = _engine(
+        trained, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": zero_stage}}, lr=1e-3
     )
     saved = {k: v.clone() for k, v in published_state(trained).items()}
     engine.save_checkpoint(str(tmp_path), tag="t")
@@ -126,8 +130,6 @@ def test_deepspeed_checkpoint_has_one_file_per_expert_and_restores(group_of_one,
 def test_skipping_the_gradient_all_reduce_of_a_world_of_one_changes_no_update(group_of_one):
     """A single-worker run turns DeepSpeed's gradient all-reduce off (train.loop): the same steps,
     gradient clipping included, must give the same weights as with it."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
     from diffmoe.parallel import published_state
 
     config = {
@@ -139,12 +141,7 @@ def test_skipping_the_gradient_all_reduce_of_a_world_of_one_changes_no_update(gr
     weights = []
     for allreduce in (True, False):
         _, _, trained = _models()
-        groups = split_params_into_different_moe_groups_for_optimizer(
-            {"params": list(trained.parameters()), "name": "parameters"}
-        )
-        engine, *_ = deepspeed.initialize(
-            model=trained, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=config
-        )
+        engine = _engine(trained, config, lr=1e-2)
         engine.enable_backward_allreduce = allreduce
         for _ in range(2):
             engine.backward(engine(ids).logits.square().mean())
