@@ -8,6 +8,10 @@ threshold 0.95, no early stop (every answer is the full 64 tokens), fp32 on this
   one request at a time (``generate_blocks(use_cache=False)``, batch 1);
 - Engine: exact cache of finished blocks, requests batched continuously, at batch 1, 8 and 32.
 
+The targets are judged on those chat-sized prompts. ``details.long_prompts`` runs the two batch-1
+sides again on 6 prompts of 1400-1799 tokens (a long system prompt or a document), where the
+published decoder's recompute of the whole prefix grows with the prompt and the cached step does not.
+
 Quality: the Engine's answers are compared token for token with the published-style ones (same
 algorithm, so equal answers mean equal quality). Seconds are medians over ``--repeats`` runs of the
 whole prompt set for each side, interleaved. KV cache memory per request is computed from the
@@ -33,16 +37,18 @@ GEN, BLOCK, THRESHOLD, PROMPTS = 64, 32, 0.95, 32
 
 def model() -> LLaDA2MoeModelLM:
     torch.manual_seed(0)
-    cfg = llada2_named_config("llada2-tiny", vocab_size=512, mask_token_id=MASK, eos_token_id=2)
+    cfg = llada2_named_config(
+        "llada2-tiny", vocab_size=512, mask_token_id=MASK, eos_token_id=2, max_position_embeddings=2048
+    )
     m = LLaDA2MoeModelLM(cfg).eval()
     with torch.no_grad():
         m.lm_head.weight.normal_(0.0, 0.6)
     return m
 
 
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(128, 385, (PROMPTS,), generator=g).tolist()
+def prompts(shortest: int = 128, longest: int = 384, count: int = PROMPTS, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (count,), generator=g).tolist()
     return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lengths]
 
 
@@ -129,6 +135,11 @@ def main() -> None:
     base = by["published style (no cache, batch 1)"]["tokens_per_s"]
     b1, b32 = by["Engine batch 1"]["tokens_per_s"], by["Engine batch 32"]["tokens_per_s"]
     identical = all(r["answers_equal_to_published"] == f"{len(ps)}/{len(ps)}" for r in rows)
+    long_ps = prompts(1400, 1799, 6, seed=2)
+    long_sides = {"published": lambda: published(m, long_ps), "engine_batch_1": lambda: engine(m, long_ps, 1)}
+    long_times, long_results = run_interleaved(long_sides, args.repeats)
+    long_med = {k: statistics.median(v) for k, v in long_times.items()}
+    long_same = sum(a == r for a, r in zip(long_results["engine_batch_1"][0], long_results["published"][0]))
     mini = llada2_named_config("llada2-mini")
     tiny = m.config
     plot(rows, ROOT / "docs" / "benchmarks" / "block_diffusion.png")
@@ -150,6 +161,14 @@ def main() -> None:
             "repeats": args.repeats,
             "rows": rows,
             "batch32_over_batch1": round(b32 / b1, 2),
+            "long_prompts": {
+                "prompts": len(long_ps),
+                "prompt_tokens": [min(map(len, long_ps)), max(map(len, long_ps))],
+                "seconds_all": {k: [round(t, 3) for t in v] for k, v in long_times.items()},
+                "engine_batch_1_over_published": round(long_med["published"] / long_med["engine_batch_1"], 2),
+                "forwards": long_results["published"][1],
+                "answers_equal_to_published": f"{long_same}/{len(long_ps)}",
+            },
             "kv_cache_bytes_per_request": {
                 "llada2-tiny fp32, 384 + 64 tokens": kv_bytes_per_token(tiny, 4) * (384 + GEN),
                 "llada2-mini bf16, per token": kv_bytes_per_token(mini, 2),
