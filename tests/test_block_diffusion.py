@@ -33,8 +33,8 @@ def reference(model, prompt, gen, bl, threshold, eos, editing=None, max_post=16,
     x = list(prompt) + [MASK] * (blocks * bl - plen)
     for b in range(plen // bl, blocks):
         bs, be = b * bl, (b + 1) * bl
-        masks0 = sum(t == MASK for t in x[bs:be])
-        ks = None if steps is None else [masks0 // steps + (i < masks0 % steps) for i in range(steps)]
+        # LLaDA2.0's schedule splits the block length, not its masks, over the steps
+        ks = None if steps is None else [bl // steps + (i < bl % steps) for i in range(steps)]
         step, post = 0, 0
         while True:
             had_mask = MASK in x[bs:be]
@@ -81,8 +81,10 @@ CASES = [
     dict(plen=5, gen=20, bl=8, threshold=0.3),  # prompt ends inside a block
     dict(plen=16, gen=16, bl=8, threshold=0.3),  # prompt fills whole blocks
     dict(plen=6, gen=24, bl=8, threshold=0.3, steps=4),  # LLaDA2.0 even split over steps
+    dict(plen=3, gen=21, bl=8, threshold=0.99, steps=3),  # the split is of the block, not its 5 masks
     dict(plen=7, gen=24, bl=8, threshold=0.5, editing=0.2, max_post=3),  # LLaDA2.1 editing
     dict(plen=3, gen=12, bl=4, threshold=0.9, editing=0.1, max_post=0),
+    dict(plen=5, gen=19, bl=8, threshold=0.5, editing=0.0, max_post=2),  # 0: any changed prediction
 ]
 
 

@@ -272,6 +272,22 @@ def test_block_mask_changes_the_logits_and_2d_padding_mask_is_honoured():
     torch.testing.assert_close(blocked[:, :2], first_block, atol=1e-5, rtol=0)  # block 0 sees only itself
 
 
+def test_the_published_additive_mask_reads_like_the_0_1_mask():
+    """The published ``generate`` passes its block mask additive (0 = attend, -inf = blocked, bf16);
+    read as 0/1 it would be inverted."""
+    model, _ = _model(BASE)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(4))
+    allowed = block_mask(2, 7, 3)
+    additive = torch.where(allowed > 0, 0.0, float("-inf"))
+    with torch.no_grad():
+        want = model(ids, attention_mask=allowed).logits
+        for mask in (additive, additive.bfloat16(), additive.clamp(min=torch.finfo(torch.float32).min)):
+            torch.testing.assert_close(model(ids, attention_mask=mask).logits, want)
+        torch.testing.assert_close(model(ids, attention_mask=allowed.bool()).logits, want)
+        with pytest.raises(ValueError, match="mixes positive and negative"):
+            model(ids, attention_mask=allowed - 0.5)
+
+
 def test_kv_cache_of_finished_blocks_equals_the_full_pass():
     model, _ = _model(BASE)
     ids = torch.randint(0, BASE["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
@@ -401,3 +417,10 @@ def test_named_sizes():
     assert 0.7e9 < counts["active"] - mini.lm_head.weight.numel() < 0.85e9  # Ling-mini: 789M non-embedding
     with pytest.raises(KeyError, match="llada2-mini"):
         llada2_named_config("llada2-huge")
+
+
+def test_an_unsupported_rope_scaling_fails_when_the_model_is_built():
+    """Before any weights load, not at the first forward."""
+    with pytest.raises(NotImplementedError, match="'yarn'"):
+        LLaDA2MoeModelLM(LLaDA2MoeConfig(**BASE, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    LLaDA2MoeModelLM(LLaDA2MoeConfig(**BASE, rope_scaling={"rope_type": "linear", "factor": 2.0}))

@@ -6,11 +6,13 @@ decoded as the first answer block and its prompt tokens are never changed. Insid
 each step predicts every position (top-1 and its probability, or a temperature / top-k / top-p
 draw) and commits every masked position whose probability is strictly above ``threshold``, or, when
 fewer than k are, the k most confident (ties to the leftmost). k is 1 by default (LLaDA2.1, and
-LLaDA2.0 at its default steps == block_length); with ``steps`` it splits the block's masks evenly
-over that many steps (LLaDA2.0). With ``editing_threshold`` (LLaDA2.1), decoded non-prompt tokens
-of the block whose new top-1 differs with probability above it are rewritten too, and a block
-with no mask left gets at most ``max_post_steps`` further editing steps, ending early when a step
-changes nothing. After each block, a row whose answer has no mask and holds an end token stops.
+LLaDA2.0 at its default steps == block_length); with ``steps`` it splits ``block_length`` evenly
+over that many steps, at most the masks left (LLaDA2.0's schedule: the prompt's partial first block
+takes the same per-step counts as a whole one, so it finishes in fewer steps). With
+``editing_threshold`` (LLaDA2.1), decoded non-prompt tokens of the block whose new top-1 differs
+with probability above it are rewritten too, and a block with no mask left gets at most
+``max_post_steps`` further editing steps, ending early when a step changes nothing. After each
+block, a row whose answer has no mask and holds an end token stops.
 
 Because attention is block-causal, a finished block's keys and values never change: they are
 computed once (folded into the next block's first forward) and reused, so the cached sampler equals
@@ -129,7 +131,7 @@ def generate_blocks(
         bs, be = b * block_length, (b + 1) * block_length
         schedule = None
         if steps is not None:
-            schedule = transfer_schedule((x[:, bs:be] == mask_id).sum(-1), steps)
+            schedule = transfer_schedule(torch.full((batch,), block_length, device=device), steps)
         step = 0
         post = torch.zeros(batch, dtype=torch.long, device=device)  # editing steps after the last mask
         active = ~done

@@ -60,11 +60,11 @@ class BlockSequence(Sequence):
         return self.block * bl, (self.block + 1) * bl
 
     def _schedule(self):
-        """Tokens to commit at least, per step of this block (LLaDA2.0 ``steps``); None: one."""
+        """Tokens to commit at least, per step of this block (LLaDA2.0 ``steps``: ``block_length``
+        split over them, at most the masks left); None: one."""
         if self.cfg.steps is None or self.block >= self.num_blocks:
             return None
-        bs, be = self.block_span
-        return transfer_schedule((self.x[bs:be] == self.mask_id).sum()[None], self.cfg.steps_per_block)[0]
+        return transfer_schedule(torch.tensor([self.cfg.block_length]), self.cfg.steps_per_block)[0]
 
     def fed_span(self, chunk: int | None = None) -> tuple[int, int]:
         """Positions this step feeds: what is pending (uncached), then the current block. With more

@@ -45,8 +45,8 @@ class DecodingConfig(StrictModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)  # sampling: keep the smallest set with this mass
     # Block diffusion (LLaDA2.x) only: LLaDA2.1 token editing rewrites decoded tokens of the current
     # block whose new prediction differs with probability above this; a block without masks left
-    # gets at most ``max_post_steps`` editing steps.
-    editing_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    # gets at most ``max_post_steps`` editing steps. 0 rewrites every token whose prediction changed.
+    editing_threshold: float | None = Field(None, ge=0.0, le=1.0)
     max_post_steps: int = Field(16, ge=0)
 
     @model_validator(mode="after")

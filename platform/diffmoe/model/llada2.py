@@ -3,9 +3,10 @@
 Semantics follow the published model: pre-norm RMSNorm blocks; one fused ``query_key_value``
 projection split into q, k, v heads; per-head q/k RMSNorm before rotate-half RoPE on the first
 ``rotary_dim`` dims of each head; GQA SDPA attention that is bidirectional without a mask and
-honours the published 4-D [B, 1, L, L] 0/1 block mask (or a 2-D padding mask); dense SwiGLU in
-the first ``first_k_dense_replace`` layers, then the shared router (model/router.py: sigmoid fp32
-scores, selection-only expert bias, group-limited top-k, renormalised and scaled weights) over
+honours a 4-D [B, 1, L, L] block mask, 0/1 or additive as the published generate builds it
+(or a 2-D padding mask); dense SwiGLU in the first ``first_k_dense_replace`` layers, then the
+shared router (model/router.py: sigmoid fp32 scores, selection-only expert bias, group-limited
+top-k, renormalised and scaled weights) over
 grouped-matmul experts (``Experts``) plus shared experts. Module names *are* the published
 state-dict keys (``model.word_embeddings``, ``attention.query_key_value``, ``mlp.gate.weight``,
 ``mlp.gate.expert_bias``, ``mlp.experts.{j}.*``, ``mlp.shared_experts.*``), so checkpoint I/O
@@ -29,6 +30,7 @@ from .modeling import (
     SwiGLU,
     apply_rope,
     attend,
+    rope_kind,
     run_backbone,
     with_past,
 )
@@ -160,6 +162,7 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
 
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)
+        rope_kind(config)
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LLaDA2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -179,8 +182,9 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> LLaDAMoEOutput:
-        """``attention_mask``: None (bidirectional), a 2-D key mask [B, cached + L] or the published
-        4-D 0/1 mask [B, 1, L, cached + L] (1 = may attend). ``past_key_values``: per layer the
+        """``attention_mask``: None (bidirectional), a 2-D key mask [B, cached + L] or a 4-D mask
+        [B, 1, L, cached + L]: bool or 0/1 (1 = may attend), or additive as the published generate
+        builds it (0 = may attend, -inf = blocked). ``past_key_values``: per layer the
         (k, v) of earlier positions; ``use_cache`` returns those of this call's positions."""
         return run_backbone(
             self,

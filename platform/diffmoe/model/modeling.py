@@ -57,16 +57,22 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rope_kind(config) -> str:
+    """The config's RoPE scaling type; anything but default and linear fails when the model is
+    built (before weights load), not at its first forward."""
+    scaling = config.rope_scaling_dict()
+    kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if kind not in ("default", "linear"):
+        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear)")
+    return kind
+
+
 def rope_cos_sin(config: LLaDAMoEConfig, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos/sin [B, L, rot_dim] for rotate-half RoPE. Computed per call: no buffers to materialise."""
     rot_dim = int(config.head_dim * config.partial_rotary_factor) // 2 * 2
     positions = position_ids.float()
-    scaling = config.rope_scaling_dict()
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        positions = positions / float(scaling["factor"])
-    elif kind not in ("default", None):
-        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear)")
+    if rope_kind(config) == "linear":
+        positions = positions / float(config.rope_scaling_dict()["factor"])
     exponent = torch.arange(0, rot_dim, 2, device=position_ids.device, dtype=torch.float32) / rot_dim
     inv_freq = 1.0 / (config.rope_theta**exponent)
     freqs = positions[..., None] * inv_freq
@@ -295,6 +301,7 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)
+        rope_kind(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -363,8 +370,9 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 def build_attention_mask(attention_mask, b, n, past_len, causal, device):
     """Return a bool SDPA mask [B, 1, n, past_len + n] (True = attend), or None when nothing is masked.
 
-    ``attention_mask`` may be a 2-D key mask [B, past_len + n] (1 = real token) or a 4-D bool mask
-    [B, 1 or heads, n, past_len + n]. Every query may always see itself, so a fully padded row
+    ``attention_mask`` may be a 2-D key mask [B, past_len + n] (1 = real token) or a 4-D mask
+    [B, 1 or heads, n, past_len + n]: bool or 0/1 (1 = attend), or additive (0 = attend, -inf =
+    blocked: the published LLaDA2 ``generate``'s convention; see ``_allowed``). Every query may always see itself, so a fully padded row
     never yields NaNs that could leak into other rows. A flex ``BlockMask`` over (n, past_len + n)
     is used as given (its mask_mod must let every query see itself).
     """
@@ -393,7 +401,7 @@ def build_attention_mask(attention_mask, b, n, past_len, causal, device):
                 raise ValueError(
                     f"4-D attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, 1|heads, {n}, {total})"
                 )
-            mask = attention_mask.bool()
+            mask = _allowed(attention_mask)
         else:
             raise ValueError(f"attention_mask must be 2-D or 4-D, got {attention_mask.dim()}-D")
     if causal:
@@ -405,6 +413,22 @@ def build_attention_mask(attention_mask, b, n, past_len, causal, device):
     self_pos = torch.zeros(n, total, dtype=torch.bool, device=device)
     self_pos[torch.arange(n), torch.arange(n) + past_len] = True
     return mask | self_pos
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask as bool (True = attend). Bool and 0/1 masks read as they are; a floating mask with
+    no positive entry is additive, as the published LLaDA2 ``generate`` builds it (0 = attend,
+    -inf or a large negative = blocked), so ``.bool()`` would invert it."""
+    if not mask.is_floating_point():
+        return mask.bool()
+    if bool((mask > 0).any()):
+        if bool((mask < 0).any()):
+            raise ValueError(
+                "4-D attention_mask mixes positive and negative values: give a 0/1 (or bool) mask, "
+                "1 = may attend, or an additive one, 0 = may attend and -inf = blocked"
+            )
+        return mask > 0
+    return mask == 0
 
 
 def _token_mask(attention_mask, b, n, past_len):

@@ -96,7 +96,7 @@ class DiffusionParams(_Strict):
     cache: Literal["none", "prefix", "dual"] | None = Field(None, description="KV cache mode")
     editing_threshold: float | None = Field(
         None,
-        gt=0,
+        ge=0,
         le=1,
         description="block-diffusion (LLaDA2.1) token editing: rewrite a decoded token above this",
     )
