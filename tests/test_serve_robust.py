@@ -108,6 +108,33 @@ HOSTILE = [
         "max_body_bytes",
     ),
     (
+        "two token-id prompts",
+        "/v1/completions",
+        '{"model":"tiny-served","prompt":[[5, 6], [7]]}',
+        None,
+        400,
+        "prompt",
+        "only one prompt per request",
+    ),
+    (
+        "top_k below -1",
+        "/v1/completions",
+        '{"model":"tiny-served","prompt":"a","top_k":-2}',
+        None,
+        400,
+        "top_k",
+        "greater than or equal to -1",
+    ),
+    (
+        "tools asked for",
+        "/v1/chat/completions",
+        '{"model":"tiny-served","messages":[{"role":"user","content":"a"}],"tool_choice":"required"}',
+        None,
+        400,
+        "tool_choice",
+        "unsupported parameter",
+    ),
+    (
         "five stop strings",
         "/v1/completions",
         '{"model":"tiny-served","prompt":"a","stop":["1","2","3","4","5"]}',
@@ -194,6 +221,39 @@ def test_unknown_fields_ignored_by_default_or_rejected(replica_loop, replica):
     finally:
         host.cfg.reject_unknown_fields = False
     assert r.status_code == 400 and "unrecognized request argument" in r.json()["error"]["message"]
+
+
+def test_clients_that_send_every_default_are_answered(replica_loop, replica):
+    """Values that ask for nothing (what the openai client or vLLM users send as defaults) are not
+    refused: stream / include_usage null, top_k 0 or -1 (vLLM's "off"), top_logprobs 0,
+    tool_choice "none", parallel_tool_calls; one token-id prompt nested in a list."""
+    _, _, app = replica
+    chat = {"model": "tiny-served", "messages": [{"role": "user", "content": "a"}], "max_tokens": 2}
+    for extra in (
+        {"stream": None, "stream_options": {"include_usage": None}},
+        {"top_k": 0, "temperature": 0.5, "seed": 1},
+        {"top_k": -1},
+        {"top_logprobs": 0, "tool_choice": "none", "parallel_tool_calls": True},
+    ):
+        r = post(replica_loop, app, "/v1/chat/completions", json.dumps({**chat, **extra}))
+        assert r.status_code == 200 and r.json()["object"] == "chat.completion", (extra, r.text)
+    body = {"model": "tiny-served", "prompt": [[5, 6]], "max_tokens": 2}
+    assert post(replica_loop, app, "/v1/completions", json.dumps(body)).status_code == 200
+    # the openai client's models.retrieve
+    r = post(replica_loop, app, "/v1/models/tiny-served", None, AUTH)
+    assert r.status_code == 200 and r.json()["id"] == "tiny-served" and r.json()["object"] == "model"
+    r = post(replica_loop, app, "/v1/models/other", None, AUTH)
+    assert r.status_code == 404 and assert_openai_error(r)["code"] == "model_not_found"
+
+
+def test_text_parts_join_with_newlines_as_vllm_does(replica):
+    host, _, _ = replica
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    ids, _ = host.prompt_ids(
+        ChatCompletionRequest(model="tiny-served", messages=[{"role": "user", "content": parts}])
+    )
+    one = [{"role": "user", "content": "first\nsecond"}]
+    assert ids == host.prompt_ids(ChatCompletionRequest(model="tiny-served", messages=one))[0]
 
 
 def test_special_tokens_in_user_text_stay_text(replica):
@@ -333,6 +393,7 @@ def test_request_deadline(replica_loop, replica):
     finally:
         host.cfg.request_timeout_s, host.model.delay = 300.0, 0.0
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert r.headers["x-should-retry"] == "false"  # the openai client would resend it twice otherwise
     assert s.status_code == 200 and '"code":"timeout"' in s.text and s.text.rstrip().endswith("[DONE]")
     deadline = time.monotonic() + 30
     while host.engine.has_unfinished() and time.monotonic() < deadline:

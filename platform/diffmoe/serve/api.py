@@ -62,9 +62,8 @@ def _short(value) -> str:
 
 def _error(err: p.ApiError) -> Response:
     """ASCII JSON (a lone surrogate in a message would break Starlette's UTF-8 JSONResponse)."""
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     body = json.dumps(err.body())
-    return Response(body, status_code=err.status, headers=headers, media_type="application/json")
+    return Response(body, status_code=err.status, headers=err.headers(), media_type="application/json")
 
 
 # Documented in the OpenAPI spec for the two generation routes: what the server really answers.
@@ -153,6 +152,15 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
     @app.get("/v1/models", responses={401: RESPONSES[401]})
     async def models() -> dict:
         return p.models_body(name, created)
+
+    @app.get("/v1/models/{model_id:path}", responses={401: RESPONSES[401], 404: RESPONSES[404]})
+    async def model(model_id: str) -> dict:
+        """The served model (the openai client's ``models.retrieve``); 404 for any other name."""
+        if model_id != name:
+            raise p.ApiError(
+                404, f"model {model_id!r} not found; this server serves {name!r}", "model", "model_not_found"
+            )
+        return p.models_body(name, created)["data"][0]
 
     def _admit(req, request: Request) -> None:
         """Cheap checks first, so overload and bad models are answered before any tokenization."""

@@ -41,8 +41,7 @@ async def respond(send, err: ApiError) -> None:
     """Send ``err`` as OpenAI's error body (ASCII JSON: a lone surrogate in a message cannot break it)."""
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if err.retry_after is not None:
-        headers.append((b"retry-after", str(err.retry_after).encode()))
+    headers += [(k.encode(), v.encode()) for k, v in err.headers().items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -171,7 +171,7 @@ class ModelHost:
             stop_token_ids=list(d.stop_token_ids),
             ignore_eos=req.ignore_eos,
             seed=req.seed if req.seed is not None else d.seed,
-            top_k=req.top_k if req.top_k is not None else d.top_k,
+            top_k=d.top_k if req.top_k is None else (req.top_k if req.top_k > 0 else None),
             top_p=req.top_p if req.top_p is not None else d.top_p,
             editing_threshold=req.editing_threshold
             if req.editing_threshold is not None
@@ -208,7 +208,7 @@ class ModelHost:
         ``ChatEncoder``: role / end / mask markers typed by a user are plain text either way."""
         if isinstance(req, CompletionRequest):
             prompt, param = req.prompt, "prompt"
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
                 if len(prompt) != 1:
                     raise ApiError(400, f"prompt: only one prompt per request (got {len(prompt)})", param)
                 prompt = prompt[0]
@@ -233,7 +233,7 @@ class ModelHost:
                 )
             msgs = []
             for m in req.messages:
-                text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+                text = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
                 msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
             if not any(m["content"] for m in msgs):
                 raise ApiError(400, "messages: every message is empty", param)

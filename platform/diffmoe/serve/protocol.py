@@ -31,6 +31,12 @@ UNSUPPORTED_NEUTRAL: dict[str, Any] = {
     "response_format": None,
     "parallel_tool_calls": None,
 }
+# Further values that ask for nothing, sent by clients that send every default (vLLM accepts them).
+ALSO_NEUTRAL: dict[str, tuple] = {
+    "top_logprobs": (0,),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False),
+}
 
 
 class ApiError(Exception):
@@ -47,6 +53,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.retry_after = retry_after  # seconds, sent as Retry-After (429 / 503)
+
+    def headers(self) -> dict[str, str]:
+        """Retry-After where set; ``x-should-retry: false`` on a 504, so that the openai client does
+        not resend (twice, by default) a request that already ran its whole deadline."""
+        out = {} if self.retry_after is None else {"retry-after": str(self.retry_after)}
+        if self.status == 504:
+            out["x-should-retry"] = "false"
+        return out
 
     @property
     def type(self) -> str:
@@ -77,7 +91,7 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = False  # null reads as false (the openai client's types allow it)
 
 
 class DiffusionParams(_Strict):
@@ -103,7 +117,9 @@ class DiffusionParams(_Strict):
     max_post_steps: int | None = Field(
         None, ge=0, le=64, description="block diffusion: editing steps after a block's last mask"
     )
-    top_k: int | None = Field(None, ge=1, description="sampling: keep the k most likely tokens")
+    top_k: int | None = Field(
+        None, ge=-1, description="sampling: keep the k most likely tokens; 0 or -1: no top-k (as vLLM)"
+    )
     ignore_eos: bool = False
 
 
@@ -111,7 +127,7 @@ class _Common(DiffusionParams):
     model: str
     max_tokens: int | None = Field(None, description="maximum answer tokens (1..server limit)")
     temperature: float | None = Field(None, ge=0, le=2)
-    stream: bool = False
+    stream: bool | None = False  # null reads as false
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="any 64-bit integer")
@@ -126,7 +142,7 @@ class _Common(DiffusionParams):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     best_of: int | None = None
     echo: bool | None = None
     suffix: str | None = None
@@ -179,6 +195,8 @@ def unsupported_param(req: BaseModel) -> str | None:
         if name == "logprobs" and value is False:
             continue
         if name == "response_format" and value == {"type": "text"}:
+            continue
+        if any(type(value) is type(v) and value == v for v in ALSO_NEUTRAL.get(name, ())):
             continue
         return name
     return None
