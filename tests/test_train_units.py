@@ -214,6 +214,8 @@ def test_block_schedule_picks_each_phase_and_keeps_the_last():
     assert [obj.block_length_at(s) for s in range(7)] == [1, 1, 8, 8, 8, 4, 4]
     assert ObjectiveConfig().block_length_at(5) == 32  # no schedule: block.block_length
     assert ObjectiveConfig(balance="expert_bias").router_loss_coefs == (0.0, 0.0)
+    assert ObjectiveConfig(balance="none").router_loss_coefs == (0.0, 0.0)
+    assert ObjectiveConfig().router_loss_coefs == (0.01, 0.001)
 
 
 def test_expert_bias_moves_towards_underloaded_experts():

@@ -30,7 +30,8 @@ class ObjectiveConfig(StrictModel):
     # MoE balance. aux_loss: the two terms above. expert_bias: LLaDA2's auxiliary-loss-free way,
     # after every optimizer step each MoE layer's selection-only expert bias moves by
     # bias_update_rate towards under-loaded experts (sign of mean load - load); no aux/z terms.
-    balance: Literal["aux_loss", "expert_bias"] = "aux_loss"
+    # none: neither (the expert bias stays as loaded: dFactory's LLaDA2 SFT); loads still logged.
+    balance: Literal["aux_loss", "expert_bias", "none"] = "aux_loss"
     bias_update_rate: float = Field(1e-3, gt=0)
     # Block diffusion (LLaDA2.x models and conversion from an AR model); ignored by other families.
     block: BlockObjectiveConfig = BlockObjectiveConfig()
@@ -50,8 +51,8 @@ class ObjectiveConfig(StrictModel):
 
     @property
     def router_loss_coefs(self) -> tuple[float, float]:
-        """(aux, z) loss coefficients in effect: none under expert-bias balancing."""
-        if self.balance == "expert_bias":
+        """(aux, z) loss coefficients in effect: none unless ``balance`` is aux_loss."""
+        if self.balance != "aux_loss":
             return 0.0, 0.0
         return self.aux_loss_coef, self.z_loss_coef
 
