@@ -62,6 +62,9 @@ def reference_logits(sd: dict, cfg: dict, input_ids: torch.Tensor, key_mask: tor
                 if cfg.get("qk_layernorm", True):
                     q = torch.stack([_rms(q[h], w("self_attn.q_norm.weight"), eps) for h in range(nh)])
                     k = torch.stack([_rms(k[h], w("self_attn.k_norm.weight"), eps) for h in range(nkv)])
+                if cfg.get("clip_qkv") is not None:  # after the norms, as the published code clips
+                    c = cfg["clip_qkv"]
+                    q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
                 qs.append(torch.stack([_rope(q[h], pos, rot_dim, theta) for h in range(nh)]))
                 ks.append(torch.stack([_rope(k[h], pos, rot_dim, theta) for h in range(nkv)]))
                 vs.append(v)
@@ -157,7 +160,7 @@ def published_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
                     p + "mlp.down_proj.weight": (h, d),
                 }
             )
-        if cfg.get("shared_expert_intermediate_size"):
+        if cfg.get("shared_expert_intermediate_size") and freq[i]:  # MoE layers only
             s = cfg["shared_expert_intermediate_size"]
             keys.update(
                 {

@@ -33,6 +33,7 @@ BASE = dict(
 VARIANTS = {
     "moe": {},
     "gqa_partial_rotary": dict(num_key_value_heads=2, partial_rotary_factor=0.5),
+    "clip_qkv": dict(clip_qkv=0.3),
     "dense_shared_bias": dict(
         moe_layer_freq=[0, 1],
         shared_expert_intermediate_size=24,
@@ -157,6 +158,10 @@ def test_hand_written_published_directory_loads_through_auto_classes(tmp_path):
         "clip_qkv": None,
         "partial_rotary_factor": 1,
         "tie_word_embeddings": False,
+        # the published class's defaults for fields its code ignores (softmax, no groups)
+        "moe_router_score_function": None,
+        "router_num_group": -2,
+        "router_topk_group": -2,
         **cfg,
     }
     (tmp_path / "config.json").write_text(json.dumps(published_config))
@@ -244,3 +249,14 @@ def test_kv_cache_reproduces_full_forward():
         tail = model(ids[:, 6:], past_key_values=suffix_cache, position_ids=pos).logits
     assert len(prefix.past_key_values) == BASE["num_hidden_layers"]
     torch.testing.assert_close(tail, full[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+def test_rope_theta_inside_rope_parameters_is_read(tmp_path):
+    """transformers 5 writes rope_theta inside rope_parameters; a config.json with only that keeps it."""
+    from diffmoe.model import LLaDA2MoeConfig
+
+    for config_class, family_default in ((LLaDAMoEConfig, 50000.0), (LLaDA2MoeConfig, 600000.0)):
+        assert config_class().rope_theta == family_default
+        params = {"rope_type": "default", "rope_theta": 1234.0}
+        assert config_class(rope_parameters=params).rope_theta == 1234.0
+        assert config_class(rope_theta=99.0, rope_parameters=params).rope_theta == 99.0

@@ -13,6 +13,17 @@ MASK_TOKEN_ID = 156895  # LLaDA-MoE's [MASK]
 EOS_TOKEN_ID = 156892  # LLaDA-MoE's EOS, also used as pad
 
 
+def rope_theta_of(rope_theta, rope_scaling, kwargs: dict, default: float) -> float:
+    """``rope_theta`` as given, else the one a transformers-5 config.json keeps inside
+    ``rope_parameters`` (or ``rope_scaling``), else the family's default."""
+    if rope_theta is not None:
+        return float(rope_theta)
+    for params in (kwargs.get("rope_parameters"), rope_scaling):
+        if isinstance(params, dict) and params.get("rope_theta") is not None:
+            return float(params["rope_theta"])
+    return default
+
+
 class LLaDAMoEConfig(PretrainedConfig):
     """Hyper-parameters of a LLaDA-MoE masked-diffusion model.
 
@@ -50,7 +61,7 @@ class LLaDAMoEConfig(PretrainedConfig):
         eos_token_id: int | None = EOS_TOKEN_ID,
         mask_token_id: int = MASK_TOKEN_ID,
         tie_word_embeddings: bool = False,
-        rope_theta: float = 50000.0,
+        rope_theta: float | None = None,  # None: rope_parameters' (transformers 5 files), else 50000
         partial_rotary_factor: float = 1.0,
         rope_scaling: dict[str, Any] | None = None,
         attention_bias: bool = False,
@@ -86,7 +97,7 @@ class LLaDAMoEConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.mask_token_id = mask_token_id
-        self.rope_theta = rope_theta
+        self.rope_theta = rope_theta_of(rope_theta, rope_scaling, kwargs, 50000.0)
         self.partial_rotary_factor = partial_rotary_factor
         if rope_scaling is not None:
             with warnings.catch_warnings():  # transformers 5 folds it into rope_parameters
@@ -162,14 +173,16 @@ class LLaDAMoEConfig(PretrainedConfig):
         return "autoregressive" if self.causal else "masked_diffusion"
 
     def router_options(self) -> RouterOptions:
-        """The router settings under this family's published field names."""
-        n_group = self.router_num_group or 1
+        """The router settings under this family's published field names. The published class's
+        defaults (score function null, groups -2) mean what its code does: softmax, one group."""
+        n_group = self.router_num_group if (self.router_num_group or 0) > 0 else 1
+        topk_group = self.router_topk_group if (self.router_topk_group or 0) > 0 else n_group
         return RouterOptions(
             num_experts=self.num_experts,
             top_k=self.num_experts_per_tok,
-            score_function=self.moe_router_score_function,
+            score_function=self.moe_router_score_function or "softmax",
             n_group=n_group,
-            topk_group=self.router_topk_group or n_group,
+            topk_group=topk_group,
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.routed_scaling_factor,
             expert_bias=self.moe_router_enable_expert_bias,

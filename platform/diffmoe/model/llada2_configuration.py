@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .configuration import LLaDAMoEConfig
+from .configuration import LLaDAMoEConfig, rope_theta_of
 from .router import RouterOptions
 
 MASK_TOKEN_ID = 156895  # <|mask|>: not in the published config.json, a family default
@@ -66,7 +66,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         partial_rotary_factor: float = 0.5,
         rotary_dim: int | None = None,
-        rope_theta: float = 600000.0,
+        rope_theta: float | None = None,  # None: rope_parameters' (transformers 5 files), else 600000
         rope_scaling: dict[str, Any] | None = None,
         max_position_embeddings: int = 32768,
         initializer_range: float = 0.02,
@@ -107,7 +107,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.partial_rotary_factor = partial_rotary_factor
         self.rotary_dim = rotary_dim if rotary_dim is not None else int(self.head_dim * partial_rotary_factor)
-        self.rope_theta = rope_theta
+        self.rope_theta = rope_theta_of(rope_theta, rope_scaling, kwargs, 600000.0)
         if rope_scaling is not None:
             with warnings.catch_warnings():  # transformers 5 folds it into rope_parameters
                 warnings.simplefilter("ignore", FutureWarning)

@@ -112,13 +112,14 @@ class Attention(nn.Module):
         cfg = self.config
         b, n, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q = q.view(b, n, cfg.num_attention_heads, cfg.head_dim)
         k = k.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.view(b, n, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_layernorm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:  # after the q/k norms, as the published code clips
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        v = v.transpose(1, 2)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         new_kv = (k, v)
@@ -254,7 +255,7 @@ class DecoderLayer(nn.Module):
             self.mlp = MoE(config)
         else:
             self.mlp = SwiGLU(config.hidden_size, config.dense_intermediate_size)
-        if config.shared_expert_intermediate_size:
+        if config.shared_expert_intermediate_size and self.is_moe:  # MoE layers only, as published
             self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
 
     def forward(self, x, cos, sin, mask, past_kv=None):
