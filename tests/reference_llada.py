@@ -90,7 +90,7 @@ def reference_logits(sd: dict, cfg: dict, input_ids: torch.Tensor, key_mask: tor
                     probs = torch.softmax(logits, 0)
                     choice = probs + sd[p + "mlp.expert_bias"] if p + "mlp.expert_bias" in sd else probs
                     chosen = sorted(range(n_exp), key=lambda e, c=choice: -float(c[e]))[:k_top]
-                    weights = [float(probs[e]) for e in chosen]
+                    weights = [float(choice[e]) for e in chosen]  # published: mixed with the bias added
                     if cfg.get("norm_topk_prob"):
                         weights = [wt / sum(weights) for wt in weights]
                     mlp = sum(

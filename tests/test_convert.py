@@ -37,11 +37,7 @@ def _convert(source: LLaDAMoEModelLM) -> LLaDA2MoeModelLM:
 def test_converted_model_computes_the_source_function(variant):
     torch.manual_seed(0)
     source = LLaDAMoEModelLM(named_config("tiny", **VARIANTS[variant])).eval()
-    if source.config.moe_router_enable_expert_bias:  # a nonzero selection bias must carry over too
-        for layer in source.model.layers:
-            if layer.is_moe:
-                layer.mlp.expert_bias.normal_()
-    target = _convert(source)
+    target = _convert(source)  # an enabled expert bias is zero here (nonzero: refused, below)
     ids = torch.randint(3, 1024, (2, 24))
     block = block_diffusion_mask(12, 4).expand(2, -1, -1, -1)
     with torch.no_grad():
@@ -81,3 +77,12 @@ def test_causal_twin_converts_and_keeps_its_causal_function():
 def test_unconvertible_models_are_named(fields, complaint):
     with pytest.raises(ValueError, match=complaint):
         llada2_config_from(named_config("tiny", **fields))
+
+
+def test_a_nonzero_llada_moe_expert_bias_is_refused():
+    """LLaDA-MoE mixes experts with the bias added (published code), LLaDA2 selects with it only."""
+    torch.manual_seed(2)
+    source = LLaDAMoEModelLM(named_config("tiny", moe_router_enable_expert_bias=True)).eval()
+    source.model.layers[1].mlp.expert_bias.normal_()
+    with pytest.raises(ValueError, match="layers.1.mlp.expert_bias"):
+        _convert(source)

@@ -51,6 +51,8 @@ def _model(cfg: dict, seed: int = 0) -> LLaDAMoEModelLM:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.uniform_(0.5, 1.5)
+            elif ".mlp." in name or "shared_expert" in name:
+                p.normal_(0.0, 0.3)  # experts large enough that their mixing shows in the logits
         for name, buf in model.named_buffers():
             if name.endswith("expert_bias"):
                 buf.uniform_(-0.2, 0.2)

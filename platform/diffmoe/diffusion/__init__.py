@@ -28,7 +28,7 @@ class ObjectiveConfig(StrictModel):
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
     # MoE balance. aux_loss: the two terms above. expert_bias: LLaDA2's auxiliary-loss-free way,
-    # after every optimizer step each MoE layer's selection-only expert bias moves by
+    # after every optimizer step each MoE layer's expert bias (selection-only in LLaDA2) moves by
     # bias_update_rate towards under-loaded experts (sign of mean load - load); no aux/z terms.
     # none: neither (the expert bias stays as loaded: dFactory's LLaDA2 SFT); loads still logged.
     balance: Literal["aux_loss", "expert_bias", "none"] = "aux_loss"

@@ -186,6 +186,7 @@ class LLaDAMoEConfig(PretrainedConfig):
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.routed_scaling_factor,
             expert_bias=self.moe_router_enable_expert_bias,
+            bias_in_weights=True,  # the published code adds the bias to the probabilities it mixes
         )
 
     def is_moe_layer(self, layer_idx: int) -> bool:

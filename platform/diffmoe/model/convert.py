@@ -91,7 +91,14 @@ def llada2_state_from(
 ) -> dict[str, torch.Tensor]:
     """A published LLaDA-MoE state dict in the published LLaDA2 key layout (tensors shared, not
     copied, except the concatenated q/k/v). ``num_experts`` adds the zero ``expert_bias`` buffers
-    LLaDA2 keeps per MoE layer when the source had none."""
+    LLaDA2 keeps per MoE layer when the source had none; a nonzero source bias is refused (the two
+    families mix with it differently)."""
+    biased = [k for k, v in source.items() if k.endswith(".mlp.expert_bias") and bool(v.any())]
+    if biased:
+        raise ValueError(
+            f"cannot convert {biased[0]} (nonzero): LLaDA-MoE mixes experts with its expert bias added, "
+            "LLaDA2 only selects with it, so the converted model would compute another function"
+        )
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in source.items():

@@ -2,7 +2,8 @@
 expert-parallel serving) routes through ``route`` so trained weights mean the same everywhere.
 
 Options cover both families: softmax (LLaDA-MoE) or sigmoid (LLaDA2) scores in fp32, an expert
-bias that shifts only *which* experts are chosen (auxiliary-loss-free balancing), group-limited
+bias that shifts *which* experts are chosen (auxiliary-loss-free balancing; LLaDA2 mixes with the
+unbiased scores, while the published LLaDA-MoE code mixes with the biased ones), group-limited
 top-k (groups ranked by the sum of their two best selection scores, as DeepSeek-V3 and LLaDA2
 do), renormalisation of the chosen scores and a routed scaling factor. Load-balancing loss, z-loss
 and load metrics read the experts actually chosen (``Routing.expert_idx``), never a recomputed
@@ -33,6 +34,9 @@ class RouterOptions:
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     expert_bias: bool = False
+    # True: the chosen experts are mixed with their biased scores (published LLaDA-MoE code);
+    # False: the bias only selects (LLaDA2, DeepSeek-V3).
+    bias_in_weights: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -83,11 +87,13 @@ def select_experts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits [N, E] -> (expert ids [N, k], fp32 weights [N, k]).
 
-    ``expert_bias`` is added to the scores only to choose experts; weights are the chosen experts'
-    unbiased scores, renormalised to sum to one if ``norm_topk_prob``, then scaled.
+    ``expert_bias`` is added to the scores to choose experts; weights are the chosen experts'
+    unbiased scores (biased ones with ``bias_in_weights``), renormalised to sum to one if
+    ``norm_topk_prob``, then scaled.
     """
     s = scores(options, logits)
     choice = s + expert_bias if expert_bias is not None else s
+    mixed = choice if options.bias_in_weights else s
     if options.grouped:
         grouped = choice.view(logits.shape[0], options.n_group, -1)
         group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
@@ -95,7 +101,7 @@ def select_experts(
         group_mask = torch.zeros_like(group_score).scatter_(1, keep, 1.0).bool()
         choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
     expert_idx = choice.topk(options.top_k, dim=-1).indices
-    weights = s.gather(1, expert_idx)
+    weights = mixed.gather(1, expert_idx)
     if options.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return expert_idx, weights * options.routed_scaling_factor

@@ -13,7 +13,8 @@ routed to its experts (one all-to-all each way, no padding) and runs the same ke
 The local experts' weights are stacked (``StackedExperts``) while their state dict keeps
 DeepSpeed's per-expert names. LLaDA2's shared experts stay beside the DeepSpeed layer, replicated
 like any dense weight (``ExpertParallelSharedMoE``); the router settings (sigmoid, groups, scaling,
-selection-only bias) come from each config's ``router_options()``, so one gate serves both.
+expert bias: selection-only for LLaDA2, mixed in for LLaDA-MoE as published) come from each
+config's ``router_options()``, so one gate serves both.
 Weights convert both ways with the published key layout, so training-time and serving-time
 forwards compute the same function (``tests/test_train.py::test_training_time_forward_equals_exported_model``).
 """

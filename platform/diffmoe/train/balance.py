@@ -1,4 +1,4 @@
-"""Auxiliary-loss-free MoE balancing (LLaDA2 / DeepSeek-V3): nudge a selection-only expert bias.
+"""Auxiliary-loss-free MoE balancing (LLaDA2 / DeepSeek-V3): nudge the expert bias that selects experts.
 
 After each optimizer step every MoE layer's ``expert_bias`` moves by ``rate`` towards the experts
 the last forward under-used: ``bias += rate * sign(mean load - load)``, with the load counted over
