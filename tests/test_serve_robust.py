@@ -246,6 +246,22 @@ def test_clients_that_send_every_default_are_answered(replica_loop, replica):
     assert r.status_code == 404 and assert_openai_error(r)["code"] == "model_not_found"
 
 
+def test_streamed_chunks_carry_usage_null_when_usage_is_asked_for(replica_loop, replica):
+    """OpenAI: with include_usage every chunk but the last has "usage": null; without, no key."""
+    _, _, app = replica
+    body = {"model": "tiny-served", "messages": [{"role": "user", "content": "a"}], "max_tokens": 4}
+    for include in (True, False):
+        req = {**body, "stream": True, "stream_options": {"include_usage": include}}
+        r = post(replica_loop, app, "/v1/chat/completions", json.dumps(req))
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert r.status_code == 200 and len(events) >= 2, r.text
+        if include:
+            assert all("usage" in e and e["usage"] is None for e in events[:-1])
+            assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
+        else:
+            assert not any("usage" in e for e in events)
+
+
 def test_text_parts_join_with_newlines_as_vllm_does(replica):
     host, _, _ = replica
     parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]

@@ -314,12 +314,25 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                     if buffer[i] and due or first[i] and chat and ev.finished:
                         if ttft is None and buffer[i]:
                             ttft = now - t0
-                        yield _sse(p.chunk(chat, rid, name, stamp, buffer[i], None, first[i], i))
+                        yield _sse(
+                            p.chunk(chat, rid, name, stamp, buffer[i], None, first[i], i, include_usage)
+                        )
                         buffer[i], first[i], last[i] = "", False, now
                     if ev.finished:
                         unfinished -= 1
                         reason = reason or ev.finish_reason
-                        yield _sse(p.chunk(chat, rid, name, stamp, None, ev.finish_reason, index=i))
+                        yield _sse(
+                            p.chunk(
+                                chat,
+                                rid,
+                                name,
+                                stamp,
+                                None,
+                                ev.finish_reason,
+                                index=i,
+                                usage_key=include_usage,
+                            )
+                        )
                 if not unfinished:
                     status = "ok"
                     if include_usage:

@@ -260,9 +260,11 @@ def chunk(
     finish: str | None,
     first=False,
     index: int = 0,
+    usage_key: bool = False,
 ):
     """One streamed chunk of choice ``index`` in OpenAI's format (``text_completion`` or
-    ``chat.completion.chunk``)."""
+    ``chat.completion.chunk``); ``usage_key``: carries ``"usage": null``, as every chunk but the
+    last does when the request asked for usage."""
     if chat:
         delta: dict = {"role": "assistant", "content": text or ""} if first else {}
         if text and not first:
@@ -272,7 +274,8 @@ def chunk(
     else:
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    return {**out, "usage": None} if usage_key else out
 
 
 def usage_chunk(chat: bool, rid: str, model: str, created: int, usage_: dict) -> dict:
