@@ -118,3 +118,48 @@ def test_jsonl_chats_masks_and_drops(ray_cluster, tiny_corpus, chats, tmp_path):
     assert seen == 8 and m.counts.tokens_written == sum(
         sum(_table(Path(cfg.output_dir), s)["length"]) for s in ("train", "validation")
     )
+
+
+def test_a_tokenizer_with_its_own_chat_template_trains_what_serving_sends(
+    ray_cluster, tiny_corpus, chats, tmp_path
+):
+    """LLaDA2 downloads ship their chat template (a system turn first): SFT rows are rendered with
+    it, as dFactory does, so the prompt a model learns from is the one the server sends it."""
+    from diffmoe.bench.tiny_model import LLADA2_STYLE_TEMPLATE, _write_chat_template
+    from diffmoe.data.tokenizer import ChatEncoder, copy_tokenizer, load_tokenizer, read_tokenizer_json
+    from diffmoe.serve.host import own_template_renderer
+
+    tokdir = tmp_path / "tok"
+    copy_tokenizer(tiny_corpus / "tokenizer", tokdir)
+    _write_chat_template(tokdir, LLADA2_STYLE_TEMPLATE)
+    d, good = chats
+    cfg = CorpusConfig(
+        kind="sft",
+        inputs=[str(d / "chats.jsonl")],
+        tokenizer={"path": str(tokdir)},
+        seq_len=96,
+        validation_fraction=0.0,
+        num_tokenize_actors=1,
+        output_dir=str(tmp_path / "sft"),
+    )
+    m = prepare_corpus(cfg, log=lambda *a: None)
+    tok, _ = load_tokenizer(tokdir)
+    render = own_template_renderer(tok, tokdir)
+    encoder = ChatEncoder(read_tokenizer_json(tokdir))
+    rows = _table(Path(cfg.output_dir), "train")
+    _check_rows(rows, cfg.seq_len, m.tokenizer.eos_id)
+    want = {}
+    for g in good:
+        msgs = g.get("messages") or [
+            {"role": "user", "content": g["prompt"]},
+            {"role": "assistant", "content": g["response"]},
+        ]
+        whole = tok.apply_chat_template(
+            msgs, chat_template=LLADA2_STYLE_TEMPLATE, tokenize=True, return_dict=True
+        )
+        want[tuple(whole["input_ids"])] = encoder.encode_templated(render, msgs[:-1])  # what serving sends
+    assert len(rows["input_ids"]) == len(want) == 8
+    for ids, plen, length in zip(rows["input_ids"], rows["prompt_length"], rows["length"]):
+        served = want[tuple(ids[:length])]  # the whole row is the template's rendering ...
+        assert ids[:plen] == served  # ... and its prompt is exactly the served prompt
+        assert tok.decode(ids[:plen]).startswith("<role>SYSTEM</role>")  # the template's system turn

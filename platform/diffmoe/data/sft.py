@@ -24,9 +24,13 @@ from diffmoe.data.pack import ShardWriter, list_column, ragged_column, rows_per_
 from diffmoe.data.sources import InputError, InputFile
 from diffmoe.data.stages import Log, documents, ordered_batches, tokenize, tokenizer_entry
 from diffmoe.data.tokenizer import (
+    CHAT_TEMPLATE,
     ChatEncoder,
     copy_tokenizer,
+    load_tokenizer,
+    own_chat_template,
     read_tokenizer_json,
+    template_renderer,
     train_bpe,
 )
 
@@ -137,19 +141,35 @@ def sft_clean_batch(batch: pa.Table, spec: CleanSpec) -> pa.Table:
 
 
 class SftTokenizeActor:
-    """Chat template + boundaries per example; rows over ``seq_len`` become ``too_long`` drops."""
+    """Chat template + boundaries per example; rows over ``seq_len`` become ``too_long`` drops.
+    With ``chat_template`` (the tokenizer directory's own, e.g. LLaDA2's) rows are rendered with
+    it, as serving renders prompts for that model; otherwise in the platform's turn format."""
 
-    def __init__(self, tokenizer_json: str, seq_len: int):
+    def __init__(
+        self,
+        tokenizer_json: str,
+        seq_len: int,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ):
         import os
 
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.enc, self.seq_len = ChatEncoder(tokenizer_json), seq_len
+        self.render = None
+        if chat_template is not None:
+            self.render = template_renderer(tokenizer_json, chat_template, special_tokens or {})
+
+    def _encode(self, chats: list[tuple[list[dict[str, str]], str]]) -> list[tuple[list[int], int]]:
+        if self.render is None:
+            return self.enc.encode_batch(chats)
+        return [self.enc.encode_templated_chat(self.render, msgs, response) for msgs, response in chats]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reasons = batch.column("reason").to_pylist()
         keep = [i for i, r in enumerate(reasons) if not r]
         chats = batch.column("chat").to_pylist()
-        encoded = self.enc.encode_batch([tuple(json.loads(chats[i])) for i in keep])
+        encoded = self._encode([tuple(json.loads(chats[i])) for i in keep])
         ids: list[list[int]] = [[] for _ in reasons]
         prompt_len = [0] * len(reasons)
         for i, (row, plen) in zip(keep, encoded):
@@ -236,6 +256,17 @@ def write_sft(batches, cfg: CorpusConfig, eos_id: int, out: Path) -> tuple[Count
     return counts, splits
 
 
+def own_template_args(tokenizer_dir: Path) -> dict:
+    """The directory's own chat template and its special-token strings, for ``SftTokenizeActor``;
+    {} when it ships none or the platform's (then the turn format applies, as in serving)."""
+    template = own_chat_template(tokenizer_dir)
+    if template is None or template == CHAT_TEMPLATE:
+        return {}
+    tok, _ = load_tokenizer(tokenizer_dir)
+    specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+    return {"chat_template": template, "special_tokens": specials}
+
+
 def build_sft(files: list[InputFile], cfg: CorpusConfig, partial: Path, log: Log):
     """Body of ``pipeline.build`` for kind=sft: -> (tokenizer entry, counts, splits)."""
     bad = [f.uri for f in files if f.format != "jsonl" and not f.uri.endswith(".py")]
@@ -254,7 +285,11 @@ def build_sft(files: list[InputFile], cfg: CorpusConfig, partial: Path, log: Log
         source = "trained"
     tok = tokenizer_entry(source, partial / "tokenizer")
     tok_json = read_tokenizer_json(partial / "tokenizer")
-    actor_args = {"tokenizer_json": tok_json, "seq_len": cfg.seq_len}
+    actor_args = {
+        "tokenizer_json": tok_json,
+        "seq_len": cfg.seq_len,
+        **own_template_args(partial / "tokenizer"),
+    }
     datasets = [tokenize(ds, cfg, SftTokenizeActor, **actor_args) for ds in cleaned]
     with closing(ordered_batches(datasets)) as batches:
         counts, splits = write_sft(batches, cfg, tok.eos_id, partial)

@@ -227,6 +227,23 @@ def own_chat_template(path: str | Path) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def template_renderer(tokenizer_json: str, template: str, special_tokens: dict[str, str]):
+    """``render(messages, add_generation_prompt) -> text`` with ``template``, rendered as
+    ``apply_chat_template`` renders it for the tokenizer directory (same special-token strings),
+    from the tokenizer's JSON alone, so a data worker needs no access to the directory."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), **special_tokens)
+
+    def render(messages, add_generation_prompt: bool) -> str:
+        return tok.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    return render
+
+
 class ChatEncoder:
     """Token ids of a chat with the prompt/response boundary, built piece by piece.
 
@@ -260,6 +277,22 @@ class ChatEncoder:
                 ids += self.header(m["role"]) + next(encoded) + self.marker(ROLE_END)
             prompts.append(ids + self.header("assistant"))
         return [(p + next(encoded) + self.marker(ROLE_END), len(p)) for p in prompts]
+
+    def encode_templated_chat(
+        self, render, messages: list[dict[str, str]], response: str
+    ) -> tuple[list[int], int]:
+        """``(ids, prompt_length)`` of a chat and its answer under a model's own chat template
+        (``render(messages, add_generation_prompt)`` -> text), as dFactory builds SFT rows: the whole
+        conversation rendered, the prompt being its rendering up to the assistant's header."""
+        prompt = self.encode_templated(lambda m: render(m, True), messages)
+        whole = messages + [{"role": "assistant", "content": response}]
+        ids = self.encode_templated(lambda m: render(m, False), whole)
+        if ids[: len(prompt)] != prompt or len(ids) == len(prompt):
+            raise TokenizerError(
+                "the chat template does not render the prompt (with the generation prompt) as the start "
+                "of the whole conversation, so the answer cannot be told from the prompt"
+            )
+        return ids, len(prompt)
 
     def encode_templated(self, render, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids of ``messages`` with a model's own chat template (``render``: messages -> text,
