@@ -13,9 +13,18 @@ so serving never imports the training package and both compute the serving model
   ``iter_published_state`` / ``published_state`` / ``export_model`` (weights.py): weights in and
   out of the published Hugging Face key layout (all experts), from and to this rank's share.
 - ``init_distributed``: ``deepspeed.init_distributed`` without its CPU shared-memory op build.
+- ``moe_param_groups``: the optimizer's parameter groups, expert weights apart (ZeRO + expert parallel).
 """
 
-from .moe import ExpertParallelMoE, LLaDAGate, StackedExperts, build_training_model, gates, init_distributed
+from .moe import (
+    ExpertParallelMoE,
+    LLaDAGate,
+    StackedExperts,
+    build_training_model,
+    gates,
+    init_distributed,
+    moe_param_groups,
+)
 from .weights import (
     export_model,
     initialize,
@@ -37,5 +46,6 @@ __all__ = [
     "iter_published_state",
     "load_published_directory",
     "load_published_state",
+    "moe_param_groups",
     "published_state",
 ]

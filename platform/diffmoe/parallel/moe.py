@@ -37,6 +37,16 @@ _EXPERTS = "mlp.moe.deepspeed_moe.experts.deepspeed_experts"
 _GATE = "mlp.moe.deepspeed_moe.gate"
 
 
+def moe_param_groups(model: nn.Module) -> list[dict]:
+    """Optimizer parameter groups with the expert weights apart, as DeepSpeed's ZeRO needs them:
+    it then reduces expert gradients over the expert-data-parallel group only (ranks holding the
+    same experts), and every other gradient over all ranks."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "parameters"})
+
+
 def init_distributed(backend: str) -> None:
     """``deepspeed.init_distributed`` without the JIT build of DeepSpeed's shared-memory all-reduce.
 

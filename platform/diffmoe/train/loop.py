@@ -18,7 +18,6 @@ import deepspeed
 import ray.train
 import torch
 import torch.distributed as dist
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
 from diffmoe.config import BLOCK_DIFFUSION, model_family
@@ -32,6 +31,7 @@ from diffmoe.parallel import (
     initialize,
     load_published_directory,
     load_published_state,
+    moe_param_groups,
 )
 from diffmoe.rng import device_generator
 
@@ -196,11 +196,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = read_state(Path(d), world, ep_size)
             load_weights_before_engine(model, Path(d), state)
 
-    groups = split_params_into_different_moe_groups_for_optimizer(
-        {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"}
-    )
     optimizer = torch.optim.AdamW(
-        groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+        moe_param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
