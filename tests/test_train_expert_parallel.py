@@ -152,3 +152,29 @@ def test_skipping_the_gradient_all_reduce_of_a_world_of_one_changes_no_update(gr
     assert all(not torch.equal(weights[0][n], v) for n, v in start.items() if "norm" not in n)  # it trained
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_expert_bias_update_counts_every_micro_batch_of_the_step(group_of_one):
+    """With gradient accumulation the update reads the load of all the step's micro-batches."""
+    from diffmoe.model import named_config
+    from diffmoe.parallel import build_training_model, gates
+    from diffmoe.train.balance import count_expert_load, update_expert_bias
+
+    torch.manual_seed(0)
+    cfg = named_config("tiny", num_experts=4, num_experts_per_tok=1, moe_router_enable_expert_bias=True)
+    model = build_training_model(cfg, 1).eval()
+    gate = gates(model)[0]
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    loads = []
+    for favoured in (0, 3):  # two micro-batches routed to different experts
+        gate.routing_bias.zero_()
+        gate.routing_bias[favoured] = 5.0
+        with torch.no_grad():
+            model(ids)
+        loads.append(torch.bincount(gate.routing.expert_idx.reshape(-1), minlength=4).double())
+        count_expert_load(model)
+    gate.routing_bias.zero_()
+    update_expert_bias(model, 0.1)
+    total = loads[0] + loads[1]
+    assert gate.routing_bias.tolist() == pytest.approx((0.1 * torch.sign(total.mean() - total)).tolist())
+    assert gate.pending_load is None  # the next step counts afresh

@@ -1,9 +1,10 @@
 """Auxiliary-loss-free MoE balancing (LLaDA2 / DeepSeek-V3): nudge the expert bias that selects experts.
 
 After each optimizer step every MoE layer's ``expert_bias`` moves by ``rate`` towards the experts
-the last forward under-used: ``bias += rate * sign(mean load - load)``, with the load counted over
-all ranks. The bias changes only which experts are chosen, never the weights of the chosen ones,
-so balance costs no gradient term that competes with the language-modelling loss.
+the step's forwards under-used: ``bias += rate * sign(mean load - load)``, with the load counted
+over every micro-batch of the step (``count_expert_load`` after each) and over all ranks. The bias
+is not trained by gradient, so balance costs no loss term that competes with language modelling
+(in LLaDA2 it only selects experts; LLaDA-MoE, as published, also mixes with it).
 """
 
 from __future__ import annotations
@@ -20,16 +21,32 @@ def bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
     bias.add_(rate * torch.sign(load.float().mean() - load.float()))
 
 
+def _biased_gates(model):
+    return [g for g in gates(model) if getattr(g, "routing_bias", None) is not None and g.routing is not None]
+
+
+@torch.no_grad()
+def count_expert_load(model) -> None:
+    """Add the last forward's routing to each biased gate's load since the last update (call after
+    every micro-batch, so a step with gradient accumulation counts all of its tokens)."""
+    for gate in _biased_gates(model):
+        counts = expert_counts(gate.routing.expert_idx, gate.routing_bias.numel()).to(torch.float64)
+        pending = getattr(gate, "pending_load", None)
+        gate.pending_load = counts if pending is None else pending + counts
+
+
 @torch.no_grad()
 def update_expert_bias(model, rate: float) -> int:
-    """One update of every gate that has a selection bias (``routing_bias``); collective over the default group
-    when one is up (every rank calls it). Returns the number of layers updated."""
+    """One update of every gate that has a selection bias (``routing_bias``), from the load counted
+    since the last update (or, when nothing was counted, the last forward's); collective over the
+    default group when one is up (every rank calls it). Returns the number of layers updated."""
     updated = 0
-    for gate in gates(model):
-        bias = getattr(gate, "routing_bias", None)
-        if bias is None or gate.routing is None:
-            continue
-        load = expert_counts(gate.routing.expert_idx, bias.numel()).to(torch.float64)
+    for gate in _biased_gates(model):
+        bias = gate.routing_bias
+        load = getattr(gate, "pending_load", None)
+        if load is None:
+            load = expert_counts(gate.routing.expert_idx, bias.numel()).to(torch.float64)
+        gate.pending_load = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load)
         bias_step(bias, load, rate)

@@ -35,7 +35,7 @@ from diffmoe.parallel import (
 )
 from diffmoe.rng import device_generator
 
-from .balance import update_expert_bias
+from .balance import count_expert_load, update_expert_bias
 from .checkpointing import (
     check_fingerprint,
     load_weights_before_engine,
@@ -290,6 +290,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             engine.backward(terms.total)
             engine.step()
+            if cfg.train.objective.balance == "expert_bias":
+                count_expert_load(model)  # every micro-batch's tokens count towards the step's update
             tokens += batch["input_ids"].numel() * world
             busy += time.perf_counter() - t0
             step_seconds += time.perf_counter() - t0
