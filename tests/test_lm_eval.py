@@ -153,3 +153,30 @@ def test_lm_evals_own_models_stay_registered_beside_ours():
 
     assert get_model("diffmoe") is DiffmoeLM
     assert get_model("local-completions").__name__ == "LocalCompletionsAPI"
+
+
+def test_task_settings_are_read_as_lm_evals_hf_model_reads_them(tiny_model_dir, tmp_path):
+    """max_gen_toks (or an alias) caps the answer; a temperature implies sampling; configured steps
+    keep their rate; a context's trailing spaces go to the continuation; a gen_prefix is continued;
+    a block-diffusion model keeps its trained block."""
+    from diffmoe.bench.tiny_model import make_tiny_model_dir
+    from diffmoe.harness.lm import DiffmoeLM
+
+    lm = DiffmoeLM(str(tiny_model_dir), decoding={"gen_length": 32, "block_length": 8, "steps": 16})
+    d = lm.decoding_for({"max_gen_toks": 20, "until": ["\n"]})
+    assert (d.gen_length, d.block_length, d.max_tokens, d.steps, d.stop) == (24, 8, 20, 12, ["\n"])
+    assert lm.decoding_for({"max_new_tokens": 5}).max_tokens == 5
+    assert lm.decoding_for({"temperature": 0.7}).temperature == 0.7
+    assert lm.decoding_for({"temperature": 0.7, "do_sample": False}).temperature == 0.0
+    sampled = lm.decoding_for({"do_sample": True, "top_p": 0.9, "top_k": 0})
+    assert (sampled.temperature, sampled.top_p, sampled.top_k) == (1.0, 0.9, None)
+    context, continuation = lm._encode_pair("Question: 2+2= ", "4")
+    assert context == lm.tok_encode("Question: 2+2=")
+    assert context + continuation == lm.tok_encode("Question: 2+2= 4")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Answer:"}]
+    assert lm.apply_chat_template(chat, add_generation_prompt=False).endswith("Answer:")
+    blocks = DiffmoeLM(
+        str(make_tiny_model_dir(tmp_path / "llada2", family="llada2")), decoding={"threshold": 0.9}
+    )
+    short = blocks.decoding_for({"max_gen_toks": 5})
+    assert (short.block_length, short.gen_length, short.max_tokens) == (32, 32, 5)
