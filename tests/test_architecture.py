@@ -23,6 +23,7 @@ LAYERS = {
     "diffmoe": 0,  # the package root (__version__)
     "diffmoe.config": 0,  # the one config system
     "diffmoe.rng": 0,  # generators made on the tensors' device
+    "diffmoe.cluster": 0,  # connecting a driver to Ray (ray imported inside the function)
     "diffmoe.model": 1,  # the model, its checkpoints and sources: torch + transformers only
     "diffmoe.data": 1,
     "diffmoe.jobs": 1,  # the job runner: config only, no Ray

@@ -190,3 +190,25 @@ def test_tracking_helper_logs_params_in_batches_with_tags(tmp_path, monkeypatch)
     assert len(run.data.params) == 250 and run.data.params["a.p199"] == "199"
     assert len(run.data.params["q0"]) == 6000
     assert run.data.metrics == {"x": 1.5, "y": 2.0}
+
+
+def test_submitted_jobs_put_the_drivers_diffmoe_on_the_workers_path(tmp_path):
+    """Under ray job submit --working-dir, workers start in the uploaded copy but only its root is on
+    their path: the package root is added relative to it (pure logic; Ray itself is not started)."""
+    import json as _json
+
+    from diffmoe.cluster import JOB_CONFIG_VARIABLE, worker_code_env
+
+    repo = Path(__file__).resolve().parent.parent
+    job = {JOB_CONFIG_VARIABLE: _json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}})}
+    assert worker_code_env(job, cwd=repo) == {"env_vars": {"PYTHONPATH": "platform"}}
+    assert worker_code_env({}, cwd=repo) is None  # not a submitted job: ray.init() as before
+    no_dir = {JOB_CONFIG_VARIABLE: _json.dumps({"runtime_env": {"pip": ["x"]}})}
+    assert worker_code_env(no_dir, cwd=repo) is None  # no uploaded copy to point into
+    own = {
+        JOB_CONFIG_VARIABLE: _json.dumps(
+            {"runtime_env": {"working_dir": ".", "env_vars": {"PYTHONPATH": "x"}}}
+        )
+    }
+    assert worker_code_env(own, cwd=repo) is None  # the user's PYTHONPATH wins
+    assert worker_code_env(job, cwd=tmp_path) is None  # the package is not inside the working dir

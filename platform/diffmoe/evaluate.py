@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from diffmoe.cluster import connect
 from diffmoe.config import StrictModel, model_family
 from diffmoe.generation.config import DecodingConfig
 from diffmoe.tracking import MLflowSection
@@ -165,8 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         verify_dataset(cfg.data.path)
     except ValueError as err:
         raise EvalError(f"data.path: {err}") from None
-    if not ray.is_initialized():
-        ray.init()
+    connect()
 
     @ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     def task(cfg_json: dict) -> dict:

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffmoe.cluster import connect
+
 from .config import CompareConfig
 from .quality import (
     OBJECTIVES,
@@ -49,10 +51,7 @@ def level_value(stats: dict, name: str):
 
 
 def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # $RAY_ADDRESS, else the cluster `ray start` left on this machine, else a local one
+    connect()  # $RAY_ADDRESS, else the cluster `ray start` left on this machine, else a local one
 
 
 def quality(cfg: CompareConfig, trained: dict[str, dict], data_dir: Path, log=print) -> dict[str, dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from diffmoe.cluster import connect
 from diffmoe.data.clean import CleanSpec, clean_batch
 from diffmoe.data.config import CorpusConfig
 from diffmoe.data.manifest import TokenizerEntry
@@ -25,6 +26,7 @@ def documents(files: list[InputFile], cfg: CorpusConfig, fn=clean_batch) -> list
     """Datasets (one per reader group) of cleaned rows; by default ``text, reason, piece, replaced,
     split``, or whatever ``fn`` (raw Arrow batch, spec) -> Arrow batch makes of them."""
     spec = CleanSpec.of(cfg)
+    connect()  # before Ray Data's reads would start Ray without the job's worker code path
     return [
         ds.map_batches(fn, batch_format="pyarrow", fn_kwargs={"spec": spec}, num_cpus=cfg.read_num_cpus)
         for ds in read_groups(files, cfg)
@@ -42,8 +44,7 @@ def tokenize(ds, cfg: CorpusConfig, actor, **constructor_kwargs):
     import ray
     from ray.data import ActorPoolStrategy
 
-    if not ray.is_initialized():
-        ray.init()  # as Ray Data would, but the pool size below needs the cluster first
+    connect()  # as Ray Data would, but the pool size below needs the cluster first
     n = cfg.num_tokenize_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     return ds.map_batches(
         actor,

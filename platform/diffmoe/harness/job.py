@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from diffmoe.cluster import connect
 from diffmoe.config import StrictModel
 from diffmoe.generation.config import DecodingConfig
 from diffmoe.tracking import MLflowSection
@@ -119,8 +120,7 @@ def evaluate_with_lm_eval(cfg: LmEvalConfig) -> dict:
     uri = cfg.mlflow.resolved_uri()
     if not is_mlflow_uri(cfg.model) and not Path(cfg.model).is_dir():
         raise LmEvalError(f"model: directory not found: {cfg.model}")
-    if not ray.is_initialized():
-        ray.init()
+    connect()
 
     @ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     def task(cfg_json: dict) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from diffmoe.cluster import connect
 from diffmoe.config import AUTOREGRESSIVE, BLOCK_DIFFUSION, flatten, model_family
 from diffmoe.data.manifest import Manifest, verify_dataset
 from diffmoe.model import LLaDA2MoeConfig, LLaDAMoEConfig, llada2_named_config, named_config
@@ -257,7 +258,6 @@ def worker_view(cfg: TrainJobConfig) -> dict:
 
 
 def run_training(cfg: TrainJobConfig) -> TrainResult:
-    import ray
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -269,8 +269,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     client = MlflowClient(uri)
     status = "FAILED"
     try:
-        if not ray.is_initialized():
-            ray.init()  # $RAY_ADDRESS, else the cluster `ray start` left on this machine, else a local one
+        connect()  # $RAY_ADDRESS, else the cluster `ray start` left on this machine, else a local one
         from diffmoe.data.manifest import read_split, shard_paths
 
         datasets = {}  # the train split is read by the workers themselves (sample_order.py)
