@@ -28,8 +28,9 @@ def is_mlflow_uri(source: str) -> bool:
 def pin_version(source: str, tracking_uri: str | None = None) -> str:
     """A registry reference that can move (``models:/name@alias``, ``/latest``) -> the version it
     points at now (``models:/name/<version>``); other sources unchanged. Serve pins when it builds
-    the application, so every replica (autoscaled ones too) serves one version, and redeploying after
-    an alias moved rolls the replicas over to the new one."""
+    the application, so every replica (autoscaled ones too) serves one version, and rebuilding it
+    after an alias moved (``serve.run`` / ``run_app``) rolls the replicas over to the new one;
+    ``serve deploy`` of an unchanged YAML is a no-op in Serve (it compares configs)."""
     if not is_mlflow_uri(source):
         return source
     import mlflow
