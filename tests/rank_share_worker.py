@@ -72,7 +72,8 @@ def fake(shapes: list[tuple[int, int]], out: str) -> None:
         json.dump(results, f)
 
 
-def _gloo_rank(rank: int, world: int, port: int, directory: str) -> None:
+def rank_env(rank: int, world: int, port: int) -> None:
+    """The environment torch.distributed reads for rank ``rank`` of ``world`` on this machine."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -80,6 +81,10 @@ def _gloo_rank(rank: int, world: int, port: int, directory: str) -> None:
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
+
+
+def _gloo_rank(rank: int, world: int, port: int, directory: str) -> None:
+    rank_env(rank, world, port)
     from diffmoe.model import LLaDAMoEModelLM
     from diffmoe.model.checkpoint import save_pretrained
     from diffmoe.parallel import (

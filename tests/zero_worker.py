@@ -9,7 +9,6 @@ averaged with the other rank's experts; EP 1: every rank holds every expert, so 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 
@@ -20,13 +19,9 @@ STEPS, CLIP = 3, 0.05
 
 
 def _rank(rank: int, world: int, port: int, ep: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    from rank_share_worker import rank_env
+
+    rank_env(rank, world, port)
     torch.set_num_threads(1)
     import deepspeed
 
