@@ -24,11 +24,10 @@ from diffmoe.data.pack import ShardWriter, list_column, ragged_column, rows_per_
 from diffmoe.data.sources import InputError, InputFile
 from diffmoe.data.stages import Log, documents, ordered_batches, tokenize, tokenizer_entry
 from diffmoe.data.tokenizer import (
-    CHAT_TEMPLATE,
     ChatEncoder,
     copy_tokenizer,
     load_tokenizer,
-    own_chat_template,
+    model_chat_template,
     read_tokenizer_json,
     template_renderer,
     train_bpe,
@@ -259,8 +258,8 @@ def write_sft(batches, cfg: CorpusConfig, eos_id: int, out: Path) -> tuple[Count
 def own_template_args(tokenizer_dir: Path) -> dict:
     """The directory's own chat template and its special-token strings, for ``SftTokenizeActor``;
     {} when it ships none or the platform's (then the turn format applies, as in serving)."""
-    template = own_chat_template(tokenizer_dir)
-    if template is None or template == CHAT_TEMPLATE:
+    template = model_chat_template(tokenizer_dir)
+    if template is None:
         return {}
     tok, _ = load_tokenizer(tokenizer_dir)
     specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}

@@ -227,6 +227,14 @@ def own_chat_template(path: str | Path) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def model_chat_template(path: str | Path) -> str | None:
+    """The chat template a model directory ships when it is the model's own (LLaDA2's), or None
+    when it ships none or the platform's turn format: what serving renders prompts with and SFT
+    renders rows with."""
+    template = own_chat_template(path)
+    return None if template == CHAT_TEMPLATE else template
+
+
 def template_renderer(tokenizer_json: str, template: str, special_tokens: dict[str, str]):
     """``render(messages, add_generation_prompt) -> text`` with ``template``, rendered as
     ``apply_chat_template`` renders it for the tokenizer directory (same special-token strings),

@@ -6,11 +6,10 @@ projection split into q, k, v heads; per-head q/k RMSNorm before rotate-half RoP
 honours a 4-D [B, 1, L, L] block mask, 0/1 or additive as the published generate builds it
 (or a 2-D padding mask); dense SwiGLU in the first ``first_k_dense_replace`` layers, then the
 shared router (model/router.py: sigmoid fp32 scores, selection-only expert bias, group-limited
-top-k, renormalised and scaled weights) over
-grouped-matmul experts (``Experts``) plus shared experts. Module names *are* the published
-state-dict keys (``model.word_embeddings``, ``attention.query_key_value``, ``mlp.gate.weight``,
-``mlp.gate.expert_bias``, ``mlp.experts.{j}.*``, ``mlp.shared_experts.*``), so checkpoint I/O
-needs no renaming. An optional per-layer KV cache works as in the LLaDA-MoE model.
+top-k, renormalised and scaled weights) over grouped-matmul experts (``Experts``) plus shared
+experts. Module names *are* the published state-dict keys (``model.word_embeddings``,
+``attention.query_key_value``, ``mlp.gate.weight``, ``mlp.gate.expert_bias``, ``mlp.experts.{j}.*``,
+``mlp.shared_experts.*``), so checkpoint I/O needs no renaming. An optional per-layer KV cache works as in the LLaDA-MoE model.
 
 This module knows nothing about training, parallelism, decoding or serving.
 """
@@ -30,7 +29,7 @@ from .modeling import (
     SwiGLU,
     apply_rope,
     attend,
-    rope_kind,
+    rope_position_scale,
     run_backbone,
     with_past,
 )
@@ -162,7 +161,7 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
 
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)
-        rope_kind(config)
+        rope_position_scale(config)  # an unsupported scaling type fails before weights load
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LLaDA2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

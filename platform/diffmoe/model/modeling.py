@@ -57,22 +57,22 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_kind(config) -> str:
-    """The config's RoPE scaling type; anything but default and linear fails when the model is
-    built (before weights load), not at its first forward."""
+def rope_position_scale(config) -> float:
+    """What positions are divided by: linear RoPE scaling's factor, else 1. Any other scaling type
+    fails here, which each backbone calls when it is built (before weights load)."""
     scaling = config.rope_scaling_dict()
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
     if kind not in ("default", "linear"):
         raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear)")
-    return kind
+    return float(scaling["factor"]) if kind == "linear" else 1.0
 
 
 def rope_cos_sin(config: LLaDAMoEConfig, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos/sin [B, L, rot_dim] for rotate-half RoPE. Computed per call: no buffers to materialise."""
     rot_dim = int(config.head_dim * config.partial_rotary_factor) // 2 * 2
-    positions = position_ids.float()
-    if rope_kind(config) == "linear":
-        positions = positions / float(config.rope_scaling_dict()["factor"])
+    positions, scale = position_ids.float(), rope_position_scale(config)
+    if scale != 1.0:
+        positions = positions / scale
     exponent = torch.arange(0, rot_dim, 2, device=position_ids.device, dtype=torch.float32) / rot_dim
     inv_freq = 1.0 / (config.rope_theta**exponent)
     freqs = positions[..., None] * inv_freq
@@ -302,7 +302,7 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)
-        rope_kind(config)
+        rope_position_scale(config)  # an unsupported scaling type fails before weights load
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -373,8 +373,8 @@ def build_attention_mask(attention_mask, b, n, past_len, causal, device):
 
     ``attention_mask`` may be a 2-D key mask [B, past_len + n] (1 = real token) or a 4-D mask
     [B, 1 or heads, n, past_len + n]: bool or 0/1 (1 = attend), or additive (0 = attend, -inf =
-    blocked: the published LLaDA2 ``generate``'s convention; see ``_allowed``). Every query may always see itself, so a fully padded row
-    never yields NaNs that could leak into other rows. A flex ``BlockMask`` over (n, past_len + n)
+    blocked: the published LLaDA2 ``generate``'s convention; see ``_allowed``). Every query may
+    always see itself, so a fully padded row never yields NaNs that could leak into other rows. A flex ``BlockMask`` over (n, past_len + n)
     is used as given (its mask_mod must let every query see itself).
     """
     total = past_len + n

@@ -10,6 +10,7 @@ thread, and every request has a deadline and is cancelled when its client goes a
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -281,6 +282,7 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
         async def sse():
             ttft, tokens, status, reason = None, 0, "cancelled", None
             stamp = int(time.time())
+            chunk = functools.partial(p.chunk, chat, rid, name, stamp, usage_key=include_usage)
             first, buffer, last = [True] * n, [""] * n, [0.0] * n
             unfinished = n
             state["streams"] += 1
@@ -314,25 +316,12 @@ def build_api(host: ModelHost, metrics: EngineMetrics, api_key: str | None) -> F
                     if buffer[i] and due or first[i] and chat and ev.finished:
                         if ttft is None and buffer[i]:
                             ttft = now - t0
-                        yield _sse(
-                            p.chunk(chat, rid, name, stamp, buffer[i], None, first[i], i, include_usage)
-                        )
+                        yield _sse(chunk(buffer[i], None, first[i], i))
                         buffer[i], first[i], last[i] = "", False, now
                     if ev.finished:
                         unfinished -= 1
                         reason = reason or ev.finish_reason
-                        yield _sse(
-                            p.chunk(
-                                chat,
-                                rid,
-                                name,
-                                stamp,
-                                None,
-                                ev.finish_reason,
-                                index=i,
-                                usage_key=include_usage,
-                            )
-                        )
+                        yield _sse(chunk(None, ev.finish_reason, index=i))
                 if not unfinished:
                     status = "ok"
                     if include_usage:

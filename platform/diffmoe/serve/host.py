@@ -45,10 +45,10 @@ def chat_encoder(path: Path):
 def own_template_renderer(tokenizer, path: Path):
     """messages -> prompt text with the model's own chat template (LLaDA2's, from
     tokenizer_config.json), or None when it ships none or ours (the SFT turn format)."""
-    from diffmoe.data.tokenizer import CHAT_TEMPLATE, own_chat_template
+    from diffmoe.data.tokenizer import model_chat_template
 
-    template = own_chat_template(path)
-    if template is None or template == CHAT_TEMPLATE:
+    template = model_chat_template(path)
+    if template is None:
         return None
 
     def render(messages):

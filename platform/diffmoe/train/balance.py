@@ -22,7 +22,7 @@ def bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
 
 
 def _biased_gates(model):
-    return [g for g in gates(model) if getattr(g, "routing_bias", None) is not None and g.routing is not None]
+    return [g for g in gates(model) if getattr(g, "routing_bias", None) is not None]
 
 
 @torch.no_grad()
@@ -30,6 +30,8 @@ def count_expert_load(model) -> None:
     """Add the last forward's routing to each biased gate's load since the last update (call after
     every micro-batch, so a step with gradient accumulation counts all of its tokens)."""
     for gate in _biased_gates(model):
+        if gate.routing is None:
+            continue
         counts = expert_counts(gate.routing.expert_idx, gate.routing_bias.numel()).to(torch.float64)
         pending = getattr(gate, "pending_load", None)
         gate.pending_load = counts if pending is None else pending + counts
@@ -37,18 +39,16 @@ def count_expert_load(model) -> None:
 
 @torch.no_grad()
 def update_expert_bias(model, rate: float) -> int:
-    """One update of every gate that has a selection bias (``routing_bias``), from the load counted
-    since the last update (or, when nothing was counted, the last forward's); collective over the
-    default group when one is up (every rank calls it). Returns the number of layers updated."""
+    """One update of every gate that has a selection bias (``routing_bias``), from the load
+    ``count_expert_load`` counted since the last update; collective over the default group when one
+    is up (every rank calls it). Returns the number of layers updated."""
     updated = 0
     for gate in _biased_gates(model):
-        bias = gate.routing_bias
-        load = getattr(gate, "pending_load", None)
+        load, gate.pending_load = getattr(gate, "pending_load", None), None
         if load is None:
-            load = expert_counts(gate.routing.expert_idx, bias.numel()).to(torch.float64)
-        gate.pending_load = None
+            continue
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load)
-        bias_step(bias, load, rate)
+        bias_step(gate.routing_bias, load, rate)
         updated += 1
     return updated
