@@ -174,6 +174,7 @@ def test_resume_with_a_different_worker_count(ep2_run, tiny_corpus, workdir):
     assert "'zero_stage': 0" in run.data.tags["deepspeed.last"]  # one worker: nothing to partition
     assert "'gradient_allreduce': False" in run.data.tags["deepspeed.last"]  # nor to average
     assert "'restored': True" in run.data.tags["ema.last"]  # the average continues, on 1 worker
+    assert run.data.tags["resumed_from_run_id"] == first.run_id  # the resubmission links its MLflow run
     saved = json.loads((Path(first.checkpoint_path) / "trainer_state.json").read_text())
     assert str(saved["weights_fingerprint"]) in run.data.tags["weights_fingerprint.last"]
     trained = _trained_samples(workdir / "samples-ep2")  # 30 steps x 2 x 8, then 4 x 1 x 8
@@ -227,6 +228,8 @@ def test_killed_worker_process_restarts_from_checkpoint(ray_cluster, tiny_corpus
     result = outcome["result"]
     assert result.final_step == 300
     assert result.metrics["resumed_from_step"] >= 50
+    # a worker restart inside the job logs into the job's one run: nothing to link
+    assert "resumed_from_run_id" not in MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id).data.tags
     trained = _trained_samples(workdir / "samples-faulty")  # across the kill: each sample once
     assert len(trained) == 300 * 16
     _assert_exactly_once(trained, tiny_corpus, cfg.train.seed)

@@ -6,7 +6,8 @@ A checkpoint directory holds
 - ``model/``: the consolidated weights in the published Hugging Face layout (all experts), streamed
   to rank 0's writer one tensor at a time (no rank holds the whole model).
 - ``ema/``: with ``train.ema_decay``, the weight average in the same layout (``ema.py``).
-- ``trainer_state.json``: step, epoch, the data stream position (``sample_order.py``), world and EP size.
+- ``trainer_state.json``: step, epoch, the data stream position (``sample_order.py``), world and EP size,
+  and the MLflow run that wrote it (a resubmitted job tags its new run ``resumed_from_run_id``).
 
 Resuming with the same sizes loads ``deepspeed/``; with different sizes it loads ``model/`` and
 fast-forwards the lr schedule, and the AdamW moments restart from zero (logged as

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,18 @@ def validate(engine, shard, cfg: TrainJobConfig, device) -> float | None:
     return float(counts[0] / counts[1]) if counts[1] > 0 else None
 
 
+@contextmanager
+def local_copy(checkpoint):
+    """The checkpoint to resume from as a local directory (None: a fresh run), for every restore
+    of the start-up. Each ``as_directory()`` of a checkpoint in remote storage downloads all of it
+    (weights, every rank's optimizer shards, the average), so it is opened once, not per restore."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as d:
+        yield Path(d)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = TrainJobConfig.model_validate(loop_config["job"])
     ctx = ray.train.get_context()
@@ -189,38 +202,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.model.gradient_checkpointing:
         model.model.gradient_checkpointing = True
 
-    checkpoint = ray.train.get_checkpoint()
-    state = {"step": 0, "epoch": 0, "position": 0}
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = read_state(Path(d), world, ep_size)
-            load_weights_before_engine(model, Path(d), state)
+    with local_copy(ray.train.get_checkpoint()) as restored:
+        state = {"step": 0, "epoch": 0, "position": 0}
+        if restored:
+            state = read_state(restored, world, ep_size)
+            load_weights_before_engine(model, restored, state)
 
-    optimizer = torch.optim.AdamW(
-        moe_param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(
-        model=ObjectiveModule(model, cfg),
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=_ds_config(cfg, bf16, world),
-    )
-    if world == 1:  # nothing to average, yet DeepSpeed would flatten, reduce and copy back every grad
-        engine.enable_backward_allreduce = False  # (~3% of a tiny model's CPU step, measured)
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            restore_engine(engine, Path(d), state)
-    # after DeepSpeed: ZeRO may have re-pointed the parameters' storage
-    ema = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    ema_restored = False
-    if ema is not None and checkpoint:
-        with checkpoint.as_directory() as d:
-            ema_restored = restore_average(ema, model, Path(d))
+        optimizer = torch.optim.AdamW(
+            moe_param_groups(model),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        engine, _, _, _ = deepspeed.initialize(
+            model=ObjectiveModule(model, cfg),
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=_ds_config(cfg, bf16, world),
+        )
+        if world == 1:  # nothing to average, yet DeepSpeed would flatten, reduce and copy back every grad
+            engine.enable_backward_allreduce = False  # (~3% of a tiny model's CPU step, measured)
+        if restored:
+            restore_engine(engine, restored, state)
+        # after DeepSpeed: ZeRO may have re-pointed the parameters' storage
+        ema = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        ema_restored = bool(ema is not None and restored and restore_average(ema, model, restored))
     resumed_from = state["step"]
 
     logger = MetricsLogger(loop_config, rank, world, enabled=rank == 0)
     logger.event("restored", {"from_step": resumed_from, "how": state.get("restored", "fresh")})
+    earlier_run = state.get("mlflow_run_id")
+    if earlier_run and earlier_run != loop_config.get("mlflow_run_id"):  # a resubmitted job: link the runs
+        logger.tag("resumed_from_run_id", earlier_run)
     zero, allreduce = engine.zero_optimization_stage(), engine.enable_backward_allreduce
     logger.event(
         "deepspeed", {"zero_stage": zero, "ep_size": ep_size, "bf16": bf16, "gradient_allreduce": allreduce}
@@ -355,6 +369,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "ep_size": ep_size,
                     "nonfinite_skipped": nonfinite,
                     "checks": checks,
+                    "mlflow_run_id": loop_config.get("mlflow_run_id"),  # a resubmission links back to it
                 }
                 report(
                     engine,

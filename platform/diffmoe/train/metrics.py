@@ -69,6 +69,12 @@ class MetricsLogger:
         if self.enabled:
             self.mlflow.set_tag(f"{name}.last", str(info))
 
+    def tag(self, key: str, value: str) -> None:
+        if self.rank == 0:
+            print(f"{key}: {value}", flush=True)
+        if self.enabled:
+            self.mlflow.set_tag(key, value)
+
     def flush(self) -> None:
         if self.enabled:
             self.mlflow.flush_async_logging()
