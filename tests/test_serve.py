@@ -418,6 +418,7 @@ def test_deployment_yaml_args_validate():
 
     opts = deployment_options(cfg.model_copy(update={"ep_size": 2}))
     assert len(opts["placement_group_bundles"]) == 2
+    assert opts["placement_group_strategy"] == "STRICT_PACK"  # a replica's all-to-all stays on one node
     # On GPUs the replica (LM head + sampler) takes half of rank 0's GPU in bundle 0.
     gpu = cfg.model_copy(update={"ep_size": 2, "replica_gpus": 1.0})
     opts = deployment_options(gpu)

@@ -108,7 +108,7 @@ def deployment_options(cfg: ServeConfig) -> dict:
             first["GPU"] = rest["GPU"] = gpu
         opts["ray_actor_options"] = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.head_gpus}
         opts["placement_group_bundles"] = [first] + [dict(rest) for _ in range(cfg.ep_size - 1)]
-        opts["placement_group_strategy"] = "PACK"
+        opts["placement_group_strategy"] = cfg.ep_placement
     if cfg.num_replicas is not None:
         opts["num_replicas"] = cfg.num_replicas
     else:

@@ -6,6 +6,8 @@ so a typo in a deployment file fails at ``serve run`` / ``serve deploy`` time wi
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from diffmoe.config import StrictModel
@@ -50,6 +52,10 @@ class ServeConfig(StrictModel):
     max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens / gen_length a request may ask for
     max_steps_limit: int = Field(1024, ge=1)  # largest steps a request may ask for
     ep_size: int = Field(1, ge=1)  # expert-parallel workers per replica
+    # Where a replica's ep_size workers may go (Ray placement strategy). STRICT_PACK: one node, so the
+    # all-to-all of every MoE layer stays on the node's interconnect; a replica that fits on no node
+    # waits for one (the autoscaler can add it). PACK: may span nodes when none has room.
+    ep_placement: Literal["STRICT_PACK", "PACK"] = "STRICT_PACK"
     max_batch_size: int = Field(32, ge=1)  # requests the engine decodes together
     # Block diffusion (LLaDA2.x): most prompt positions a request feeds per step; a longer prompt is
     # cached over several steps (chunked prefill), bounding one step's attention mask and activations.
