@@ -126,12 +126,12 @@ def generate_blocks(
     counter = {"forwards": 0, "tokens_fed": 0}
     run = _Forward(model, block_length, counter, use_cache)
     run.prefill(x[:, : (plen // block_length) * block_length])
+    schedule = None  # the same for every block: ``block_length`` split over ``steps``
+    if steps is not None:
+        schedule = transfer_schedule(torch.full((batch,), block_length, device=device), steps)
 
     for b in range(plen // block_length, num_blocks):
         bs, be = b * block_length, (b + 1) * block_length
-        schedule = None
-        if steps is not None:
-            schedule = transfer_schedule(torch.full((batch,), block_length, device=device), steps)
         step = 0
         post = torch.zeros(batch, dtype=torch.long, device=device)  # editing steps after the last mask
         active = ~done

@@ -52,19 +52,16 @@ class BlockSequence(Sequence):
         self.num_blocks = total // bl
         self.pending = (0, self.block * bl)  # positions fed once and then cached: the prompt's whole blocks
         self.post = 0  # editing steps after the block's last mask
-        self.schedule = self._schedule()
+        # tokens to commit at least per step, the same for every block (LLaDA2.0 ``steps``:
+        # ``block_length`` split over them, at most the masks left); None: one
+        self.schedule = None
+        if cfg.steps is not None:
+            self.schedule = transfer_schedule(torch.tensor([bl]), cfg.steps_per_block)[0]
 
     @property
     def block_span(self) -> tuple[int, int]:
         bl = self.cfg.block_length
         return self.block * bl, (self.block + 1) * bl
-
-    def _schedule(self):
-        """Tokens to commit at least, per step of this block (LLaDA2.0 ``steps``: ``block_length``
-        split over them, at most the masks left); None: one."""
-        if self.cfg.steps is None or self.block >= self.num_blocks:
-            return None
-        return transfer_schedule(torch.tensor([self.cfg.block_length]), self.cfg.steps_per_block)[0]
 
     def fed_span(self, chunk: int | None = None) -> tuple[int, int]:
         """Positions this step feeds: what is pending (uncached), then the current block. With more
@@ -103,7 +100,6 @@ class BlockSequence(Sequence):
         self.pending = (bs, be)  # final: cached by the next forward
         self.block += 1
         self.step_in_block, self.post = 0, 0
-        self.schedule = self._schedule()
 
     def _final_length(self) -> int | None:
         """Answer positions in finished blocks (they never change again)."""

@@ -9,7 +9,8 @@ shared router (model/router.py: sigmoid fp32 scores, selection-only expert bias,
 top-k, renormalised and scaled weights) over grouped-matmul experts (``Experts``) plus shared
 experts. Module names *are* the published state-dict keys (``model.word_embeddings``,
 ``attention.query_key_value``, ``mlp.gate.weight``, ``mlp.gate.expert_bias``, ``mlp.experts.{j}.*``,
-``mlp.shared_experts.*``), so checkpoint I/O needs no renaming. An optional per-layer KV cache works as in the LLaDA-MoE model.
+``mlp.shared_experts.*``), so checkpoint I/O needs no renaming. An optional per-layer KV cache
+works as in the LLaDA-MoE model.
 
 This module knows nothing about training, parallelism, decoding or serving.
 """

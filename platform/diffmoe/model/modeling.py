@@ -374,8 +374,9 @@ def build_attention_mask(attention_mask, b, n, past_len, causal, device):
     ``attention_mask`` may be a 2-D key mask [B, past_len + n] (1 = real token) or a 4-D mask
     [B, 1 or heads, n, past_len + n]: bool or 0/1 (1 = attend), or additive (0 = attend, -inf =
     blocked: the published LLaDA2 ``generate``'s convention; see ``_allowed``). Every query may
-    always see itself, so a fully padded row never yields NaNs that could leak into other rows. A flex ``BlockMask`` over (n, past_len + n)
-    is used as given (its mask_mod must let every query see itself).
+    always see itself, so a fully padded row never yields NaNs that could leak into other rows. A
+    flex ``BlockMask`` over (n, past_len + n) is used as given (its mask_mod must let every query
+    see itself).
     """
     total = past_len + n
     if isinstance(attention_mask, BlockMask):

@@ -204,7 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     with local_copy(ray.train.get_checkpoint()) as restored:
         state = {"step": 0, "epoch": 0, "position": 0}
-        if restored:
+        if restored is not None:
             state = read_state(restored, world, ep_size)
             load_weights_before_engine(model, restored, state)
 
@@ -223,11 +223,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         if world == 1:  # nothing to average, yet DeepSpeed would flatten, reduce and copy back every grad
             engine.enable_backward_allreduce = False  # (~3% of a tiny model's CPU step, measured)
-        if restored:
+        if restored is not None:
             restore_engine(engine, restored, state)
         # after DeepSpeed: ZeRO may have re-pointed the parameters' storage
         ema = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        ema_restored = bool(ema is not None and restored and restore_average(ema, model, restored))
+        ema_restored = ema is not None and restored is not None and restore_average(ema, model, restored)
     resumed_from = state["step"]
 
     logger = MetricsLogger(loop_config, rank, world, enabled=rank == 0)

@@ -64,14 +64,12 @@ class MetricsLogger:
             self.mlflow.log_metrics(clean, step=step, synchronous=False)  # never stall a training step
 
     def event(self, name: str, info: dict[str, Any]) -> None:
-        if self.rank == 0:
-            print(f"{name}: {info}", flush=True)
-        if self.enabled:
-            self.mlflow.set_tag(f"{name}.last", str(info))
+        """The latest ``info`` of a recurring event, as tag ``<name>.last``."""
+        self.tag(f"{name}.last", str(info), shown=name)
 
-    def tag(self, key: str, value: str) -> None:
+    def tag(self, key: str, value: str, shown: str | None = None) -> None:
         if self.rank == 0:
-            print(f"{key}: {value}", flush=True)
+            print(f"{shown or key}: {value}", flush=True)
         if self.enabled:
             self.mlflow.set_tag(key, value)
 
