@@ -153,6 +153,20 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert torch.equal(ids, logits.argmax(-1))  # top_p below the best token's mass: the best only
 
 
+def test_confidences_in_chunks_equal_one_softmax(monkeypatch):
+    import diffmoe.generation.sampler as sampler
+
+    logits = torch.randn(3, 7, VOCAB)
+    probs = logits.double().softmax(-1)
+    probs[..., MASK] = -1.0
+    want_conf, want_ids = probs.max(-1)
+    monkeypatch.setattr(sampler, "SOFTMAX_CHUNK_ELEMENTS", 2 * VOCAB)  # 11 chunks of 2 positions
+    ids, conf = sample_tokens(logits, 0.0, mask_id=MASK)  # LLaDA2's top-1
+    assert torch.equal(ids, want_ids) and torch.equal(conf, want_conf) and conf.dtype == torch.float64
+    ids, conf = sampler.predict(logits, 0.0, "low_confidence", mask_id=MASK)  # LLaDA-MoE's
+    assert torch.equal(ids, want_ids) and torch.equal(conf, want_conf)
+
+
 def test_block_causal_mask_and_bad_input():
     pos = torch.arange(6)
     m = block_causal_mask(pos, pos, 2)[0, 0]

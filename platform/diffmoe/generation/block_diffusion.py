@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from ..rng import check_generator
-from .sampler import top_k_top_p, transfer_schedule
+from .sampler import top1, top_k_top_p, transfer_schedule
 
 NEG_INF = float("-inf")
 
@@ -44,13 +44,9 @@ def sample_tokens(logits, temperature: float = 0.0, top_k=None, top_p=None, gene
     kept), then drawn by Gumbel-max in float64. ``mask_id`` is never chosen: a committed mask would
     leave its position undecoded, and the block would never finish.
     """
-    logits = logits.double()
     if temperature == 0:
-        probs = logits.softmax(-1)
-        if mask_id is not None:
-            probs[..., mask_id] = -1.0
-        conf, ids = probs.max(-1)
-        return ids, conf
+        return top1(logits, mask_id)
+    logits = logits.double()
     if mask_id is not None:
         logits = logits.clone()
         logits[..., mask_id] = NEG_INF

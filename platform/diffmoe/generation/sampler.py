@@ -27,6 +27,41 @@ from ..rng import check_generator
 from .config import DecodingConfig, check_prompt
 
 NEG_INF = float("-inf")
+# float64 elements one softmax chunk holds (128 MiB): at the LLaDA vocab of 157184 a batch-32 step's
+# 1024 positions would take 1.3 GB as float64 logits and as much again for their softmax
+SOFTMAX_CHUNK_ELEMENTS = 1 << 24
+
+
+def position_chunks(logits: torch.Tensor) -> tuple[torch.Tensor, list[slice]]:
+    """Logits [..., V] as [N, V] and slices of N holding at most ``SOFTMAX_CHUNK_ELEMENTS`` each."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, SOFTMAX_CHUNK_ELEMENTS // flat.shape[-1])
+    return flat, [slice(s, s + rows) for s in range(0, flat.shape[0], rows)]
+
+
+def chosen_probability(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """float64 softmax probability of ``ids`` [...] under ``logits`` [..., V], a chunk at a time (each
+    position's softmax is its own, so chunks change no value, only the peak memory)."""
+    flat, chunks = position_chunks(logits)
+    picked = ids.reshape(-1, 1)
+    conf = torch.empty(picked.shape[0], dtype=torch.float64, device=logits.device)
+    for c in chunks:
+        conf[c] = flat[c].double().softmax(-1).gather(-1, picked[c]).squeeze(-1)
+    return conf.view(ids.shape)
+
+
+def top1(logits: torch.Tensor, mask_id=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 ids (never ``mask_id``) and their float64 softmax probability, a chunk of positions at a
+    time (see ``position_chunks``)."""
+    flat, chunks = position_chunks(logits)
+    ids = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
+    conf = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
+    for c in chunks:
+        probs = flat[c].double().softmax(-1)
+        if mask_id is not None:
+            probs[:, mask_id] = -1.0
+        torch.max(probs, -1, out=(conf[c], ids[c]))
+    return ids.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
@@ -65,6 +100,8 @@ def predict(
     ``mask_id`` is never predicted: a committed mask token would leave its position undecoded after
     the block's last scheduled step. ``top_k`` / ``top_p`` cut the sampling distribution
     (temperature > 0). Confidence stays the unmodified softmax of the chosen token."""
+    if temperature == 0 and remasking == "low_confidence":
+        return top1(logits, mask_id)
     filtered = logits
     if temperature > 0 and (top_k is not None or top_p is not None):  # cut at temperature, as usual
         keep = top_k_top_p(logits.double() / temperature, top_k, top_p).isfinite()
@@ -75,7 +112,7 @@ def predict(
         noisy[..., mask_id] = NEG_INF
     x0 = noisy.argmax(-1)
     if remasking == "low_confidence":
-        conf = logits.double().softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+        conf = chosen_probability(logits, x0)
     elif remasking == "random":
         conf = torch.rand(x0.shape, dtype=torch.float64, generator=generator, device=x0.device)
     else:
