@@ -1,6 +1,7 @@
 """AR -> block-diffusion conversion against diffusion from scratch: accuracy vs training tokens.
 
-Four sides, same task (sort digit strings of 4-12 digits, chat SFT rows of 48 tokens), backbone, batch and training
+Four sides, same task (lookup: 3-6 two-digit keys -> their values in a fixed secret table of 100, chat
+SFT rows of 48 tokens; ``--set task.name=sort`` sorts 4-12 digits instead), backbone, batch and training
 job (diffmoe.bench.conversion): (a) the AR twin, (b) a block-diffusion model converted from (a)'s
 final weights, (c) masked diffusion from scratch, (d) block diffusion from scratch (same job as (b)
 from (a)'s untrained weights). Target (issue 18): (b) reaches >= 0.95 of (a)'s final accuracy using
@@ -81,6 +82,18 @@ def summarise(result: dict, share: float) -> tuple[float, dict, dict]:
     return ratio, summary, checks
 
 
+def prompts_seen_in_training(cfg) -> int:
+    """How many of the scored held-out prompts also occur in the training examples."""
+    from diffmoe.bench.quality import make_task
+    from diffmoe.generation.tasks import make_examples
+
+    task = make_task(cfg)
+    train = {ex.prompt for ex in make_examples(task, cfg.task.train_examples, seed=1)}
+    return sum(
+        ex.prompt in train for ex in make_examples(task, cfg.task.eval_examples, seed=cfg.task.eval_seed)
+    )
+
+
 def bench(cfg, command: str) -> dict:
     from diffmoe.bench.conversion import run_conversion_benchmark
 
@@ -106,6 +119,7 @@ def bench(cfg, command: str) -> dict:
             "curves": result["curves"],
             "tokens_per_step": result["tokens_per_step"],
             "train_rows": result["train_rows"],
+            "held_out_prompts_seen_in_training": prompts_seen_in_training(cfg),
             "seconds": result["seconds"],
             "settings": cfg.model_dump(
                 mode="json", include={"task", "model", "train", "decoding", "conversion"}

@@ -14,6 +14,7 @@ from diffmoe.generation.tasks import (
     AdditionTask,
     CharTokenizer,
     Example,
+    LookupTask,
     ReverseTask,
     evaluate,
     make_examples,
@@ -35,6 +36,13 @@ def test_tasks_produce_checkable_examples():
         add = AdditionTask(3).sample(rng)
         a, b = add.prompt[:-1].split("+")
         assert int(add.answer) == int(a) + int(b)
+        look = LookupTask(2, 12).sample(rng)
+        keys = look.prompt[:-1]
+        assert look.prompt.endswith("=") and len(keys) % 2 == 0 and 2 <= len(keys) <= 12
+        assert len(look.answer) == len(keys) and look.answer.isalpha()
+    # the table is knowledge, fixed across samples: a key always has the same value, keys differ
+    pairs = [(ex.prompt[:2], ex.answer[:2]) for ex in make_examples(LookupTask(2, 2), 2000, seed=3)]
+    assert len(set(pairs)) == len({k for k, _ in pairs}) == 100 and len({v for _, v in pairs}) > 50
     assert make_examples(ReverseTask(), 5, seed=1) == make_examples(ReverseTask(), 5, seed=1)
     assert make_examples(ReverseTask(), 5, seed=1) != make_examples(ReverseTask(), 5, seed=2)
 

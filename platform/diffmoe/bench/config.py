@@ -19,8 +19,9 @@ from diffmoe.tracking import MLflowSection
 class TaskSection(StrictModel):
     # sort (the default): harder than copying, every answer token depends on the whole prompt; both
     # twins reach 0.99 in 1500 steps. reverse: solved by every side, no longer separates them.
-    name: Literal["reverse", "sort", "addition"] = "sort"  # diffmoe.generation.tasks
-    min_digits: int = Field(4, ge=1)  # reverse and sort
+    # lookup: values of keys in a fixed table, i.e. knowledge (the conversion benchmark's task).
+    name: Literal["reverse", "sort", "addition", "lookup"] = "sort"  # diffmoe.generation.tasks
+    min_digits: int = Field(4, ge=1)  # reverse, sort and lookup (2 digits per key)
     max_digits: int = Field(12, ge=1)
     train_examples: int = Field(40000, ge=16)  # written as JSONL, then the SFT data pipeline
     validation_fraction: float = Field(0.05, gt=0, lt=1)  # held out by the pipeline (example hash)

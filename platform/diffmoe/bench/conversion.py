@@ -50,7 +50,10 @@ SIDES = ("ar", "converted", "mdlm", "block_scratch")
 
 class ConversionSection(StrictModel):
     # steps at which each side's accuracy is reported; the last is the side's budget
-    ar_checkpoints: list[int] = Field(default_factory=lambda: [500, 1500])
+    # The AR run stops once every reported prompt is right. On lookup the twin learnt the table in
+    # 550-600 steps at seeds 0 and 1 but needed 2650 at seed 2 (0.50 exact match at 1500), so the
+    # budget leaves room: conversion should start from a twin that knows the task.
+    ar_checkpoints: list[int] = Field(default_factory=lambda: [500, 3000])
     convert_checkpoints: list[int] = Field(default_factory=lambda: [0, 100, 200, 400, 800, 1500])
     scratch_checkpoints: list[int] = Field(default_factory=lambda: [500, 1000, 1500])
     # conversion's warm-up ladder [[steps, block_length], ...] before the serving block length
@@ -75,7 +78,10 @@ class ConversionSection(StrictModel):
 
 
 class ConversionBenchConfig(CompareConfig):
-    task: TaskSection = TaskSection()  # sort: reverse is learnt by every side within 500 steps
+    # lookup (keys -> values of a fixed table): knowledge the AR twin holds in its weights, which is
+    # what conversion is for. On sort (a skill, nothing to remember) block diffusion from scratch
+    # learns about as fast as the AR twin, and conversion needed 1/1.7 - 1/3 of its tokens.
+    task: TaskSection = TaskSection(name="lookup", min_digits=6, max_digits=12)
     conversion: ConversionSection = ConversionSection()
     mlflow: MLflowSection = MLflowSection(experiment="ar_to_diffusion")
     output: OutputSection = OutputSection(work_dir="artifacts/ar_to_diffusion", name="ar_to_diffusion")

@@ -18,8 +18,8 @@ from .tasks import TASKS, Example, score
 
 
 def make_task(name: str, min_digits: int, max_digits: int):
-    """A task of ``TASKS`` by name (addition takes only ``max_digits``)."""
-    if name in ("reverse", "sort"):
+    """A task of ``TASKS`` by name (addition takes only ``max_digits``; lookup reads 2 digits per key)."""
+    if name in ("reverse", "sort", "lookup"):
         return TASKS[name](min_digits=min_digits, max_digits=max_digits)
     return TASKS[name](max_digits=max_digits)
 

@@ -2,13 +2,15 @@
 accuracy, not perplexity.
 
 ``ReverseTask`` (reverse a digit string of varying length) is the benchmark task: its answers are long
-enough for parallel decoding to matter and vary in length, so EOS handling is exercised. The
+enough for parallel decoding to matter and vary in length, so EOS handling is exercised. ``SortTask``
+and ``AdditionTask`` are skills; ``LookupTask`` is knowledge (a fixed table learnt from data). The
 ``CharTokenizer`` gives every character one id with LLaDA's special layout ([MASK] = 1, EOS = pad = 2)
 so ``named_config("tiny", vocab_size=CharTokenizer().vocab_size)`` fits it unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -126,7 +128,44 @@ class SortTask(DigitStringTask):
         return "".join(sorted(digits))
 
 
-TASKS = {"reverse": ReverseTask, "addition": AdditionTask, "sort": SortTask}
+@functools.cache
+def _lookup_table(seed: int, keys: int) -> tuple[str, ...]:
+    """The fixed secret table of ``LookupTask``: two letters for each of ``keys`` keys."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return tuple(rng.choice(letters) + rng.choice(letters) for _ in range(keys))
+
+
+@dataclass(frozen=True)
+class LookupTask(DigitStringTask):
+    """``"0429="`` -> ``"qhza"``: every 2-digit key has a fixed two-letter value from a secret table
+    (100 entries, seeded). The only way to answer is to have memorised the table from training data:
+    knowledge held in the weights, which a model converted from a trained AR twin inherits and one
+    trained from scratch must learn again. Held-out prompts are unseen key sequences."""
+
+    max_digits: int = 12
+    name: str = "lookup"
+    end: ClassVar[str] = "="
+    key_digits: ClassVar[int] = 2
+    table_seed: ClassVar[int] = 0
+
+    def sample(self, rng: random.Random) -> Example:
+        k = self.key_digits
+        keys = rng.randint(max(1, -(-self.min_digits // k)), max(1, self.max_digits // k))
+        digits = "".join(rng.choice("0123456789") for _ in range(k * keys))
+        return Example(prompt=digits + self.end, answer=self.answer(digits))
+
+    def answer(self, digits: str) -> str:
+        k = self.key_digits
+        table = _lookup_table(self.table_seed, 10**k)
+        return "".join(table[int(digits[i : i + k])] for i in range(0, len(digits) - k + 1, k))
+
+    @property
+    def max_answer_chars(self) -> int:
+        return 2 * (self.max_digits // self.key_digits)
+
+
+TASKS = {"reverse": ReverseTask, "addition": AdditionTask, "sort": SortTask, "lookup": LookupTask}
 
 
 def make_examples(task, n: int, seed: int) -> list[Example]:

@@ -26,7 +26,7 @@ from diffmoe.tracking import MLflowSection
 class BuiltinTasks(StrictModel):
     """The platform's checkable tasks written as local lm-eval tasks (``harness.tasks``)."""
 
-    task: str = "reverse"  # diffmoe.generation.tasks: reverse | addition
+    task: str = "reverse"  # diffmoe.generation.tasks: reverse | sort | addition | lookup
     examples: int = Field(64, ge=1)
     seed: int = 12345  # held-out draw: not the training data's seed
     min_digits: int = Field(4, ge=1)  # reverse only

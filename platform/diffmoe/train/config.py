@@ -59,8 +59,8 @@ class CheckSection(StrictModel):
     come from their own seed, so a report scoring other prompts never chose when to stop."""
 
     every: int = Field(0, ge=0)  # 0: off (train the whole max_steps)
-    task: Literal["reverse", "sort", "addition"] = "sort"  # diffmoe.generation.tasks
-    min_digits: int = Field(4, ge=1)  # reverse and sort
+    task: Literal["reverse", "sort", "addition", "lookup"] = "sort"  # diffmoe.generation.tasks
+    min_digits: int = Field(4, ge=1)  # reverse, sort and lookup (2 digits per key)
     max_digits: int = Field(12, ge=1)
     prompts: int = Field(128, ge=1)  # shared out over the workers; the counts are summed
     seed: int = 12346  # of the check prompts: keep it apart from any prompts a report scores
