@@ -18,6 +18,19 @@ from diffmoe.model import LLaDAMoEModelLM, named_config
 
 lm_eval = pytest.importorskip("lm_eval")
 
+
+def test_builtin_lookup_tasks_have_three_distinct_wrong_choices(tmp_path):
+    from diffmoe.harness.tasks import write_builtin_tasks
+
+    # one key per prompt: two-letter answers, some of them a repeated letter ("aa")
+    out = write_builtin_tasks(tmp_path, "lookup", 200, 3, min_digits=2, max_digits=2)
+    rows = [json.loads(line) for line in (out / "diffmoe_lookup_mc.jsonl").read_text().splitlines()]
+    assert any(r["choices"][r["label"]][0] == r["choices"][r["label"]][1] for r in rows)
+    for r in rows:
+        answer = r["choices"][r["label"]]
+        assert len(set(r["choices"])) == 4 and all(len(c) == len(answer) == 2 for c in r["choices"])
+
+
 TASK = ReverseTask(min_digits=1, max_digits=3)
 SEQ = 12
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 from pathlib import Path
 
 from diffmoe.generation.tasks import TASKS, make_examples
@@ -56,14 +57,18 @@ metadata:
 
 
 def _corrupt(answer: str, rng: random.Random) -> str:
-    """A wrong answer of the same length: one digit changed, or two swapped."""
+    """A wrong answer of the same length: one character changed (a digit for a digit, a letter for
+    anything else), or two swapped."""
     chars = list(answer)
     i = rng.randrange(len(chars))
     if len(chars) > 1 and rng.random() < 0.5:
         j = (i + 1) % len(chars)
         chars[i], chars[j] = chars[j], chars[i]
     if "".join(chars) == answer:
-        chars[i] = str((int(chars[i]) + rng.randrange(1, 10)) % 10) if chars[i].isdigit() else "0"
+        if chars[i].isdigit():
+            chars[i] = str((int(chars[i]) + rng.randrange(1, 10)) % 10)
+        else:  # 25 other letters: a short answer such as "aa" still has three distinct wrong ones
+            chars[i] = rng.choice([c for c in string.ascii_lowercase if c != chars[i]])
     return "".join(chars)
 
 
