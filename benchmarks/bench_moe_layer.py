@@ -20,7 +20,8 @@ from torch import nn
 
 from common import write_result
 from diffmoe.model import LLaDAMoEConfig
-from diffmoe.model.modeling import MoE, SwiGLU
+from diffmoe.model.layers import SwiGLU
+from diffmoe.model.modeling import MoE
 
 E, K, H, WIDTH, TOKENS = 64, 8, 256, 128, 4096
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"

@@ -32,7 +32,8 @@ from torch import nn
 
 from diffmoe.model import LLaDAMoEConfig, LLaDAMoEModelLM, count_parameters, named_config
 from diffmoe.model.grouped_mm import _use_fused_kernel
-from diffmoe.model.modeling import MoE, SwiGLU
+from diffmoe.model.layers import SwiGLU
+from diffmoe.model.modeling import MoE
 from diffmoe.rng import device_generator
 
 

@@ -6,9 +6,10 @@ Imports no Ray, DeepSpeed or HTTP code: training, parallelism and serving wrap i
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration import NAMED_CONFIGS, LLaDAConfig, LLaDAMoEConfig, named_config
+from .layers import LLaDAMoEOutput
 from .llada2 import LLaDA2MoeModel, LLaDA2MoeModelLM
 from .llada2_configuration import LLaDA2MoeConfig, llada2_named_config
-from .modeling import LLaDAMoEModel, LLaDAMoEModelLM, LLaDAMoEOutput
+from .modeling import LLaDAMoEModel, LLaDAMoEModelLM
 from .params import count_parameters
 from .router import RouterOptions, Routing, route, router_losses
 

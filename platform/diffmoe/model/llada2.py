@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .llada2_configuration import LLaDA2MoeConfig
-from .modeling import (
+from .backbone import run_backbone
+from .layers import (
     Experts,
     KVCache,
     LLaDAMoEOutput,
@@ -31,9 +31,9 @@ from .modeling import (
     apply_rope,
     attend,
     rope_position_scale,
-    run_backbone,
     with_past,
 )
+from .llada2_configuration import LLaDA2MoeConfig
 from .published_io import PublishedLayoutIO
 from .router import Routing, route
 

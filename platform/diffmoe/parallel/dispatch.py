@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from diffmoe.model.grouped_mm import dispatch, unsort
-from diffmoe.model.modeling import Experts
+from diffmoe.model.layers import Experts
 from diffmoe.model.router import Routing
 
 

@@ -28,7 +28,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from diffmoe.model import LLaDA2MoeConfig, LLaDAMoEConfig, lm_class
-from diffmoe.model.modeling import Experts
+from diffmoe.model.layers import Experts
 from diffmoe.model.router import Routing, route
 
 from .dispatch import sorted_expert_parallel
