@@ -86,3 +86,62 @@ def test_a_nonzero_llada_moe_expert_bias_is_refused():
     source.model.layers[1].mlp.expert_bias.normal_()
     with pytest.raises(ValueError, match="layers.1.mlp.expert_bias"):
         _convert(source)
+
+
+def test_converted_ar_twin_answers_where_the_same_steps_from_random_init_do_not():
+    """Issue 18's claim at unit scale: an AR twin that learned a secret key -> value table (3 keys per
+    prompt, 100 keys, 26 values: chance is 26^-3 ~ 6e-5) is converted and trained 30 block-diffusion
+    steps; it then answers held-out prompts through the LLaDA2 sampler, where the same 30 steps from
+    the twin's untrained weights do not. (The full curves: benchmarks/bench_ar_to_diffusion.py.)"""
+    import random
+
+    from diffmoe.diffusion import ObjectiveConfig, training_loss
+    from diffmoe.generation import generate
+
+    mask, eos, sep, keys, values, n = 1, 2, 3, 100, 26, 3
+    draw = random.Random(7)
+    table = [draw.randrange(values) for _ in range(keys)]  # fixed, and no formula of the key
+
+    def batch(rng: random.Random, rows: int):
+        ids = []
+        for _ in range(rows):
+            chosen = [rng.randrange(keys) for _ in range(n)]
+            answer = [4 + keys + table[k] for k in chosen]
+            ids.append([4 + k for k in chosen] + [sep] + answer + [eos] * 3)
+        ids = torch.tensor(ids)
+        response = torch.zeros_like(ids, dtype=torch.bool)
+        response[:, n + 1 :] = True
+        return ids, response
+
+    def train(model, steps: int, seed: int, block_length: int | None = None):
+        objective, rng = ObjectiveConfig(balance="none"), random.Random(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(steps):
+            ids, response = batch(rng, 64)
+            kwargs = dict(block_length=block_length) if block_length else {}
+            loss = training_loss(
+                model, ids, mask_id=mask, objective=objective, response_mask=response, **kwargs
+            )
+            opt.zero_grad()
+            loss.total.backward()
+            opt.step()
+        return model.eval()
+
+    def exact_match(model) -> float:
+        ids, _ = batch(random.Random(99), 128)
+        with torch.no_grad():
+            out = generate(model, ids[:, : n + 1], gen_length=8, block_length=4, threshold=0.9, mask_id=mask)
+        return float((out[:, n + 1 : 2 * n + 1] == ids[:, n + 1 : 2 * n + 1]).all(1).float().mean())
+
+    torch.manual_seed(0)
+    twin = LLaDAMoEModelLM(named_config("tiny", vocab_size=136, causal=True, max_position_embeddings=64))
+    untrained = {k: v.clone() for k, v in twin.state_dict().items()}
+    train(twin, 150, seed=0)
+    scores = {}
+    for name, state in (("converted", twin.state_dict()), ("scratch", untrained)):
+        torch.manual_seed(1)
+        config = llada2_config_from(twin.config)
+        model = LLaDA2MoeModelLM(config)
+        model.load_state_dict(llada2_state_from(state, config.num_experts), strict=True)
+        scores[name] = exact_match(train(model, 30, seed=1, block_length=4))
+    assert scores["converted"] >= 0.8 and scores["scratch"] <= 0.05, scores
