@@ -84,11 +84,11 @@ def summarise(result: dict, share: float) -> tuple[float, dict, dict]:
 
 def prompts_seen_in_training(cfg) -> int:
     """How many of the scored held-out prompts also occur in the training examples."""
-    from diffmoe.bench.quality import make_task
+    from diffmoe.bench.quality import TRAIN_SEED, make_task
     from diffmoe.generation.tasks import make_examples
 
     task = make_task(cfg)
-    train = {ex.prompt for ex in make_examples(task, cfg.task.train_examples, seed=1)}
+    train = {ex.prompt for ex in make_examples(task, cfg.task.train_examples, seed=TRAIN_SEED)}
     return sum(
         ex.prompt in train for ex in make_examples(task, cfg.task.eval_examples, seed=cfg.task.eval_seed)
     )

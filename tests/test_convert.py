@@ -118,9 +118,13 @@ def test_converted_ar_twin_answers_where_the_same_steps_from_random_init_do_not(
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(steps):
             ids, response = batch(rng, 64)
-            kwargs = dict(block_length=block_length) if block_length else {}
             loss = training_loss(
-                model, ids, mask_id=mask, objective=objective, response_mask=response, **kwargs
+                model,
+                ids,
+                mask_id=mask,
+                objective=objective,
+                response_mask=response,
+                block_length=block_length,
             )
             opt.zero_grad()
             loss.total.backward()

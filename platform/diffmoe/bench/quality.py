@@ -52,6 +52,10 @@ class Prepared:
     validation_rows: int
 
 
+# the seed the task's training examples are drawn with (held-out prompts use cfg.task.eval_seed)
+TRAIN_SEED = 1
+
+
 def make_task(cfg: CompareConfig):
     return task_check.make_task(cfg.task.name, cfg.task.min_digits, cfg.task.max_digits)
 
@@ -63,7 +67,7 @@ def prepare_data(cfg: CompareConfig, log=print) -> Prepared:
 
     root = Path(cfg.output.work_dir) / "data"
     write_char_tokenizer(root / "tokenizer")
-    write_jsonl(make_examples(make_task(cfg), cfg.task.train_examples, seed=1), root / "task.jsonl")
+    write_jsonl(make_examples(make_task(cfg), cfg.task.train_examples, seed=TRAIN_SEED), root / "task.jsonl")
     corpus = CorpusConfig(
         kind="sft",
         inputs=[str(root / "task.jsonl")],

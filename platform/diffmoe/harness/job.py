@@ -29,7 +29,7 @@ class BuiltinTasks(StrictModel):
     task: str = "reverse"  # diffmoe.generation.tasks: reverse | sort | addition | lookup
     examples: int = Field(64, ge=1)
     seed: int = 12345  # held-out draw: not the training data's seed
-    min_digits: int = Field(4, ge=1)  # reverse only
+    min_digits: int = Field(4, ge=1)  # reverse, sort and lookup (2 digits per key)
     max_digits: int = Field(12, ge=1)
 
 
@@ -69,7 +69,7 @@ def run_lm_eval(cfg: LmEvalConfig, model_dir: str, work: Path) -> dict:
     from .tasks import write_builtin_tasks
 
     b = cfg.builtin
-    extra = {"min_digits": b.min_digits, "max_digits": b.max_digits} if b.task == "reverse" else {}
+    extra = {"min_digits": b.min_digits, "max_digits": b.max_digits} if b.task != "addition" else {}
     paths = [str(write_builtin_tasks(work / "tasks", b.task, b.examples, b.seed, **extra))]
     if cfg.include_path:
         paths.append(cfg.include_path)
