@@ -6,7 +6,9 @@ Per engine step every active request, whatever block it is in, takes one denoisi
 current block in one padded forward:
 
 - it feeds its current block, plus the finished block (or, on admission, the prompt's whole blocks)
-  whose keys/values are not cached yet: those are computed exactly once, folded into that forward;
+  whose keys/values are not cached yet: those are computed exactly once, folded into that forward,
+  unless most of the batch feeds one block only: then a row's finished block is cached in a step of
+  its own rather than padding every row to two blocks (``unpadded_spans``);
 - it attends to its own cache of finished positions (caches right-padded to the longest and the
   padding masked) and, inside what it feeds, block-causally (a position sees its block and earlier);
 - rows admitted this step whose prompts span more than two blocks run in a second forward of their
@@ -109,6 +111,28 @@ class BlockSequence(Sequence):
         return None if done == self.final_len and done < self.cfg.gen_length else done
 
 
+def unpadded_spans(group, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The step's spans when most decoding rows feed just their block and a few feed two, their
+    previous block having just finished (its keys/values are computed once, folded into the next
+    block's first step): the few feed only the finished block this step (cached, no denoising) and
+    denoise from the next, rather than every row being padded to two blocks, which nearly doubles
+    the tokens of a large batch's step. The computation is the same, so are the answers; those rows
+    take one step more per block. Rows feeding a prompt (more than two blocks) run in a forward of
+    their own (``block_cache.feed_parts``) and are left alone; a lone row is never split."""
+    fed = [e - b for b, e in spans]
+    narrow = [r for r, s in enumerate(group) if fed[r] <= s.cfg.block_length]
+    if not narrow:
+        return spans
+    width = max(fed[r] for r in narrow)
+    wide = [r for r, s in enumerate(group) if width < fed[r] <= 2 * s.cfg.block_length]
+    if not wide or len(wide) >= len(narrow):
+        return spans
+    spans = list(spans)
+    for r in wide:
+        spans[r] = group[r].fed_span(group[r].cfg.block_length)
+    return spans
+
+
 class BlockStepper:
     """Runs one denoising step for a batch of ``BlockSequence``s over the batch's ``BlockKVCache``."""
 
@@ -126,7 +150,7 @@ class BlockStepper:
         if self.remote is None:
             group = self.cache.bind(group)  # rows in slot order from here on
         rows = len(group)
-        spans = [s.fed_span(self.prefill_chunk) for s in group]
+        spans = unpadded_spans(group, [s.fed_span(self.prefill_chunk) for s in group])
         width = max(e - b for b, e in spans)
         ids = torch.full((rows, width), group[0].mask_id, dtype=torch.long)
         for r, (s, (b, e)) in enumerate(zip(group, spans)):
