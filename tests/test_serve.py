@@ -414,6 +414,11 @@ def test_deployment_yaml_args_validate():
     cfg = ServeConfig.model_validate(app["args"])
     assert cfg.http_host == "127.0.0.1" == data["http_options"]["host"]
     assert cfg.http_port == data["http_options"]["port"]
+    # Serve hands a replica more than it holds, so overload meets the replica's fast 429 rather
+    # than waiting in Serve's queue for a 503: in the shipped YAML and at the defaults
+    defaults = {k: f.default for k, f in ServeConfig.model_fields.items()}
+    for c in (cfg.model_dump(), defaults):
+        assert c["max_ongoing_requests"] > c["max_batch_size"] + c["max_pending_requests"], c
     from diffmoe.serve.app import deployment_options
 
     opts = deployment_options(cfg.model_copy(update={"ep_size": 2}))

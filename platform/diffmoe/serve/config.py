@@ -61,7 +61,9 @@ class ServeConfig(StrictModel):
     # cached over several steps (chunked prefill), bounding one step's attention mask and activations.
     # null: whole prompts in one step.
     prefill_chunk: int | None = Field(2048, ge=1)
-    max_ongoing_requests: int = Field(64, ge=1)  # Serve's per-replica admission limit
+    # Serve's per-replica admission limit. Keep it above max_batch_size + max_pending_requests: at
+    # or below it the replica's fast 429 is never reached, and overload queues in Serve, then 503s.
+    max_ongoing_requests: int = Field(128, ge=1)
     max_queued_requests: int = Field(128, ge=-1)  # Serve's queue limit per handle (-1 = unbounded): 503
     # Requests a replica holds beyond the batch (tokenizing or waiting for a slot); more get a 429.
     max_pending_requests: int = Field(64, ge=0)
